@@ -1,0 +1,149 @@
+'use strict';
+// Node cluster IPC benchmark: primary <-> one forked worker.
+//
+//   node bench/node/ipc.js [seconds]
+//
+// env: IPC_SECONDS (default 2, argv[2] wins), IPC_WARMUP (seconds, default 0.2),
+//      IPC_SERIALIZATION ("json" default, or "advanced").
+//
+// Prints ONE JSON line on stdout, all values per second:
+//   {"rtt_small": x, "rtt_64k": y, "stream_small": z, "stream_64k": w}
+// rtt_*    : round trips with one message in flight (worker echoes the message back).
+// stream_* : messages streamed primary->worker; the clock stops when the worker reports
+//            it has received every message sent (so queued-but-unread messages do not count).
+const cluster = require('node:cluster');
+
+const CTL = '__ctl';
+
+if (cluster.isPrimary) {
+  primary().catch((err) => {
+    console.error(err);
+    process.exit(1);
+  });
+} else {
+  workerMain();
+}
+
+function workerMain() {
+  let mode = 'echo';
+  let count = 0;
+  process.on('message', (m) => {
+    if (m.type === CTL) {
+      if (m.op === 'echo' || m.op === 'count') {
+        mode = m.op;
+        count = 0;
+        process.send({ type: CTL, op: 'ack' });
+      } else if (m.op === 'end') {
+        process.send({ type: CTL, op: 'count', n: count });
+        count = 0;
+      }
+      return;
+    }
+    if (mode === 'echo') process.send(m);
+    else count++;
+  });
+}
+
+function nowMs() {
+  return Number(process.hrtime.bigint()) / 1e6;
+}
+
+function waitCtl(worker, op) {
+  return new Promise((resolve) => {
+    const on = (m) => {
+      if (m && m.type === CTL && m.op === op) {
+        worker.off('message', on);
+        resolve(m);
+      }
+    };
+    worker.on('message', on);
+  });
+}
+
+async function setMode(worker, op) {
+  const acked = waitCtl(worker, 'ack');
+  worker.send({ type: CTL, op });
+  await acked;
+}
+
+async function rtt(worker, msg, seconds) {
+  await setMode(worker, 'echo');
+  return new Promise((resolve) => {
+    let n = 0;
+    const t0 = nowMs();
+    const deadline = t0 + seconds * 1000;
+    const on = (m) => {
+      if (m.type === CTL) return;
+      n++;
+      const t = nowMs();
+      if (t >= deadline) {
+        worker.off('message', on);
+        resolve(n / ((t - t0) / 1000));
+      } else {
+        worker.send(msg);
+      }
+    };
+    worker.on('message', on);
+    worker.send(msg);
+  });
+}
+
+async function stream(worker, msg, seconds, batch) {
+  await setMode(worker, 'count');
+  const t0 = nowMs();
+  const deadline = t0 + seconds * 1000;
+  let sent = 0;
+  // Keep at most two batches queued in the primary: the callback of a batch's last
+  // send fires once it is written to the channel, so memory stays bounded and the
+  // rate measured is one the sender can sustain.
+  let prev = Promise.resolve();
+  while (nowMs() < deadline) {
+    for (let i = 0; i < batch - 1; i++) worker.send(msg);
+    const done = new Promise((resolve) => worker.send(msg, resolve));
+    sent += batch;
+    await prev;
+    prev = done;
+  }
+  await prev;
+  const reply = waitCtl(worker, 'count');
+  worker.send({ type: CTL, op: 'end' });
+  const { n } = await reply;
+  const elapsed = (nowMs() - t0) / 1000;
+  if (n !== sent) throw new Error(`worker counted ${n} messages, primary sent ${sent}`);
+  return n / elapsed;
+}
+
+async function primary() {
+  const seconds = Number(process.argv[2] || process.env.IPC_SECONDS || 2);
+  const warmup = Number(process.env.IPC_WARMUP ?? 0.2);
+  const serialization = process.env.IPC_SERIALIZATION || 'json';
+  cluster.setupPrimary({ serialization });
+
+  const worker = cluster.fork();
+  await new Promise((resolve) => worker.once('online', resolve));
+
+  const small = { type: 'ping', n: 123, s: 'hello' };
+  const big = { type: 'ping', n: 123, s: 'x'.repeat(64 * 1024) };
+
+  const measure = async (fn, ...args) => {
+    if (warmup > 0) await fn(worker, ...args.slice(0, 1), warmup, ...args.slice(1));
+    return fn(worker, ...args.slice(0, 1), seconds, ...args.slice(1));
+  };
+
+  const result = {
+    rtt_small: await measure(rtt, small),
+    rtt_64k: await measure(rtt, big),
+    stream_small: await measure(stream, small, 256),
+    stream_64k: await measure(stream, big, 16),
+  };
+  for (const k of Object.keys(result)) result[k] = Math.round(result[k] * 10) / 10;
+  process.stdout.write(JSON.stringify(result) + '\n');
+
+  const killTimer = setTimeout(() => worker.process.kill('SIGKILL'), 3000);
+  killTimer.unref();
+  worker.once('exit', () => {
+    clearTimeout(killTimer);
+    process.exitCode = 0;
+  });
+  worker.kill();
+}

@@ -1,0 +1,202 @@
+"""The worker's side: its end of the channel, `cluster.worker`, and how the worker process ends.
+
+A reader thread serves the channel while user code blocks (a `serve_forever()` still gets its
+messages) and runs message callbacks one at a time. The process stays alive after its script's
+top level while it has message listeners or open servers, and exits when the channel closes
+(Node's orphan rule) or the primary kills it.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from . import _proc
+from .channel import KIND_INTERNAL, Channel, ChannelClosed, ProtocolError, decode
+from .events import report_callback_error
+from .worker import Worker
+
+
+class OwnProcess:
+    """`cluster.worker.process` in the worker: this very process."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+
+    def kill(self, signum: int = signal.SIGTERM) -> None:
+        os.kill(self.pid, signum)
+
+
+class Child:
+    """The runtime of one worker process."""
+
+    def __init__(self, wid: int, channel: Channel) -> None:
+        self.channel = channel
+        self.worker = Worker(wid, OwnProcess(), channel, self)
+        self.worker.state = "online"
+        self._dispatch = threading.RLock()
+        self._held: collections.deque[tuple[Any, Any]] = collections.deque()
+        self._leaving = False
+        self._gone = False  # the channel closed and `disconnect` has been emitted
+        self._main_raised = False
+        self._idle = threading.Condition()
+        self.servers: list[Any] = []  # open Listeners (servers.py), which keep the process alive
+        self.internal: dict[str, Callable[[Any, list[int]], None]] = {"disconnect": self._on_disconnect}
+        self.replies: Any = None  # servers.Requests, set when the first listen() happens
+
+    # -- start -----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        threading.Thread(target=self._read_forever, name="prefork-channel", daemon=True).start()
+        _proc.on_main_end(self._keep_alive, self._on_main_raised)
+        self.channel.send_internal({"t": "online"})
+
+    # -- the reader thread -----------------------------------------------------------------------
+
+    def _read_forever(self) -> None:
+        channel = self.channel
+        while True:
+            try:
+                frames = channel.read()
+                for kind, payload, fds in frames:
+                    message = decode(kind, payload)
+                    if kind == KIND_INTERNAL:
+                        self._on_internal(message, fds)
+                    else:
+                        handle = socket.socket(fileno=fds[0]) if fds else None
+                        for fd in fds[1:]:
+                            os.close(fd)
+                        self._deliver(message, handle)
+            except (ChannelClosed, ProtocolError) as exc:
+                self._channel_closed(exc)
+                return
+
+    def _on_internal(self, message: Any, fds: list[int]) -> None:
+        name = message[0] if isinstance(message, list) else message["t"]
+        self.internal[name](message, fds)
+
+    def _deliver(self, message: Any, handle: Any) -> None:
+        """Deliver in order; hold messages until the script adds a `message` listener."""
+        with self._dispatch:
+            self._held.append((message, handle))
+            self._flush_held()
+
+    def _flush_held(self) -> None:
+        worker = self.worker
+        while self._held and worker.listener_count("message"):
+            message, handle = self._held.popleft()
+            self._run(worker.emit, "message", message, handle)
+
+    def _run(self, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            fn(*args)
+        except SystemExit as exc:
+            self.exit(_proc.exit_code(exc))
+        except BaseException:
+            report_callback_error(getattr(fn, "__qualname__", repr(fn)))
+
+    # -- Side protocol for cluster.worker --------------------------------------------------------
+
+    def post(self, fn: Callable[..., Any], *args: Any) -> None:
+        def call() -> None:
+            with self._dispatch:
+                self._run(fn, *args)
+        threading.Thread(target=call, name="prefork-callback", daemon=True).start()
+
+    def listener_added(self, worker: Worker, event: str) -> None:
+        if event == "message" and self._held:
+            self.post(self._flush_held)
+
+    def kill_worker(self, worker: Worker, signum: int) -> None:
+        """`cluster.worker.kill()` in a worker: leave at once, with code 0 (as Node)."""
+        self._announce_leaving()
+        self.channel.shutdown()
+        self.exit(0)
+
+    def disconnect_worker(self, worker: Worker) -> None:
+        self._announce_leaving()
+        threading.Thread(target=self._drain_and_leave, name="prefork-drain", daemon=True).start()
+
+    # -- leaving ---------------------------------------------------------------------------------
+
+    def _announce_leaving(self) -> None:
+        if not self._leaving:
+            self._leaving = True
+            try:
+                self.channel.send_internal({"t": "leaving"})
+            except ChannelClosed:
+                pass
+
+    def _on_disconnect(self, message: Any, fds: list[int]) -> None:
+        self._leaving = True
+        threading.Thread(target=self._drain_and_leave, name="prefork-drain", daemon=True).start()
+
+    def _drain_and_leave(self) -> None:
+        """Close every server, let them finish what they serve, then close the channel."""
+        for server in list(self.servers):
+            server.drain()
+        for server in list(self.servers):
+            server.wait_drained()
+        self.channel.shutdown()  # the reader thread sees EOF and emits `disconnect`
+
+    def _channel_closed(self, exc: BaseException) -> None:
+        self.channel.close()
+        with self._dispatch:
+            if self.worker._emit_disconnect_once():
+                self.worker.state = "disconnected"
+                self._run(self.worker.emit, "disconnect")
+        with self._idle:
+            self._gone = True
+            self._idle.notify_all()
+        if not self._leaving:
+            self.exit(0)  # the primary went away: Node's orphan rule
+        timer = threading.Timer(2.0, self.exit, (0,))  # a script still busy after a drain is ended
+        timer.daemon = True
+        timer.start()
+
+    def server_opened(self, server: Any) -> None:
+        self.servers.append(server)
+
+    def server_closed(self, server: Any) -> None:
+        if server in self.servers:
+            self.servers.remove(server)
+        with self._idle:
+            self._idle.notify_all()
+
+    def exit(self, code: int) -> None:
+        _proc.exit_now(code)
+
+    # -- the end of the script -------------------------------------------------------------------
+
+    def _on_main_raised(self) -> None:
+        self._main_raised = True
+
+    def _keep_alive(self) -> None:
+        """Runs when the script's top level ends: wait while there is something to serve."""
+        with self._idle:
+            while not self._main_raised and not self._gone and (
+                    self.servers or self.worker.listener_count("message")):
+                self._idle.wait(0.5)
+
+
+def bootstrap() -> Child:
+    """Set up this process as worker PREFORK_WORKER_ID; clear the variables so children aren't."""
+    env = os.environ
+    wid = int(env.pop("PREFORK_WORKER_ID"))
+    fd = int(env.pop("PREFORK_CHANNEL_FD"))
+    ppid = int(env.pop("PREFORK_PRIMARY_PID", "0"))
+    serialization = env.pop("PREFORK_SERIALIZATION", "json")
+    _proc.set_parent_death_signal(signal.SIGTERM)
+    if ppid and os.getppid() != ppid:
+        _proc.exit_now(1)  # the primary died before we could ask to be told
+    os.set_inheritable(fd, False)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C ends workers quietly, as Node's
+    child = Child(wid, Channel(socket.socket(fileno=fd), serialization, blocking=True))
+    child.start()
+    return child

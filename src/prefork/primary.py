@@ -1,0 +1,375 @@
+"""The primary's side: forking workers, their channels and exits, and the cluster's events.
+
+All state lives in one `Primary` object and is touched only on its loop thread (see loop.py);
+public calls from other threads are handed to the loop with `run_sync`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from . import _proc
+from .channel import KIND_INTERNAL, Channel, ChannelClosed, ProtocolError, decode
+from .events import EventEmitter
+from .loop import Loop
+from .settings import Settings
+from .worker import Worker
+
+ENV_ID, ENV_FD, ENV_PPID = "PREFORK_WORKER_ID", "PREFORK_CHANNEL_FD", "PREFORK_PRIMARY_PID"
+ENV_POLICY, ENV_SERIALIZATION = "PREFORK_SCHED_POLICY", "PREFORK_SERIALIZATION"
+
+
+class Primary:
+    """Owns the workers, the loop, the settings and the shared server handles of the primary."""
+
+    def __init__(self, cluster: EventEmitter, policy: Callable[[], str]) -> None:
+        self.cluster = cluster
+        self.policy = policy
+        self.workers: dict[int, Worker] = {}
+        self.settings = Settings()
+        self.loop: Loop | None = None
+        self._next_id = 1
+        self._main_done = False
+        self._fatal = False
+        self._pidfd_ok = hasattr(os, "pidfd_open")
+        self._poll_timer: Any = None
+        self._lock = threading.Lock()
+        self.servers: Any = None  # handles.Servers, created with the loop
+        self.internal: dict[str, Callable[[Worker, Any, list[int]], None]] = {
+            "online": self._on_online,
+            "listening": self._on_listening,
+            "leaving": self._on_leaving,
+        }
+
+    # -- public entry points (any thread) --------------------------------------------------------
+
+    def setup(self, opts: dict[str, Any]) -> None:
+        self.settings.update(opts)
+        self.cluster.emit("setup", self.settings)
+
+    def fork(self, env: dict[str, str] | None = None) -> Worker:
+        loop = self.start()
+        return loop.run_sync(self._fork, dict(env or {}))
+
+    def disconnect(self, callback: Callable[[], Any] | None = None) -> None:
+        if self.loop is None:
+            if callback is not None:
+                callback()
+            return
+        self.loop.call_soon(self._disconnect_all, callback)
+
+    def post(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run a callback on the loop thread, one at a time with all others."""
+        self.start().call_soon(fn, *args)
+
+    def start(self) -> Loop:
+        """Start the loop thread once; it keeps the process alive while there are workers."""
+        with self._lock:
+            if self.loop is None:
+                from .handles import Servers
+
+                self.loop = Loop(self._exit_request)
+                self.servers = Servers(self)
+                thread = threading.Thread(target=self._run, name="prefork-primary", daemon=False)
+                self.loop.thread = thread
+                _proc.on_main_end(self._main_finished, self._main_raised)
+                _quiet_sigint(self)
+                thread.start()
+            return self.loop
+
+    # -- forking ---------------------------------------------------------------------------------
+
+    def _fork(self, env: dict[str, str]) -> Worker:
+        if not self.settings:
+            self.setup({})
+        settings = self.settings
+        if not settings.get("module") and not settings.get("exec"):
+            raise RuntimeError("fork(): the primary has no script to run; set_up_primary(exec=...)")
+        wid = self._next_id
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            proc = self._spawn(wid, theirs.fileno(), env)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self._next_id += 1
+        worker = Worker(wid, proc, Channel(ours, settings["serialization"]), self)
+        self.workers[wid] = worker
+        self._watch(worker)
+        self.cluster.emit("fork", worker)
+        return worker
+
+    def _spawn(self, wid: int, fd: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        settings = self.settings
+        child_env = {**os.environ, **env}
+        child_env.update({
+            ENV_ID: str(wid), ENV_FD: str(fd), ENV_PPID: str(os.getpid()),
+            ENV_POLICY: self.policy(), ENV_SERIALIZATION: settings["serialization"],
+        })
+        pipe = subprocess.PIPE if settings["silent"] else None
+        return subprocess.Popen(settings.argv(), env=child_env, cwd=settings["cwd"], pass_fds=(fd,),
+                                stdin=subprocess.DEVNULL, stdout=pipe, stderr=pipe)
+
+    def _watch(self, worker: Worker) -> None:
+        loop = self.loop
+        assert loop is not None and worker._channel is not None
+        channel = worker._channel
+        channel.on_backlog = lambda: loop.call_soon(loop.add_writer, channel.fileno(),
+                                                    lambda: self._on_writable(worker))
+        loop.add_reader(channel.fileno(), lambda: self._on_readable(worker))
+        if self._pidfd_ok:
+            try:
+                pidfd = os.pidfd_open(worker.process.pid)
+            except OSError:
+                self._pidfd_ok = False
+            else:
+                worker._pidfd = pidfd  # type: ignore[attr-defined]
+                loop.add_reader(pidfd, lambda: self._on_process_exit(worker))
+                return
+        self._start_polling()
+
+    def _start_polling(self) -> None:
+        """Fallback where pidfd_open is refused: look for exited workers every 50 ms."""
+        if self._poll_timer is None:
+            self._poll_timer = self.loop.call_later(0.05, self._poll_exits)  # type: ignore[union-attr]
+
+    def _poll_exits(self) -> None:
+        self._poll_timer = None
+        for worker in list(self.workers.values()):
+            if worker.state != "dead" and worker.process.poll() is not None:
+                self._on_process_exit(worker)
+        if any(w.state != "dead" for w in self.workers.values()):
+            self._start_polling()
+
+    # -- the channel -----------------------------------------------------------------------------
+
+    def _on_writable(self, worker: Worker) -> None:
+        channel = worker._channel
+        if channel is None or channel.flush() or channel.closed:
+            self.loop.remove_writer(channel.fileno()) if channel and not channel.closed else None
+
+    def _on_readable(self, worker: Worker) -> None:
+        channel = worker._channel
+        try:
+            frames = channel.read()
+        except ChannelClosed:
+            self._channel_closed(worker)
+            return
+        except ProtocolError as exc:
+            self._channel_failed(worker, exc)
+            return
+        for kind, payload, fds in frames:
+            try:
+                message = decode(kind, payload)
+            except ProtocolError as exc:
+                _close_fds(fds)
+                self._channel_failed(worker, exc)
+                return
+            if kind == KIND_INTERNAL:
+                self._on_internal(worker, message, fds)
+            else:
+                self._on_message(worker, message, fds)
+
+    def _on_message(self, worker: Worker, message: Any, fds: list[int]) -> None:
+        handle = socket.socket(fileno=fds[0]) if fds else None
+        _close_fds(fds[1:])
+        worker.emit("message", message, handle)
+        self.cluster.emit("message", worker, message, handle)
+
+    def _on_internal(self, worker: Worker, message: Any, fds: list[int]) -> None:
+        name = message[0] if isinstance(message, list) else message.get("t")
+        handler = self.internal.get(name)
+        if handler is None:
+            _close_fds(fds)
+            self._channel_failed(worker, ProtocolError(f"unknown internal message {name!r}"))
+            return
+        handler(worker, message, fds)
+
+    def _channel_failed(self, worker: Worker, exc: Exception) -> None:
+        """A peer that writes garbage loses its channel; the primary lives on."""
+        worker.emit("error", exc)
+        self._channel_closed(worker)
+
+    def _channel_closed(self, worker: Worker) -> None:
+        channel = worker._channel
+        if channel is None or not worker._emit_disconnect_once():
+            return
+        fd = channel.fileno()
+        if fd >= 0:
+            self.loop.remove_reader(fd)
+            self.loop.remove_writer(fd)
+        channel.close()
+        self.servers.worker_gone(worker)
+        if worker.state != "dead":
+            worker.state = "disconnected"
+        else:
+            self.workers.pop(worker.id, None)
+        worker.emit("disconnect")
+        self.cluster.emit("disconnect", worker)
+        self._maybe_stop()
+
+    # -- internal messages from workers ----------------------------------------------------------
+
+    def _on_online(self, worker: Worker, message: Any, fds: list[int]) -> None:
+        worker.state = "online"
+        worker.emit("online")
+        self.cluster.emit("online", worker)
+
+    def _on_listening(self, worker: Worker, message: Any, fds: list[int]) -> None:
+        from .address import Address
+
+        address = Address.from_wire(message["address"])
+        worker.state = "listening"
+        worker.emit("listening", address)
+        self.cluster.emit("listening", worker, address)
+
+    def _on_leaving(self, worker: Worker, message: Any, fds: list[int]) -> None:
+        """The worker called its own disconnect() or kill(): its exit is intended."""
+        worker.exited_after_disconnect = True
+
+    # -- exits -----------------------------------------------------------------------------------
+
+    def _on_process_exit(self, worker: Worker) -> None:
+        pidfd = getattr(worker, "_pidfd", None)
+        if pidfd is not None:
+            self.loop.remove_reader(pidfd)
+            os.close(pidfd)
+            worker._pidfd = None  # type: ignore[attr-defined]
+        if worker.process.poll() is None:  # pidfd readable means exited; wait for the status
+            worker.process.wait()
+        self._drain_channel(worker)
+        returncode = worker.process.returncode
+        code, signame = (None, _proc.signal_name(-returncode)) if returncode < 0 else (returncode, None)
+        worker.state = "dead"
+        if worker.exited_after_disconnect is None:
+            worker.exited_after_disconnect = False
+        if worker._disconnect_emitted:
+            self.workers.pop(worker.id, None)
+        worker.emit("exit", code, signame)
+        self.cluster.emit("exit", worker, code, signame)
+        self._maybe_stop()
+
+    def _drain_channel(self, worker: Worker) -> None:
+        """Deliver the dead worker's last messages, so `disconnect` comes before `exit`."""
+        channel = worker._channel
+        while channel is not None and not worker._disconnect_emitted:
+            try:
+                before = len(channel._buf)
+                self._on_readable(worker)
+                if not worker._disconnect_emitted and len(channel._buf) == before:
+                    self._channel_closed(worker)  # nothing more to read: a grandchild holds the fd
+            except OSError:
+                self._channel_closed(worker)
+
+    # -- graceful disconnect ---------------------------------------------------------------------
+
+    def kill_worker(self, worker: Worker, signum: int) -> None:
+        if worker.process.returncode is None:
+            try:
+                worker.process.send_signal(signum)
+            except ProcessLookupError:
+                pass
+
+    def disconnect_worker(self, worker: Worker) -> None:
+        self.post(self._disconnect_one, worker)
+
+    def _disconnect_one(self, worker: Worker) -> None:
+        worker.exited_after_disconnect = True
+        if worker._channel is None or worker._channel.closed:
+            return
+        self.servers.worker_leaving(worker)
+        worker._channel.send_internal({"t": "disconnect"})
+
+    def _disconnect_all(self, callback: Callable[[], Any] | None) -> None:
+        pending = [w for w in self.workers.values()]
+        for worker in pending:
+            self._disconnect_one(worker)
+        if callback is None:
+            return
+
+        def check(*_: Any) -> None:
+            if all(w.is_dead() and w._disconnect_emitted for w in pending) and not self.servers.any_open():
+                self.cluster.off("exit", check)
+                self.cluster.off("disconnect", check)
+                callback()
+
+        self.cluster.on("exit", check)
+        self.cluster.on("disconnect", check)
+        self.loop.call_soon(check)
+
+    def listener_added(self, worker: Worker, event: str) -> None:
+        """Messages are not held in the primary (as in Node)."""
+
+    # -- the end of the primary ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self.loop.run_forever()
+        finally:
+            self.servers.close_all()
+
+    def _main_finished(self) -> None:
+        """The main thread's script has ended (its exit hook): stop once no worker is left."""
+        self.loop.call_soon(self._set_main_done)
+
+    def _main_raised(self) -> None:
+        self._fatal = True
+
+    def _set_main_done(self) -> None:
+        self._main_done = True
+        if self._fatal:
+            self._stop_workers(signal.SIGTERM)
+        self._maybe_stop()
+
+    def _maybe_stop(self) -> None:
+        if self._main_done and not self.workers:
+            self.loop.stopping = True
+
+    def _stop_workers(self, signum: int) -> None:
+        for worker in list(self.workers.values()):
+            self.kill_worker(worker, signum)
+        self.loop.call_later(2.0, self._stop_workers, signal.SIGKILL)
+
+    def _exit_request(self, code: int) -> None:
+        """`sys.exit()` in a callback: end the primary with that code, its workers with it."""
+        for worker in list(self.workers.values()):
+            if worker._channel is not None:
+                worker._channel.close()
+            self.kill_worker(worker, signal.SIGTERM)
+        for worker in list(self.workers.values()):
+            try:
+                worker.process.wait(1.0)
+            except subprocess.TimeoutExpired:
+                worker.process.kill()
+                worker.process.wait()
+        _proc.exit_now(code)
+
+
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _quiet_sigint(primary: Primary) -> None:
+    """Ctrl-C ends the cluster quietly (as Node's does) unless the user handles SIGINT."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        primary._fatal = True
+        primary.loop.call_soon(primary._exit_request, 128 + signum)
+
+    signal.signal(signal.SIGINT, on_sigint)

@@ -1,0 +1,95 @@
+"""`setup_primary` settings: validation, defaults and the command line each worker starts with."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+KNOWN = {
+    "exec": "script the workers run (default: the primary's own main script)",
+    "args": "arguments given to that script (default: the primary's sys.argv[1:])",
+    "exec_argv": "interpreter options (default: the primary's own, e.g. -X, -W, -O)",
+    "cwd": "working folder of the workers",
+    "silent": "pipe the workers' stdout and stderr to the primary instead of inheriting them",
+    "serialization": "'json' (default) or 'pickle'",
+    "module": "run `python -m MODULE` instead of a script",
+}
+
+
+class Settings(Mapping[str, Any]):
+    """Read-only mapping of the settings in force; `update` validates and fills in defaults."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, Any] = {}
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"Settings({self._values!r})"
+
+    def update(self, opts: Mapping[str, Any]) -> None:
+        unknown = sorted(set(opts) - set(KNOWN))
+        if unknown:
+            raise TypeError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(KNOWN))}")
+        merged = {**self._values, **opts}
+        if "exec" in opts and "module" not in opts:
+            merged.pop("module", None)
+        _validate(merged)
+        self._values = _with_defaults(merged)
+
+    def argv(self) -> list[str]:
+        """The command that starts one worker."""
+        v = self._values
+        target = ["-m", v["module"]] if v.get("module") else [v["exec"]]
+        return [sys.executable, *v["exec_argv"], *target, *v["args"]]
+
+
+def _validate(v: dict[str, Any]) -> None:
+    if v.get("serialization", "json") not in ("json", "pickle"):
+        raise ValueError(f"serialization must be 'json' or 'pickle', not {v['serialization']!r}")
+    for key in ("args", "exec_argv"):
+        if key in v and (isinstance(v[key], str) or not all(isinstance(a, str) for a in v[key])):
+            raise TypeError(f"setting {key!r} must be a list of strings")
+    if v.get("exec") is not None and not v.get("module"):
+        if not os.path.isfile(os.path.join(v.get("cwd") or "", v["exec"])):
+            raise FileNotFoundError(f"exec: no such script {v['exec']!r}")
+    if v.get("cwd") is not None and not os.path.isdir(v["cwd"]):
+        raise FileNotFoundError(f"cwd: no such folder {v['cwd']!r}")
+
+
+def _with_defaults(v: dict[str, Any]) -> dict[str, Any]:
+    out = dict(v)
+    if out.get("exec") is None and not out.get("module"):
+        out["exec"], module = _main_script()
+        if module:
+            out["module"] = module
+    out.setdefault("module", None)
+    out["args"] = list(out.get("args", sys.argv[1:]))
+    out["exec_argv"] = list(out.get("exec_argv", subprocess._args_from_interpreter_flags()))
+    out.setdefault("cwd", None)
+    out["silent"] = bool(out.get("silent", False))
+    out.setdefault("serialization", "json")
+    return out
+
+
+def _main_script() -> tuple[str | None, str | None]:
+    """The primary's own script, and its module name when it was started with `python -m`."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name:
+        name = spec.name[: -len(".__main__")] if spec.name.endswith(".__main__") else spec.name
+        return getattr(main, "__file__", None), name
+    path = getattr(main, "__file__", None)
+    if path is None and sys.argv and sys.argv[0] not in ("", "-c", "-"):
+        path = sys.argv[0]
+    return (os.path.abspath(path) if path else None), None
