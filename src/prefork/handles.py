@@ -1,22 +1,142 @@
-"""Placeholder registry of the primary's shared server handles (filled in by the policies)."""
+"""The primary's shared server handles, keyed as Node keys them (family, address, port, policy).
+
+The first worker that listens on a key makes the primary bind; later ones share the handle; when
+the last worker closes its listener the primary closes the socket. A bind error goes back to the
+worker's `listen()` as the OSError a plain bind raises. Each handle's scheduling lives in policies/.
+"""
 
 from __future__ import annotations
 
+import errno
+import os
+import socket
 from typing import Any
+
+from .policies import make_handle
+from .policies.base import Handle
 
 
 class Servers:
+    """Every handle of the primary, by key and by id; routes the workers' server messages."""
+
     def __init__(self, primary: Any) -> None:
         self.primary = primary
+        self.by_key: dict[tuple[Any, ...], Handle] = {}
+        self.by_id: dict[int, Handle] = {}
+        self._next_id = 1
+        primary.internal.update({
+            "listen": self._on_listen, "a": self._on_ack, "d": self._on_done, "x": self._on_close,
+        })
 
-    def worker_gone(self, worker: Any) -> None:
-        pass
+    def _on_listen(self, worker: Any, msg: dict[str, Any], fds: list[int]) -> None:
+        seq = msg["seq"]
+        try:
+            handle = self._handle_for(msg)
+            reply, out_fds = handle.add(worker)
+        except OSError as exc:
+            worker._channel.send_internal({"t": "L", "seq": seq, "err": [exc.errno, exc.strerror]})
+            return
+        reply.update({"t": "L", "seq": seq, "h": handle.id, "name": handle.sockname})
+        worker._channel.send_internal(reply, out_fds)
+
+    def _handle_for(self, msg: dict[str, Any]) -> Handle:
+        family, addr, policy = msg["family"], msg["addr"], msg["policy"]
+        key = (family, addr if isinstance(addr, str) else tuple(addr), policy)
+        handle = self.by_key.get(key)
+        if handle is None or handle.closed:
+            hid, self._next_id = self._next_id, self._next_id + 1
+            handle = make_handle(policy, self, hid, family, addr, msg.get("backlog") or 511)
+            self.by_key[key], self.by_id[hid] = handle, handle
+        return handle
+
+    def _on_ack(self, worker: Any, msg: list[Any], fds: list[int]) -> None:
+        handle = self.by_id.get(msg[1])
+        if handle is not None:
+            handle.accepted(worker, msg[2])
+
+    def _on_done(self, worker: Any, msg: list[Any], fds: list[int]) -> None:
+        handle = self.by_id.get(msg[1])
+        if handle is not None:
+            handle.finished(worker, msg[2])
+
+    def _on_close(self, worker: Any, msg: list[Any], fds: list[int]) -> None:
+        handle = self.by_id.get(msg[1])
+        if handle is not None:
+            handle.remove(worker)
+            self._close_if_unused(handle)
 
     def worker_leaving(self, worker: Any) -> None:
-        pass
+        """A draining worker gets no new connection from now on."""
+        for handle in list(self.by_id.values()):
+            handle.pause(worker)
+
+    def worker_gone(self, worker: Any) -> None:
+        """Its channel closed: whatever it was handed and had not taken goes to the others."""
+        for handle in list(self.by_id.values()):
+            if handle.has(worker):
+                handle.remove(worker)
+                if worker.exited_after_disconnect:
+                    self._close_if_unused(handle)
+
+    def _close_if_unused(self, handle: Handle) -> None:
+        if not handle.workers:
+            handle.close()
+            self.by_id.pop(handle.id, None)
+            if self.by_key.get(handle.key) is handle:
+                del self.by_key[handle.key]
+
+    def close_unused(self) -> None:
+        for handle in list(self.by_id.values()):
+            self._close_if_unused(handle)
 
     def any_open(self) -> bool:
-        return False
+        return bool(self.by_id)
 
     def close_all(self) -> None:
+        for handle in list(self.by_id.values()):
+            handle.close()
+        self.by_id.clear()
+        self.by_key.clear()
+
+
+def bind_socket(family: int, addr: Any, backlog: int, reuseport: bool = False) -> socket.socket:
+    """A listening socket as a plain server would make it (OSError as a plain bind raises it)."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if family != socket.AF_UNIX:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuseport:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(tuple(addr))
+        else:
+            _bind_unix(sock, addr)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+def _bind_unix(sock: socket.socket, path: str) -> None:
+    """Replace a stale socket file (nobody answers on it), never a live server's or another file."""
+    try:
+        sock.bind(path)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)
+        sock.bind(path)
+        return
+    except OSError:
         pass
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))

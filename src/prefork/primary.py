@@ -296,10 +296,13 @@ class Primary:
             return
 
         def check(*_: Any) -> None:
-            if all(w.is_dead() and w._disconnect_emitted for w in pending) and not self.servers.any_open():
+            if not all(w.is_dead() and w._disconnect_emitted for w in pending):
+                return
+            self.servers.close_unused()
+            if not self.servers.any_open():
                 self.cluster.off("exit", check)
                 self.cluster.off("disconnect", check)
-                callback()
+                callback()  # type: ignore[misc]
 
         self.cluster.on("exit", check)
         self.cluster.on("disconnect", check)

@@ -1,0 +1,59 @@
+"""The small interface every scheduling policy implements, behind one handle per shared address."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+
+class Handle:
+    """One address served by several workers. Subclasses decide how connections reach them.
+
+    The registry (handles.Servers) calls `add` when a worker listens, `pause` when it starts to
+    drain, `remove` when it closes its listener or its channel goes, `accepted`/`finished` for the
+    workers' connection reports, and `close` when no worker is left.
+    """
+
+    policy = ""
+
+    def __init__(self, servers: Any, hid: int, family: int, addr: Any, backlog: int) -> None:
+        self.servers = servers
+        self.loop = servers.primary.loop
+        self.id = hid
+        self.family = family
+        self.addr = addr
+        self.backlog = backlog
+        self.key: tuple[Any, ...] = (family, addr if isinstance(addr, str) else tuple(addr), self.policy)
+        self.workers: dict[int, Any] = {}
+        self.closed = False
+        self.sockname: Any = None
+
+    def has(self, worker: Any) -> bool:
+        return worker.id in self.workers
+
+    def add(self, worker: Any) -> tuple[dict[str, Any], list[int]]:
+        """Take a worker in; returns the reply for its listen() and the descriptors to pass."""
+        raise NotImplementedError
+
+    def pause(self, worker: Any) -> None:
+        """The worker drains: send it nothing new."""
+
+    def remove(self, worker: Any) -> None:
+        self.workers.pop(worker.id, None)
+
+    def accepted(self, worker: Any, count: int) -> None:
+        """The worker took `count` handed-over connections (rr policies)."""
+
+    def finished(self, worker: Any, count: int) -> None:
+        """The worker closed `count` connections (for load-aware policies)."""
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def wire_name(sock: socket.socket) -> Any:
+    """getsockname() in a form that crosses the channel as JSON."""
+    name = sock.getsockname()
+    if isinstance(name, bytes):
+        return name.decode()
+    return list(name[:2]) if isinstance(name, tuple) else name

@@ -1,0 +1,49 @@
+"""SCHED_LEAST_CONN: like round robin, but each connection goes to the worker with the fewest open.
+
+Workers report, cheaply and in batches, how many of their connections have closed; the primary
+counts a worker's open connections as handed-over-not-taken plus taken-not-closed. Under uneven
+work (some slow requests) a busy worker stops getting new connections while it is busy, which
+round robin cannot know. Ties go round robin, so equal workers still share evenly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .round_robin import WINDOW, RoundRobinHandle
+
+
+class LeastConnHandle(RoundRobinHandle):
+    policy = "least_conn"
+
+    def __init__(self, servers: Any, hid: int, family: int, addr: Any, backlog: int) -> None:
+        super().__init__(servers, hid, family, addr, backlog)
+        self.open: dict[int, int] = {}  # taken and not yet closed
+
+    def _took(self, worker: Any, count: int) -> None:
+        self.open[worker.id] = self.open.get(worker.id, 0) + count
+
+    def finished(self, worker: Any, count: int) -> None:
+        self.open[worker.id] = max(0, self.open.get(worker.id, 0) - count)
+
+    def remove(self, worker: Any) -> None:
+        self.open.pop(worker.id, None)
+        super().remove(worker)
+
+    def pick(self) -> Any:
+        order = self.order
+        n = len(order)
+        best, best_load = None, None
+        for i in range(n):
+            worker = order[(self.next + i) % n]
+            queued = len(self.inflight[worker.id])
+            if queued >= WINDOW:
+                continue
+            load = queued + self.open.get(worker.id, 0)
+            if best_load is None or load < best_load:
+                best, best_load, best_i = worker, load, i
+                if load == 0:
+                    break
+        if best is not None:
+            self.next = (self.next + best_i + 1) % n
+        return best

@@ -1,0 +1,86 @@
+"""SCHED_REUSEPORT: one SO_REUSEPORT listening socket ("slot") per worker; the kernel balances by hash.
+
+Closing a SO_REUSEPORT socket resets the connections queued on it (unless the kernel has
+net.ipv4.tcp_migrate_req=1). So the primary owns every slot and gives each worker a duplicate:
+when a worker stops, its copy closes but the slot stays open in the primary, and the slot (with
+its queue intact) is passed at once to a live worker, or to the next worker that listens. A slot
+is closed only when no worker listens on the address any more, i.e. when the server shuts down.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..handles import bind_socket
+from .base import Handle, wire_name
+
+
+class ReusePortHandle(Handle):
+    policy = "reuseport"
+
+    def __init__(self, servers: Any, hid: int, family: int, addr: Any, backlog: int) -> None:
+        super().__init__(servers, hid, family, addr, backlog)
+        self.slots: dict[int, Any] = {}  # slot id -> socket
+        self.owner: dict[int, int | None] = {}  # slot id -> worker id
+        self._next_slot = 0
+        self._new_slot()  # binds now, so a bind error reaches the first worker's listen()
+
+    def _new_slot(self) -> int:
+        addr = self.addr
+        if self.sockname is not None and not isinstance(addr, str):
+            addr = (addr[0], self.sockname[1])  # port 0: every slot on the port the first got
+        sock = bind_socket(self.family, addr, self.backlog, reuseport=True)
+        if self.sockname is None:
+            self.sockname = wire_name(sock)
+        sid, self._next_slot = self._next_slot, self._next_slot + 1
+        self.slots[sid], self.owner[sid] = sock, None
+        return sid
+
+    def _slots_of(self, wid: int) -> list[int]:
+        return [sid for sid, owner in self.owner.items() if owner == wid]
+
+    def add(self, worker: Any) -> tuple[dict[str, Any], list[int]]:
+        self.workers[worker.id] = worker
+        sid = self._free_slot()
+        if sid is None:
+            sid = self._spare_slot()
+        if sid is None:
+            sid = self._new_slot()
+        self.owner[sid] = worker.id
+        return {"mode": "s", "slots": [sid]}, [self.slots[sid].fileno()]
+
+    def _free_slot(self) -> int | None:
+        return next((sid for sid, owner in self.owner.items() if owner is None), None)
+
+    def _spare_slot(self) -> int | None:
+        """A slot a worker holds on top of its own: take it back for the newcomer."""
+        for wid in self.workers:
+            mine = self._slots_of(wid)
+            if len(mine) > 1:
+                sid = mine[-1]
+                self.workers[wid]._channel.send_internal(["-", self.id, sid])
+                self.owner[sid] = None
+                return sid
+        return None
+
+    def remove(self, worker: Any) -> None:
+        super().remove(worker)
+        for sid in self._slots_of(worker.id):
+            self.owner[sid] = None
+            self._adopt(sid)
+
+    def _adopt(self, sid: int) -> None:
+        """Give an orphaned slot to the live worker with the fewest, so its queue keeps moving."""
+        live = [w for w in self.workers.values() if w.is_connected()]
+        if not live:
+            return
+        heir = min(live, key=lambda w: len(self._slots_of(w.id)))
+        if heir._channel.send_internal(["+", self.id, sid], [self.slots[sid].fileno()]):
+            self.owner[sid] = heir.id
+
+    def close(self) -> None:
+        if not self.closed:
+            super().close()
+            for sock in self.slots.values():
+                sock.close()
+            self.slots.clear()

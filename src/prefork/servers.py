@@ -1,0 +1,322 @@
+"""The worker's side of shared servers: `listen()` and the `Listener` it returns.
+
+A Listener gathers the ways connections reach this worker: descriptors the primary hands over
+(round robin, least_conn) and listening sockets it may accept on itself (none, reuseport, exclusive,
+or any listen in the primary). An epoll descriptor over all of them is its `fileno()`, so it works
+with `selectors`, asyncio's `add_reader` and `socketserver`; `accept()` blocks like a socket's.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import itertools
+import os
+import select
+import socket
+import threading
+from typing import Any
+
+from .address import Address, normalize
+
+_seq = itertools.count(1)
+
+
+class Listener:
+    """A server socket shared through the primary."""
+
+    def __init__(self, family: int, address: Address, hid: int | None = None, child: Any = None) -> None:
+        self.family = family
+        self.type = socket.SOCK_STREAM
+        self.address = address
+        self.hid = hid
+        self._child = child
+        self._lock = threading.Lock()
+        self._queue: collections.deque[int] = collections.deque()
+        self._sources: dict[int, socket.socket] = {}
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._epoll = select.epoll()
+        self._epoll.register(self._wake, select.EPOLLIN)
+        self._timeout: float | None = None
+        self._closed = False
+        self._drained = threading.Event()
+        self.drainer: Any = None  # a server built on this listener drains it its own way
+        self.on_close: list[Any] = []
+
+    # -- what a socket offers --------------------------------------------------------------------
+
+    def fileno(self) -> int:
+        """Readable while a connection waits (an epoll fd: usable with select/selectors/asyncio)."""
+        return self._epoll.fileno() if not self._closed else -1
+
+    def getsockname(self) -> Any:
+        a = self.address
+        return a.address if a.address_type == "unix" else (a.address, a.port)
+
+    def setblocking(self, flag: bool) -> None:
+        self._timeout = None if flag else 0.0
+
+    def settimeout(self, value: float | None) -> None:
+        self._timeout = value
+
+    def gettimeout(self) -> float | None:
+        return self._timeout
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        """Wait for the next connection, as socket.accept() does (honours setblocking/settimeout)."""
+        while True:
+            conn = self._try_accept()
+            if conn is not None:
+                return conn
+            if self._timeout == 0.0:
+                raise BlockingIOError(errno.EAGAIN, "no connection waiting")
+            try:
+                ready = self._epoll.poll(-1 if self._timeout is None else self._timeout)
+            except ValueError:  # closed by another thread
+                raise OSError(errno.EBADF, "listener is closed") from None
+            if not ready and self._timeout is not None:
+                raise TimeoutError("timed out")
+
+    def _try_accept(self) -> tuple[socket.socket, Any] | None:
+        if self._closed:
+            raise OSError(errno.EBADF, "listener is closed")
+        if self._queue:
+            fd = self._take()
+            if fd is not None:
+                sock = socket.socket(fileno=fd)
+                return sock, _peer(sock)
+        for source in list(self._sources.values()):
+            try:
+                return source.accept()
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.EBADF, errno.EINVAL, errno.ECONNABORTED):
+                    continue  # the slot went to another worker meanwhile
+                raise
+        return None
+
+    def _take(self) -> int | None:
+        """Pop one handed-over connection and tell the primary, atomically with close()."""
+        with self._lock:
+            if not self._queue:
+                return None
+            fd = self._queue.popleft()
+            if not self._queue:
+                _reset(self._wake)
+            self._child.channel.send_internal(["a", self.hid, 1])
+            return fd
+
+    # -- fed by the channel's reader thread ------------------------------------------------------
+
+    def _push(self, fds: list[int]) -> None:
+        with self._lock:
+            if self._closed:
+                for fd in fds:  # the primary still holds them and gives them to another worker
+                    os.close(fd)
+                return
+            self._queue.extend(fds)
+            os.eventfd_write(self._wake, 1)
+
+    def _add_source(self, sid: int, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        with self._lock:
+            if self._closed:
+                sock.close()
+                return
+            self._sources[sid] = sock
+            self._epoll.register(sock.fileno(), select.EPOLLIN)
+
+    def _remove_source(self, sid: int) -> None:
+        with self._lock:
+            sock = self._sources.pop(sid, None)
+            if sock is not None:
+                self._epoll.unregister(sock.fileno())
+                sock.close()
+
+    # -- closing and draining --------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop listening here; connections handed over but not taken go to another worker."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            queued, self._queue = list(self._queue), collections.deque()
+            sources, self._sources = list(self._sources.values()), {}
+            os.eventfd_write(self._wake, 1)  # wake a blocked accept()
+        for fd in queued:
+            os.close(fd)
+        for sock in sources:
+            sock.close()
+        if self._child is not None:
+            if self.hid is not None:
+                self._child.channel.send_internal(["x", self.hid])
+            self._child.server_closed(self)
+        for callback in self.on_close:
+            callback()
+        self._drained.set()
+
+    def drain(self) -> None:
+        """Stop taking new connections and let what is being served finish (the owner's way)."""
+        if self.drainer is not None:
+            self.drainer()
+        else:
+            self.close()
+
+    def wait_drained(self, timeout: float | None = None) -> bool:
+        return self._drained.wait(timeout)
+
+    def report_finished(self, count: int = 1) -> None:
+        """Tell a load-aware primary that `count` connections of this listener have closed."""
+        if self.hid is not None and self._child is not None and not self._child.channel.closed:
+            self._child.channel.send_internal(["d", self.hid, count])
+
+    def __enter__(self) -> Listener:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self._epoll.close()
+            os.close(self._wake)
+        except (OSError, AttributeError, TypeError):
+            pass
+
+    def __repr__(self) -> str:
+        return f"<prefork.Listener {self.address} {'closed' if self._closed else 'open'}>"
+
+
+def _reset(efd: int) -> None:
+    try:
+        os.eventfd_read(efd)
+    except BlockingIOError:
+        pass
+
+
+def _peer(sock: socket.socket) -> Any:
+    try:
+        return sock.getpeername()
+    except OSError:
+        return None
+
+
+# -- listen() ------------------------------------------------------------------------------------
+
+
+class _Requests:
+    """listen() requests waiting for the primary's answer, by sequence number."""
+
+    def __init__(self) -> None:
+        self.waiting: dict[int, list[Any]] = {}
+        self.cond = threading.Condition()
+
+    def answer(self, message: dict[str, Any], fds: list[int]) -> None:
+        with self.cond:
+            slot = self.waiting.get(message["seq"])
+            if slot is None:
+                for fd in fds:
+                    os.close(fd)
+                return
+            slot.extend((message, fds))
+            self.cond.notify_all()
+
+    def ask(self, channel: Any, request: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+        seq = request["seq"] = next(_seq)
+        with self.cond:
+            self.waiting[seq] = slot = []
+        channel.send_internal(request)
+        with self.cond:
+            while not slot:
+                if channel.closed:
+                    raise OSError(errno.ENOTCONN, "the channel to the primary is closed")
+                self.cond.wait(0.5)
+            del self.waiting[seq]
+        return slot[0], slot[1]
+
+
+_requests = _Requests()
+_listeners: dict[int, Listener] = {}
+
+
+def listen(address: Any, *, backlog: int | None = None, exclusive: bool = False) -> Listener:
+    """A server socket shared through the primary (see the module's docstring)."""
+    import prefork
+
+    family, addr = normalize(address)
+    child = prefork._child
+    if child is None or exclusive:
+        return _own_listener(family, addr, backlog, child, reuseport=False)
+    policy = prefork.scheduling_policy
+    reply, fds = _requests.ask(child.channel, {
+        "t": "listen", "family": int(family), "addr": addr, "backlog": backlog, "policy": policy,
+    })
+    if reply.get("err"):
+        code, message = reply["err"]
+        raise OSError(code, message)
+    name = reply["name"]
+    listener = Listener(family, Address.from_sockname(family, name if isinstance(name, str) else tuple(name)),
+                        reply["h"], child)
+    for sid, fd in zip(reply.get("slots", []), fds):
+        listener._add_source(sid, socket.socket(fileno=fd))
+    _listeners[reply["h"]] = listener
+    _opened(listener, child)
+    return listener
+
+
+def _own_listener(family: int, addr: Any, backlog: int | None, child: Any, reuseport: bool) -> Listener:
+    """A socket bound by this process itself (in the primary, or `exclusive=True` in a worker)."""
+    from .handles import bind_socket
+
+    sock = bind_socket(family, addr, backlog or 511, reuseport=reuseport)
+    name = sock.getsockname()
+    listener = Listener(family, Address.from_sockname(family, name), None, child)
+    listener._add_source(0, sock)
+    if child is not None:
+        _opened(listener, child)
+    return listener
+
+
+def _opened(listener: Listener, child: Any) -> None:
+    child.server_opened(listener)
+    listener.on_close.append(lambda: _listeners.pop(listener.hid, None) if listener.hid else None)
+    child.channel.send_internal({"t": "listening", "address": listener.address.to_wire()})
+
+
+def _on_connections(message: list[Any], fds: list[int]) -> None:
+    listener = _listeners.get(message[1])
+    if listener is None:
+        for fd in fds:
+            os.close(fd)
+        return
+    listener._push(fds)
+
+
+def _on_slot_added(message: list[Any], fds: list[int]) -> None:
+    listener = _listeners.get(message[1])
+    if listener is None:
+        for fd in fds:
+            os.close(fd)
+        return
+    listener._add_source(message[2], socket.socket(fileno=fds[0]))
+
+
+def _on_slot_removed(message: list[Any], fds: list[int]) -> None:
+    listener = _listeners.get(message[1])
+    if listener is not None:
+        listener._remove_source(message[2])
+
+
+def _install() -> None:
+    import prefork
+
+    child = prefork._child
+    if child is not None:
+        child.internal.update({
+            "L": _requests.answer, "c": _on_connections, "+": _on_slot_added, "-": _on_slot_removed,
+        })
+
+
+_install()
