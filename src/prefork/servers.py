@@ -259,7 +259,7 @@ def listen(address: Any, *, backlog: int | None = None, exclusive: bool = False)
     name = reply["name"]
     listener = Listener(family, Address.from_sockname(family, name if isinstance(name, str) else tuple(name)),
                         reply["h"], child)
-    for sid, fd in zip(reply.get("slots", []), fds):
+    for sid, fd in zip(reply.get("slots", []), fds, strict=True):
         listener._add_source(sid, socket.socket(fileno=fd))
     _listeners[reply["h"]] = listener
     _opened(listener, child)
