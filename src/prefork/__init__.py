@@ -118,6 +118,10 @@ def __getattr__(name: str) -> _Any:
         from . import httpserver
 
         return getattr(httpserver, name)
+    if name in ("Supervisor", "supervise"):
+        from . import supervisor
+
+        return getattr(supervisor, name)
     raise AttributeError(f"module 'prefork' has no attribute {name!r}")
 
 

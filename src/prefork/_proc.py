@@ -65,17 +65,18 @@ def set_parent_death_signal(sig: int) -> bool:
         return False
 
 
-def on_main_end(on_end: Callable[[], None], on_raise: Callable[[], None]) -> None:
+def on_main_end(on_end: Callable[[], None], on_raise: Callable[..., bool | None]) -> None:
     """Learn when the main script's top level ends, and whether an uncaught exception ended it.
 
     `on_end` runs in the main thread at interpreter shutdown, before non-daemon threads are joined,
-    so it may block to keep the process serving.
+    so it may block to keep the process serving. `on_raise(type, value, tb)` may return True to
+    keep Python from printing the traceback (a supervised worker sends it to the primary instead).
     """
     previous = sys.excepthook
 
     def excepthook(*args: Any) -> None:
-        on_raise()
-        previous(*args)
+        if not on_raise(*args):
+            previous(*args)
 
     sys.excepthook = excepthook
     try:

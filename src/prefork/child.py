@@ -46,7 +46,12 @@ class Child:
         self._main_raised = False
         self._idle = threading.Condition()
         self.servers: list[Any] = []  # open Listeners (servers.py), which keep the process alive
-        self.internal: dict[str, Callable[[Any, list[int]], None]] = {"disconnect": self._on_disconnect}
+        self.internal: dict[str, Callable[[Any, list[int]], None]] = {
+            "disconnect": self._on_disconnect, "p": self._on_ping,
+        }
+        self.stats: dict[str, int] = {"connections": 0, "requests": 0, "in_flight": 0}
+        self.heartbeat_responder: Callable[[Callable[[], None]], None] | None = None
+        self.supervised = os.environ.get("PREFORK_SUPERVISED") == "1"
         self.replies: Any = None  # servers.Requests, set when the first listen() happens
 
     # -- start -----------------------------------------------------------------------------------
@@ -173,8 +178,36 @@ class Child:
 
     # -- the end of the script -------------------------------------------------------------------
 
-    def _on_main_raised(self) -> None:
+    def _on_main_raised(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        """Tell the primary why this worker's script failed; supervised, it prints it (once)."""
         self._main_raised = True
+        if self.channel.closed or exc_type is KeyboardInterrupt:
+            return False
+        import traceback
+
+        summary = "".join(traceback.format_exception_only(exc_type, exc)).strip()
+        text = "".join(traceback.format_exception(exc_type, exc, tb))
+        try:
+            self.channel.send_internal({"t": "fatal", "error": summary, "traceback": text})
+        except (ChannelClosed, TypeError):
+            return False
+        return self.supervised
+
+    # -- liveness ----------------------------------------------------------------------------------
+
+    def _on_ping(self, message: Any, fds: list[int]) -> None:
+        """Answer the primary's heartbeat; a serving loop may answer it itself (stuck loop = no answer)."""
+        responder = self.heartbeat_responder
+        if responder is None:
+            self._pong()
+        else:
+            responder(self._pong)
+
+    def _pong(self) -> None:
+        try:
+            self.channel.send_internal(["P", self.stats])
+        except ChannelClosed:
+            pass
 
     def _keep_alive(self) -> None:
         """Runs when the script's top level ends: wait while there is something to serve."""
@@ -197,6 +230,11 @@ def bootstrap() -> Child:
     os.set_inheritable(fd, False)
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C ends workers quietly, as Node's
+    if env.get("PREFORK_SUPERVISED") == "1":
+        import faulthandler
+
+        faulthandler.enable()  # a worker killed with SIGABRT for a missed heartbeat dumps its stacks
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the primary drains us on Ctrl-C
     child = Child(wid, Channel(socket.socket(fileno=fd), serialization, blocking=True))
     child.start()
     return child

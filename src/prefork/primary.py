@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -45,6 +46,8 @@ class Primary:
             "online": self._on_online,
             "listening": self._on_listening,
             "leaving": self._on_leaving,
+            "fatal": self._on_fatal,
+            "P": self._on_pong,
         }
 
     # -- public entry points (any thread) --------------------------------------------------------
@@ -53,9 +56,11 @@ class Primary:
         self.settings.update(opts)
         self.cluster.emit("setup", self.settings)
 
-    def fork(self, env: dict[str, str] | None = None) -> Worker:
+    def fork(self, env: dict[str, str] | None = None, own_group: bool = False) -> Worker:
+        """`own_group`: start the worker in its own session, so terminal signals (Ctrl-C, hang-up)
+        reach only the primary, which then drains it (the supervisor's way)."""
         loop = self.start()
-        return loop.run_sync(self._fork, dict(env or {}))
+        return loop.run_sync(self._fork, dict(env or {}), own_group)
 
     def disconnect(self, callback: Callable[[], Any] | None = None) -> None:
         if self.loop is None:
@@ -85,7 +90,7 @@ class Primary:
 
     # -- forking ---------------------------------------------------------------------------------
 
-    def _fork(self, env: dict[str, str]) -> Worker:
+    def _fork(self, env: dict[str, str], own_group: bool = False) -> Worker:
         if not self.settings:
             self.setup({})
         settings = self.settings
@@ -94,7 +99,7 @@ class Primary:
         wid = self._next_id
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            proc = self._spawn(wid, theirs.fileno(), env)
+            proc = self._spawn(wid, theirs.fileno(), env, own_group)
         except BaseException:
             ours.close()
             raise
@@ -107,7 +112,7 @@ class Primary:
         self.cluster.emit("fork", worker)
         return worker
 
-    def _spawn(self, wid: int, fd: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    def _spawn(self, wid: int, fd: int, env: dict[str, str], own_group: bool) -> subprocess.Popen[bytes]:
         settings = self.settings
         child_env = {**os.environ, **env}
         child_env.update({
@@ -116,7 +121,8 @@ class Primary:
         })
         pipe = subprocess.PIPE if settings["silent"] else None
         return subprocess.Popen(settings.argv(), env=child_env, cwd=settings["cwd"], pass_fds=(fd,),
-                                stdin=subprocess.DEVNULL, stdout=pipe, stderr=pipe)
+                                stdin=subprocess.DEVNULL, stdout=pipe, stderr=pipe,
+                                start_new_session=own_group)
 
     def _watch(self, worker: Worker) -> None:
         loop = self.loop
@@ -235,6 +241,14 @@ class Primary:
         """The worker called its own disconnect() or kill(): its exit is intended."""
         worker.exited_after_disconnect = True
 
+    def _on_fatal(self, worker: Worker, message: Any, fds: list[int]) -> None:
+        """The worker's script died of an uncaught exception: keep why, for the supervisor."""
+        worker.fatal = message  # type: ignore[attr-defined]
+
+    def _on_pong(self, worker: Worker, message: Any, fds: list[int]) -> None:
+        worker.stats = message[1]  # type: ignore[attr-defined]
+        worker.last_beat = time.monotonic()  # type: ignore[attr-defined]
+
     # -- exits -----------------------------------------------------------------------------------
 
     def _on_process_exit(self, worker: Worker) -> None:
@@ -323,8 +337,9 @@ class Primary:
         """The main thread's script has ended (its exit hook): stop once no worker is left."""
         self.loop.call_soon(self._set_main_done)
 
-    def _main_raised(self) -> None:
+    def _main_raised(self, *exc_info: Any) -> bool:
         self._fatal = True
+        return False
 
     def _set_main_done(self) -> None:
         self._main_done = True
@@ -334,7 +349,23 @@ class Primary:
 
     def _maybe_stop(self) -> None:
         if self._main_done and not self.workers:
+            if self._user_threads_alive():
+                # A user's thread (a threading.Timer: Node's pending setTimeout) may still fork:
+                # the loop must outlive it, or its fork() would start a worker nobody watches.
+                if not getattr(self, "_stop_polling", False):
+                    self._stop_polling = True
+                    self.loop.call_later(0.05, self._recheck_stop)
+                return
             self.loop.stopping = True
+
+    def _recheck_stop(self) -> None:
+        self._stop_polling = False
+        self._maybe_stop()
+
+    def _user_threads_alive(self) -> bool:
+        main, ours = threading.main_thread(), self.loop.thread if self.loop else None
+        return any(t.is_alive() and not t.daemon and t is not main and t is not ours
+                   for t in threading.enumerate())
 
     def _stop_workers(self, signum: int) -> None:
         for worker in list(self.workers.values()):
