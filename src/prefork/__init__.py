@@ -8,9 +8,12 @@ the worker's own children are not workers). Only the public names live here.
 from __future__ import annotations
 
 import os as _os
-from typing import Any as _Any
 
 from .events import EventEmitter as _EventEmitter
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any as _Any
 
 __version__ = "0.1.0"
 

@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
-from typing import Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 
-@dataclass(frozen=True)
 class Address:
     """What Node's `listening` event carries: address, port, and address_type 4, 6 or "unix"."""
 
-    address: str
-    port: int | None
-    address_type: int | str
+    __slots__ = ("address", "port", "address_type")
+
+    def __init__(self, address: str, port: int | None, address_type: int | str) -> None:
+        self.address, self.port, self.address_type = address, port, address_type
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Address) and self.to_wire() == other.to_wire()
+
+    def __hash__(self) -> int:
+        return hash((self.address, self.port, self.address_type))
+
+    def __repr__(self) -> str:
+        return f"Address(address={self.address!r}, port={self.port!r}, address_type={self.address_type!r})"
 
     @property
     def family(self) -> socket.AddressFamily:

@@ -14,12 +14,15 @@ import signal
 import socket
 import threading
 from collections.abc import Callable
-from typing import Any
 
 from . import _proc
 from .channel import KIND_INTERNAL, Channel, ChannelClosed, ProtocolError, decode
 from .events import report_callback_error
 from .worker import Worker
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class OwnProcess:

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import sys
 import threading
-import traceback
 from collections.abc import Callable
-from typing import Any
 
-Listener = Callable[..., Any]
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
 
 
 class _Once:
@@ -20,7 +21,7 @@ class _Once:
 
     __slots__ = ("fn", "emitter", "event")
 
-    def __init__(self, emitter: EventEmitter, event: str, fn: Listener) -> None:
+    def __init__(self, emitter: EventEmitter, event: str, fn: Callable[..., Any]) -> None:
         self.fn, self.emitter, self.event = fn, emitter, event
 
     def __call__(self, *args: Any) -> Any:
@@ -32,13 +33,13 @@ class EventEmitter:
     """Node-style emitter. A listener's exception is reported and the emitter lives on."""
 
     def __init__(self) -> None:
-        self._listeners: dict[str, tuple[Listener, ...]] = {}
+        self._listeners: dict[str, tuple[Callable[..., Any], ...]] = {}
         self._elock = threading.Lock()
 
-    def on(self, event: str, fn: Listener | None = None) -> Any:
+    def on(self, event: str, fn: Callable[..., Any] | None = None) -> Any:
         """Add a listener; with no `fn`, work as a decorator."""
         if fn is None:
-            def decorator(f: Listener) -> Listener:
+            def decorator(f: Callable[..., Any]) -> Callable[..., Any]:
                 self.on(event, f)
                 return f
             return decorator
@@ -51,20 +52,20 @@ class EventEmitter:
 
     add_listener = on
 
-    def once(self, event: str, fn: Listener | None = None) -> Any:
+    def once(self, event: str, fn: Callable[..., Any] | None = None) -> Any:
         if fn is None:
-            def decorator(f: Listener) -> Listener:
+            def decorator(f: Callable[..., Any]) -> Callable[..., Any]:
                 self.once(event, f)
                 return f
             return decorator
         return self.on(event, _Once(self, event, fn))
 
-    def off(self, event: str, fn: Listener | None = None) -> Any:
+    def off(self, event: str, fn: Callable[..., Any] | None = None) -> Any:
         """Remove one listener (or all of `event` when `fn` is None)."""
         with self._elock:
             current = self._listeners.get(event, ())
             if fn is None:
-                kept: tuple[Listener, ...] = ()
+                kept: tuple[Callable[..., Any], ...] = ()
             else:
                 kept = current
                 for i, f in enumerate(current):
@@ -87,7 +88,7 @@ class EventEmitter:
                 self._listeners.pop(event, None)
         return self
 
-    def listeners(self, event: str) -> list[Listener]:
+    def listeners(self, event: str) -> list[Callable[..., Any]]:
         return [f.fn if isinstance(f, _Once) else f for f in self._listeners.get(event, ())]
 
     def listener_count(self, event: str) -> int:
@@ -113,6 +114,8 @@ class EventEmitter:
 
 def report_callback_error(what: str) -> None:
     """Print the current exception as Python would, so a bad listener is visible but not fatal."""
+    import traceback
+
     sys.stderr.write(f"prefork: exception in {what!r} listener (process lives on):\n")
     traceback.print_exc()
     sys.stderr.flush()

@@ -15,9 +15,12 @@ import os
 import select
 import socket
 import threading
-from typing import Any
 
 from .address import Address, normalize
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 _seq = itertools.count(1)
 

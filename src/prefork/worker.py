@@ -8,19 +8,21 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
-from typing import Any, Protocol
 
 from .channel import Channel, ChannelClosed
 from .events import EventEmitter
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Protocol
 
-class Side(Protocol):
-    """What a Worker needs from whoever owns it (primary.Primary or child.Child)."""
+    class Side(Protocol):
+        """What a Worker needs from whoever owns it (primary.Primary or child.Child)."""
 
-    def post(self, fn: Callable[..., Any], *args: Any) -> None: ...
-    def kill_worker(self, worker: Worker, signum: int) -> None: ...
-    def disconnect_worker(self, worker: Worker) -> None: ...
-    def listener_added(self, worker: Worker, event: str) -> None: ...
+        def post(self, fn: Callable[..., Any], *args: Any) -> None: ...
+        def kill_worker(self, worker: Worker, signum: int) -> None: ...
+        def disconnect_worker(self, worker: Worker) -> None: ...
+        def listener_added(self, worker: Worker, event: str) -> None: ...
 
 
 class Worker(EventEmitter):
