@@ -41,6 +41,7 @@ class Primary:
         self._pidfd_ok = hasattr(os, "pidfd_open")
         self._poll_timer: Any = None
         self._lock = threading.Lock()
+        self._fds_at_start: set[int] = set()
         self.servers: Any = None  # handles.Servers, created with the loop
         self.internal: dict[str, Callable[[Worker, Any, list[int]], None]] = {
             "online": self._on_online,
@@ -79,6 +80,7 @@ class Primary:
             if self.loop is None:
                 from .handles import Servers
 
+                self._fds_at_start = _open_fds()  # a forked worker keeps these, closes the primary's
                 self.loop = Loop(self._exit_request)
                 self.servers = Servers(self)
                 thread = threading.Thread(target=self._run, name="prefork-primary", daemon=False)
@@ -94,12 +96,19 @@ class Primary:
         if not self.settings:
             self.setup({})
         settings = self.settings
-        if not settings.get("module") and not settings.get("exec"):
-            raise RuntimeError("fork(): the primary has no script to run; set_up_primary(exec=...)")
+        forking = settings["start"] == "fork"
+        if not forking and not settings.get("module") and not settings.get("exec"):
+            raise RuntimeError("fork(): the primary has no script to run; setup_primary(exec=...)")
         wid = self._next_id
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            proc = self._spawn(wid, theirs.fileno(), env, own_group)
+            if forking:
+                from .forkstart import fork_worker
+
+                proc = fork_worker(self._child_env(wid, theirs.fileno(), env), theirs.fileno(), own_group,
+                                   settings["target"], self._fds_at_start)
+            else:
+                proc = self._spawn(wid, theirs.fileno(), env, own_group)
         except BaseException:
             ours.close()
             raise
@@ -112,13 +121,17 @@ class Primary:
         self.cluster.emit("fork", worker)
         return worker
 
-    def _spawn(self, wid: int, fd: int, env: dict[str, str], own_group: bool) -> subprocess.Popen[bytes]:
-        settings = self.settings
+    def _child_env(self, wid: int, fd: int, env: dict[str, str]) -> dict[str, str]:
         child_env = {**os.environ, **env}
         child_env.update({
             ENV_ID: str(wid), ENV_FD: str(fd), ENV_PPID: str(os.getpid()),
-            ENV_POLICY: self.policy(), ENV_SERIALIZATION: settings["serialization"],
+            ENV_POLICY: self.policy(), ENV_SERIALIZATION: self.settings["serialization"],
         })
+        return child_env
+
+    def _spawn(self, wid: int, fd: int, env: dict[str, str], own_group: bool) -> subprocess.Popen[bytes]:
+        settings = self.settings
+        child_env = self._child_env(wid, fd, env)
         pipe = subprocess.PIPE if settings["silent"] else None
         return subprocess.Popen(settings.argv(), env=child_env, cwd=settings["cwd"], pass_fds=(fd,),
                                 stdin=subprocess.DEVNULL, stdout=pipe, stderr=pipe,
@@ -385,6 +398,13 @@ class Primary:
                 worker.process.kill()
                 worker.process.wait()
         _proc.exit_now(code)
+
+
+def _open_fds() -> set[int]:
+    try:
+        return {int(name) for name in os.listdir("/proc/self/fd")}
+    except OSError:
+        return {0, 1, 2}
 
 
 def _close_fds(fds: list[int]) -> None:

@@ -16,6 +16,8 @@ KNOWN = {
     "silent": "pipe the workers' stdout and stderr to the primary instead of inheriting them",
     "serialization": "'json' (default) or 'pickle'",
     "module": "run `python -m MODULE` instead of a script",
+    "start": "'spawn' (default: a fresh interpreter runs the script) or 'fork' (os.fork, then `target`)",
+    "target": "with start='fork': the function a forked worker runs (the app is already imported)",
 }
 
 
@@ -55,6 +57,10 @@ class Settings(Mapping[str, Any]):
 
 
 def _validate(v: dict[str, Any]) -> None:
+    if v.get("start", "spawn") not in ("spawn", "fork"):
+        raise ValueError(f"start must be 'spawn' or 'fork', not {v['start']!r}")
+    if v.get("start") == "fork" and not callable(v.get("target")):
+        raise TypeError("start='fork' needs target=<a function the forked worker runs>")
     if v.get("serialization", "json") not in ("json", "pickle"):
         raise ValueError(f"serialization must be 'json' or 'pickle', not {v['serialization']!r}")
     for key in ("args", "exec_argv"):
@@ -79,6 +85,8 @@ def _with_defaults(v: dict[str, Any]) -> dict[str, Any]:
     out.setdefault("cwd", None)
     out["silent"] = bool(out.get("silent", False))
     out.setdefault("serialization", "json")
+    out.setdefault("start", "spawn")
+    out.setdefault("target", None)
     return out
 
 

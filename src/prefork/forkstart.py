@@ -1,0 +1,132 @@
+"""Fork-based worker start: for apps preloaded in the primary, a worker is an `os.fork()` away.
+
+A fresh interpreter costs tens of milliseconds before the app is even imported; a fork costs about
+one (FACTS.md). The forked child drops everything the primary's runtime opened (its loop, the other
+workers' channels, listening sockets, the control socket), turns itself into a worker and runs the
+`target` function, then ends as a worker script would. Forking happens on the primary's loop thread,
+whose other thread (the main one) is idle in the primary's wait, so no lock is left held.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import warnings
+from collections.abc import Callable
+
+from . import _proc
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+_PRIMARY_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGTTIN, signal.SIGTTOU)
+
+
+class ForkedProcess:
+    """`worker.process` for a forked worker: what Popen offers that prefork uses."""
+
+    stdin = stdout = stderr = None
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                return self.returncode
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        import subprocess
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired([str(self.pid)], timeout or 0)
+            time.sleep(0.005)
+        return self.returncode  # type: ignore[return-value]
+
+    def send_signal(self, signum: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+
+def fork_worker(env: dict[str, str], channel_fd: int, own_group: bool, target: Callable[[], Any],
+                keep_fds: set[int]) -> ForkedProcess:
+    """Fork; the child becomes a worker and never returns from here."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # 3.12 warns about forking with threads
+        pid = os.fork()
+    if pid:
+        return ForkedProcess(pid)
+    code = 1
+    try:
+        _become_worker(env, channel_fd, own_group, keep_fds)
+        code = _run_target(target)
+    finally:
+        _proc.exit_now(code)
+
+
+def _become_worker(env: dict[str, str], channel_fd: int, own_group: bool, keep_fds: set[int]) -> None:
+    if own_group:
+        os.setsid()
+    for signum in _PRIMARY_SIGNALS:
+        signal.signal(signum, signal.SIG_DFL)
+    _close_inherited(keep_fds | {channel_fd})
+    os.environ.clear()
+    os.environ.update(env)
+    import prefork
+
+    from .child import bootstrap
+
+    prefork._cluster.remove_all_listeners()
+    prefork._primary = None
+    prefork.is_primary = prefork.is_master = prefork.isPrimary = prefork.isMaster = False
+    prefork.is_worker = prefork.isWorker = True
+    prefork.workers, prefork.settings = {}, {}
+    prefork._child = bootstrap()
+    prefork.worker = prefork._child.worker
+
+
+def _close_inherited(keep: set[int]) -> None:
+    """Close what the primary's runtime opened after start-up; the preloaded app's fds stay."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _run_target(target: Callable[[], Any]) -> int:
+    """Run the worker's function as a script's top level runs: exit code, report, keep-alive."""
+    import prefork
+
+    child = prefork._child
+    try:
+        target()
+    except SystemExit as exc:
+        return _proc.exit_code(exc)
+    except BaseException:
+        if not child._on_main_raised(*sys.exc_info()):
+            import traceback
+
+            traceback.print_exc()
+        return 1
+    child._keep_alive()
+    return 0
