@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 _seq = itertools.count(1)
+ACK_BATCH = 8
 
 
 class Listener:
@@ -36,6 +37,7 @@ class Listener:
         self._child = child
         self._lock = threading.Lock()
         self._queue: collections.deque[int] = collections.deque()
+        self._unacked = 0
         self._sources: dict[int, socket.socket] = {}
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._epoll = select.epoll()
@@ -100,15 +102,24 @@ class Listener:
         return None
 
     def _take(self) -> int | None:
-        """Pop one handed-over connection and tell the primary, atomically with close()."""
+        """Pop one handed-over connection. The primary learns what was taken in small batches
+        (when the queue empties, or every ACK_BATCH), always before this listener's close."""
         with self._lock:
             if not self._queue:
                 return None
             fd = self._queue.popleft()
+            self._unacked += 1
             if not self._queue:
                 _reset(self._wake)
-            self._child.channel.send_internal(["a", self.hid, 1])
+                self._ack()
+            elif self._unacked >= ACK_BATCH:
+                self._ack()
             return fd
+
+    def _ack(self) -> None:
+        if self._unacked:
+            self._child.channel.send_internal(["a", self.hid, self._unacked])
+            self._unacked = 0
 
     # -- fed by the channel's reader thread ------------------------------------------------------
 
@@ -145,6 +156,8 @@ class Listener:
             if self._closed:
                 return
             self._closed = True
+            if self.hid is not None and self._child is not None and not self._child.channel.closed:
+                self._ack()
             queued, self._queue = list(self._queue), collections.deque()
             sources, self._sources = list(self._sources.values()), {}
             os.eventfd_write(self._wake, 1)  # wake a blocked accept()
