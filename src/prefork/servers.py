@@ -186,7 +186,9 @@ class Listener:
     def report_finished(self, count: int = 1) -> None:
         """Tell a load-aware primary that `count` connections of this listener have closed."""
         if self.hid is not None and self._child is not None and not self._child.channel.closed:
-            self._child.channel.send_internal(["d", self.hid, count])
+            with self._lock:  # acks still batched go first, or the primary counts a close before its take
+                self._ack()
+                self._child.channel.send_internal(["d", self.hid, count])
 
     def __enter__(self) -> Listener:
         return self
@@ -223,26 +225,38 @@ def _peer(sock: socket.socket) -> Any:
 
 
 class _Requests:
-    """listen() requests waiting for the primary's answer, by sequence number."""
+    """listen() requests waiting for the primary's answer, by sequence number.
+
+    The answer is turned into its result on the channel's reader thread, before the next frame is
+    read: a listener must be registered before the connections the primary sends right after it.
+    """
 
     def __init__(self) -> None:
         self.waiting: dict[int, list[Any]] = {}
+        self.builders: dict[int, Any] = {}
         self.cond = threading.Condition()
 
     def answer(self, message: dict[str, Any], fds: list[int]) -> None:
         with self.cond:
             slot = self.waiting.get(message["seq"])
-            if slot is None:
-                for fd in fds:
-                    os.close(fd)
-                return
-            slot.extend((message, fds))
+            build = self.builders.pop(message["seq"], None)
+        if slot is None or build is None:
+            for fd in fds:
+                os.close(fd)
+            return
+        try:
+            result: Any = (build(message, fds), None)
+        except Exception as exc:
+            result = (None, exc)
+        with self.cond:
+            slot.append(result)
             self.cond.notify_all()
 
-    def ask(self, channel: Any, request: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+    def ask(self, channel: Any, request: dict[str, Any], build: Any) -> Any:
         seq = request["seq"] = next(_seq)
         with self.cond:
             self.waiting[seq] = slot = []
+            self.builders[seq] = build
         channel.send_internal(request)
         with self.cond:
             while not slot:
@@ -250,7 +264,10 @@ class _Requests:
                     raise OSError(errno.ENOTCONN, "the channel to the primary is closed")
                 self.cond.wait(0.5)
             del self.waiting[seq]
-        return slot[0], slot[1]
+        value, error = slot[0]
+        if error is not None:
+            raise error
+        return value
 
 
 _requests = _Requests()
@@ -266,19 +283,24 @@ def listen(address: Any, *, backlog: int | None = None, exclusive: bool = False)
     if child is None or exclusive:
         return _own_listener(family, addr, backlog, child, reuseport=False)
     policy = prefork.scheduling_policy
-    reply, fds = _requests.ask(child.channel, {
+    listener = _requests.ask(child.channel, {
         "t": "listen", "family": int(family), "addr": addr, "backlog": backlog, "policy": policy,
-    })
+    }, lambda reply, fds: _shared_listener(family, child, reply, fds))
+    _opened(listener, child)
+    return listener
+
+
+def _shared_listener(family: int, child: Any, reply: dict[str, Any], fds: list[int]) -> Listener:
+    """The primary's answer to listen(), on the reader thread: an OSError, or a registered Listener."""
     if reply.get("err"):
         code, message = reply["err"]
         raise OSError(code, message)
     name = reply["name"]
-    listener = Listener(family, Address.from_sockname(family, name if isinstance(name, str) else tuple(name)),
-                        reply["h"], child)
+    address = Address.from_sockname(family, name if isinstance(name, str) else tuple(name))
+    listener = Listener(family, address, reply["h"], child)
     for sid, fd in zip(reply.get("slots", []), fds, strict=True):
         listener._add_source(sid, socket.socket(fileno=fd))
     _listeners[reply["h"]] = listener
-    _opened(listener, child)
     return listener
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import prefork
 
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 10.0
-STABLE_AFTER = 10.0  # seconds up after which a slot's crash count is forgotten
+MIN_UPTIME = 1.0  # a worker that dies sooner after it was ready counts as a crash loop
 GIVE_UP_AFTER = 5  # boot failures in a row, with no worker ever ready, before giving up
 BEAT_EVERY = 1.0
 KILL_AFTER_ABORT = 1.0
@@ -47,6 +47,7 @@ class Member:
     worker: Any
     slot: Slot
     started: float = field(default_factory=time.monotonic)
+    ready_at: float = 0.0
     state: str = "starting"  # starting, ready, draining
     max_requests: int = 0
     why_leaving: str = ""
@@ -173,6 +174,7 @@ class Supervisor:
         if member is None or member.state != "starting":
             return
         member.state = "ready"
+        member.ready_at = time.monotonic()
         self.ever_ready = True
         self.log(f"worker {worker.id} (pid {worker.process.pid}) is ready")
         self._settle(member, True, "")
@@ -211,8 +213,7 @@ class Supervisor:
     def _respawn_later(self, member: Member, how: str, fatal: dict[str, str] | None) -> None:
         slot = member.slot
         worker = member.worker
-        uptime = time.monotonic() - member.started
-        early = member.state == "starting" or uptime < STABLE_AFTER
+        early = member.state == "starting" or time.monotonic() - member.ready_at < MIN_UPTIME
         slot.failures = slot.failures + 1 if early else 0
         slot.restarts += 1
         slot.member = None
@@ -223,7 +224,8 @@ class Supervisor:
         if early and not self.ever_ready and slot.failures >= GIVE_UP_AFTER:
             self._give_up(f"workers cannot boot ({slot.failures} attempts); last: {how}")
             return
-        delay = 0.0 if slot.failures == 0 else min(BACKOFF_MAX, BACKOFF_MIN * 2 ** (slot.failures - 1))
+        # The first crash restarts at once; a crash loop backs off 0.1 s, 0.2 s, ... up to 10 s.
+        delay = 0.0 if slot.failures <= 1 else min(BACKOFF_MAX, BACKOFF_MIN * 2 ** (slot.failures - 2))
         self.log(f"worker {worker.id} (pid {worker.process.pid}) died ({how}); "
                  f"starting a new one{f' in {delay:g} s' if delay else ''}")
         slot.timer = self._primary.loop.call_later(delay, self._spawn, slot)
