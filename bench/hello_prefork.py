@@ -154,9 +154,13 @@ def worker() -> None:
             """Stop accepting; answer the next request on each connection with Connection: close."""
             state["draining"] = True
             loop.remove_reader(listener.fileno())
+            taken = listener.take_pending()
+            for sock, _ in taken:
+                sock.setblocking(False)
+                loop.create_task(loop.connect_accepted_socket(Hello, sock))
             listener.close()
             loop.call_later(IDLE_GRACE, close_idle)
-            if not conns:
+            if not conns and not taken:
                 drained.set()
                 done.set()
 

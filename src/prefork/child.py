@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable
 
 from . import _proc
-from .channel import KIND_INTERNAL, Channel, ChannelClosed, ProtocolError, decode
+from .channel import KIND_INTERNAL, Channel, ChannelClosed, ProtocolError
 from .events import report_callback_error
 from .worker import Worker
 
@@ -67,19 +67,19 @@ class Child:
     # -- the reader thread -----------------------------------------------------------------------
 
     def _read_forever(self) -> None:
-        channel = self.channel
+        read = self.channel.read_messages
+        on_internal = self._on_internal
+        deliver = self._deliver
         while True:
             try:
-                frames = channel.read()
-                for kind, payload, fds in frames:
-                    message = decode(kind, payload)
-                    if kind == KIND_INTERNAL:
-                        self._on_internal(message, fds)
-                    else:
-                        handle = socket.socket(fileno=fds[0]) if fds else None
-                        for fd in fds[1:]:
-                            os.close(fd)
-                        self._deliver(message, handle)
+                batch = read()
+                i, n = 0, len(batch)
+                while i < n:
+                    if batch[i][0] == KIND_INTERNAL:
+                        on_internal(batch[i][1], batch[i][2])
+                        i += 1
+                    else:  # a run of user messages: one lock for all of it
+                        i = deliver(batch, i, n)
             except (ChannelClosed, ProtocolError) as exc:
                 self._channel_closed(exc)
                 return
@@ -88,11 +88,34 @@ class Child:
         name = message[0] if isinstance(message, list) else message["t"]
         self.internal[name](message, fds)
 
-    def _deliver(self, message: Any, handle: Any) -> None:
-        """Deliver in order; hold messages until the script adds a `message` listener."""
+    def _deliver(self, batch: list[tuple[int, Any, list[int]]], i: int, n: int) -> int:
+        """Deliver the user messages from batch[i] on, in order, up to the next internal one.
+
+        Messages are held until the script adds a `message` listener; returns where it stopped.
+        """
+        worker = self.worker
+        emit = worker.emit
+        held = self._held
         with self._dispatch:
-            self._held.append((message, handle))
-            self._flush_held()
+            while i < n:
+                kind, message, fds = batch[i]
+                if kind == KIND_INTERNAL:
+                    break
+                i += 1
+                handle = None
+                if fds:
+                    handle = socket.socket(fileno=fds[0])
+                    for fd in fds[1:]:
+                        os.close(fd)
+                if held or not worker.listener_count("message"):
+                    held.append((message, handle))
+                    self._flush_held()
+                    continue
+                try:
+                    emit("message", message, handle)
+                except SystemExit as exc:
+                    self.exit(_proc.exit_code(exc))
+        return i
 
     def _flush_held(self) -> None:
         worker = self.worker
@@ -216,15 +239,20 @@ class Child:
         """Runs when the script's top level ends: wait while there is something to serve."""
         with self._idle:
             while not self._main_raised and not self._gone and (
-                    self.servers or self.worker.listener_count("message")):
+                    self.servers or self.worker.listener_count("message") or self._leaving):
                 self._idle.wait(0.5)
 
 
 def bootstrap() -> Child:
     """Set up this process as worker PREFORK_WORKER_ID; clear the variables so children aren't."""
     env = os.environ
-    wid = int(env.pop("PREFORK_WORKER_ID"))
-    fd = int(env.pop("PREFORK_CHANNEL_FD"))
+    try:
+        wid = int(env.pop("PREFORK_WORKER_ID"))
+        fd = int(env.pop("PREFORK_CHANNEL_FD"))
+        os.fstat(fd)
+    except (KeyError, ValueError, OSError) as exc:
+        raise RuntimeError("PREFORK_WORKER_ID is set, so this process is a prefork worker, but it has no "
+                           f"channel to a primary ({exc!r}); only a primary's fork() starts one") from None
     ppid = int(env.pop("PREFORK_PRIMARY_PID", "0"))
     serialization = env.pop("PREFORK_SERIALIZATION", "json")
     _proc.set_parent_death_signal(signal.SIGTERM)

@@ -85,6 +85,10 @@ class Servers:
             if self.by_key.get(handle.key) is handle:
                 del self.by_key[handle.key]
 
+    def stop_accepting(self) -> None:
+        for handle in list(self.by_id.values()):
+            handle.stop_accepting()
+
     def close_unused(self) -> None:
         for handle in list(self.by_id.values()):
             self._close_if_unused(handle)

@@ -16,7 +16,8 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _proc
-from .channel import KIND_INTERNAL, Channel, ChannelClosed, ProtocolError, decode
+from .channel import KIND_INTERNAL, Channel, ChannelClosed, ProtocolError
+from .channel import SPIN as _SPIN
 from .events import EventEmitter
 from .loop import Loop
 from .settings import Settings
@@ -176,30 +177,52 @@ class Primary:
             self.loop.remove_writer(channel.fileno()) if channel and not channel.closed else None
 
     def _on_readable(self, worker: Worker) -> None:
+        """Read and dispatch what the worker sent.
+
+        When a message handler answered with a user message, keep polling this channel for up to
+        channel.SPIN seconds (1 ms in all) before going back to the loop: the worker's reply then
+        comes without a wake-up, which on a VM costs more than the round trip itself.
+        """
         channel = worker._channel
-        try:
-            frames = channel.read()
-        except ChannelClosed:
-            self._channel_closed(worker)
-            return
-        except ProtocolError as exc:
-            self._channel_failed(worker, exc)
-            return
-        for kind, payload, fds in frames:
+        read = channel.read_messages
+        on_message = self._on_message
+        give_up = 0.0
+        while True:
             try:
-                message = decode(kind, payload)
+                batch = read()
+            except ChannelClosed:
+                self._channel_closed(worker)
+                return
             except ProtocolError as exc:
-                _close_fds(fds)
                 self._channel_failed(worker, exc)
                 return
-            if kind == KIND_INTERNAL:
-                self._on_internal(worker, message, fds)
-            else:
-                self._on_message(worker, message, fds)
+            for kind, message, fds in batch:
+                if kind == KIND_INTERNAL:
+                    self._on_internal(worker, message, fds)
+                else:
+                    on_message(worker, message, fds)
+            if channel._error is not None:  # garbage after the good frames
+                self._channel_failed(worker, channel._error)
+                return
+            if not _SPIN or channel.closed or self.loop._calls:
+                return
+            if channel._out and not channel._blocked:
+                channel.flush()  # what the handlers queued goes out before we wait for the answer
+            now = time.monotonic()
+            if now >= channel._sent_user + _SPIN:
+                return
+            if not give_up:
+                give_up = now + 20 * _SPIN
+            elif now >= give_up:
+                return
+            if not batch:
+                os.sched_yield()  # only idle time goes into the spin
 
     def _on_message(self, worker: Worker, message: Any, fds: list[int]) -> None:
-        handle = socket.socket(fileno=fds[0]) if fds else None
-        _close_fds(fds[1:])
+        handle = None
+        if fds:
+            handle = socket.socket(fileno=fds[0])
+            _close_fds(fds[1:])
         worker.emit("message", message, handle)
         self.cluster.emit("message", worker, message, handle)
 
@@ -289,9 +312,9 @@ class Primary:
         channel = worker._channel
         while channel is not None and not worker._disconnect_emitted:
             try:
-                before = len(channel._buf)
+                before = channel.bytes_read
                 self._on_readable(worker)
-                if not worker._disconnect_emitted and len(channel._buf) == before:
+                if not worker._disconnect_emitted and channel.bytes_read == before:
                     self._channel_closed(worker)  # nothing more to read: a grandchild holds the fd
             except OSError:
                 self._channel_closed(worker)
@@ -316,6 +339,7 @@ class Primary:
         worker._channel.send_internal({"t": "disconnect"})
 
     def _disconnect_all(self, callback: Callable[[], Any] | None) -> None:
+        self.servers.stop_accepting()
         pending = [w for w in self.workers.values()]
         for worker in pending:
             self._disconnect_one(worker)

@@ -173,6 +173,23 @@ class Listener:
             callback()
         self._drained.set()
 
+    def take_pending(self) -> list[tuple[socket.socket, Any]]:
+        """Every connection already waiting for this worker, taken at once (non-blocking).
+
+        A draining server serves these before it closes the listener: when the whole cluster
+        stops, no other worker could take them, and closing would reset them.
+        """
+        taken = []
+        while not self._closed:
+            try:
+                conn = self._try_accept()
+            except OSError:
+                break
+            if conn is None:
+                break
+            taken.append(conn)
+        return taken
+
     def drain(self) -> None:
         """Stop taking new connections and let what is being served finish (the owner's way)."""
         if self.drainer is not None:

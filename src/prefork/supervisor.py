@@ -353,6 +353,8 @@ class Supervisor:
         if self.stopping and graceful:
             return
         self.stopping = True
+        if graceful:
+            self._primary.servers.stop_accepting()
         for slot in self.slots:
             if slot.timer is not None:
                 slot.timer.cancel()

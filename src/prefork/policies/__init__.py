@@ -8,12 +8,16 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from .base import Handle
 
 
 def make_handle(policy: str, servers: Any, hid: int, family: int, addr: Any, backlog: int) -> Handle:
+    asked = policy
+    if policy == "reuseport" and family == socket.AF_UNIX:
+        policy = "none"  # SO_REUSEPORT means nothing for unix sockets: all workers share one
     if policy == "rr":
         from .round_robin import RoundRobinHandle as cls
     elif policy == "least_conn":
@@ -24,4 +28,6 @@ def make_handle(policy: str, servers: Any, hid: int, family: int, addr: Any, bac
         from .reuseport import ReusePortHandle as cls
     else:
         raise ValueError(f"unknown scheduling policy {policy!r}")
-    return cls(servers, hid, family, addr, backlog)
+    handle = cls(servers, hid, family, addr, backlog)
+    handle.key = (*handle.key[:2], asked)  # the registry keys it by the policy the worker asked for
+    return handle

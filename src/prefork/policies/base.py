@@ -47,6 +47,9 @@ class Handle:
     def finished(self, worker: Any, count: int) -> None:
         """The worker closed `count` connections (for load-aware policies)."""
 
+    def stop_accepting(self) -> None:
+        """The cluster is stopping: stop taking new connections, keep serving the taken ones."""
+
     def close(self) -> None:
         self.closed = True
 

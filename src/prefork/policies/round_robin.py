@@ -90,8 +90,30 @@ class RoundRobinHandle(Handle):
 
     # -- accepting and handing over --------------------------------------------------------------
 
+    def stop_accepting(self) -> None:
+        """The cluster stops: take what the backlog holds, then stop listening (new connects are
+        refused, not reset); what was taken is handed over and served by the draining workers."""
+        if self.closed or self.sock.fileno() < 0:
+            return
+        self._pause_accepting()
+        batches: dict[Any, list[int]] = {}
+        while True:
+            try:
+                fd, _addr = self._accept()
+            except OSError:
+                break
+            worker = self.pick() or (self.order[0] if self.order else None)
+            if worker is None:
+                self.pending.append(fd)
+                continue
+            batches.setdefault(worker, []).append(fd)
+            self.inflight[worker.id].append(fd)
+        for worker, fds in batches.items():
+            self._send(worker, fds)
+        self.sock.close()
+
     def _resume(self) -> None:
-        if not self.reading and not self.closed and self.order:
+        if not self.reading and not self.closed and self.order and self.sock.fileno() >= 0:
             self.reading = True
             self.loop.add_reader(self.sock.fileno(), self._on_readable)
 
