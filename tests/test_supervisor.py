@@ -23,8 +23,8 @@ import prefork as cluster
 from http.server import BaseHTTPRequestHandler
 
 if cluster.is_primary:
-    sup = cluster.supervise(int(os.environ.get("N", "2")), timeout=float(os.environ.get("TIMEOUT", "0")) or None,
-                            graceful_timeout=5)
+    timeout = float(os.environ.get("TIMEOUT", "0")) or None
+    sup = cluster.supervise(int(os.environ.get("N", "2")), timeout=timeout, graceful_timeout=5)
     @cluster.on("listening")
     def up(worker, address):
         print(f"listening {worker.id} {worker.process.pid} {address.port}", flush=True)

@@ -88,6 +88,7 @@ class Server:
         if self._serving or self._closed:
             return
         self._serving = True
+        _answer_heartbeats_from(self._loop)
         for listener in self._listeners:
             fd = listener.fileno()
             self._fds[listener] = fd
@@ -164,6 +165,7 @@ class Server:
             self._adopt(listener, conn)
 
     def _adopt(self, listener: Any, conn: socket.socket) -> None:
+        _stats["connections"] += 1
         sock = _ConnSocket(conn.family, conn.type, conn.proto, fileno=conn.detach())
         sock._on_close = lambda listener=listener, sock=sock: self._conn_closed(listener, sock)
         self._active += 1
@@ -241,6 +243,26 @@ class Server:
             if deadline is not None and time.monotonic() >= deadline:
                 return False
         return True
+
+
+def _answer_heartbeats_from(loop: asyncio.AbstractEventLoop) -> None:
+    """The primary's heartbeat is answered by this loop: a loop stuck in a callback stays silent
+    and the supervisor replaces the worker (answering from the channel thread would hide it)."""
+    import prefork
+
+    child = prefork._child
+    if child is not None:
+        child.heartbeat_responder = lambda pong: loop.call_soon_threadsafe(pong)
+
+
+def _worker_stats() -> dict[str, int]:
+    import prefork
+
+    child = prefork._child
+    return child.stats if child is not None else {"connections": 0, "requests": 0, "in_flight": 0}
+
+
+_stats = _worker_stats()
 
 
 def _hosts(host: Any) -> list[Any]:

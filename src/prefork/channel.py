@@ -410,6 +410,7 @@ class Channel:
             raise ChannelClosed("peer closed the channel")
         self._end = end + n
         self.bytes_read += n
+        self._last_write = 0.0  # a send that answers what came is no burst: it goes out at once
         return True
 
     def _take_fds(self, anc: list[tuple[int, int, bytes]]) -> None:

@@ -169,9 +169,10 @@ class Child:
 
     def _drain_and_leave(self) -> None:
         """Close every server, let them finish what they serve, then close the channel."""
-        for server in list(self.servers):
+        servers = list(self.servers)  # a drained server unregisters itself: keep them all to wait on
+        for server in servers:
             server.drain()
-        for server in list(self.servers):
+        for server in servers:
             server.wait_drained()
         self.channel.shutdown()  # the reader thread sees EOF and emits `disconnect`
 

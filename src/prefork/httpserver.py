@@ -63,7 +63,13 @@ class _DrainAware:
         if not data:
             self.close_connection = True
             return
-        super().handle_one_request()  # type: ignore[misc]
+        stats = server._stats
+        stats["in_flight"] += 1
+        try:
+            super().handle_one_request()  # type: ignore[misc]
+        finally:
+            stats["in_flight"] -= 1
+            stats["requests"] += 1
         conn.served += 1
         if server._draining:
             self.close_connection = True  # answer this one, then close: the worker is leaving
@@ -101,6 +107,9 @@ class _PreforkServerMixin:
         self._conns: dict[int, _Conn] = {}  # id(request socket) -> state
         self._all_done = threading.Condition(self._conn_lock)
         self._report = False
+        self._stats = {"connections": 0, "requests": 0, "in_flight": 0}
+        self._pongs: list[Any] = []
+        self._in_serve_forever = False
         if bind_and_activate:
             try:
                 self.server_bind()
@@ -123,6 +132,10 @@ class _PreforkServerMixin:
         listener.drainer = self.drain
         listener.wait_drained = self.wait_drained  # the listener is drained when our requests are
         self._report = listener.hid is not None and prefork.scheduling_policy == prefork.SCHED_LEAST_CONN
+        child = prefork._child
+        self._stats = child.stats if child is not None else dict(self._stats)
+        if child is not None:
+            child.heartbeat_responder = self._answer_heartbeat
         self.socket = listener
         self.server_address = listener.getsockname()
         if isinstance(self.server_address, tuple):
@@ -132,6 +145,19 @@ class _PreforkServerMixin:
         else:
             self.server_name = self.server_address
             self.server_port = None
+
+    def _answer_heartbeat(self, pong: Any) -> None:
+        """Answered from serve_forever()'s loop (service_actions), so a stuck loop stays silent;
+        outside serve_forever() (handle_request() users) the channel's thread answers."""
+        if self._in_serve_forever:
+            self._pongs.append(pong)
+        else:
+            pong()
+
+    def service_actions(self) -> None:
+        super().service_actions()  # type: ignore[misc]
+        while self._pongs:
+            self._pongs.pop()()
 
     def server_activate(self) -> None:
         """listen() has already made the socket listen."""
@@ -160,6 +186,7 @@ class _PreforkServerMixin:
         return conn
 
     def _track(self, conn: Any) -> None:
+        self._stats["connections"] += 1
         state = _Conn(conn)
         state.idle = self._tracks_idle  # a handler we could not wrap is never treated as idle
         with self._conn_lock:
@@ -188,7 +215,12 @@ class _PreforkServerMixin:
         """As socketserver's; on the worker's disconnect it returns once the requests in flight are
         answered (at once if there are none), so the script can end without cutting them off."""
         if not self._draining:
-            super().serve_forever(poll_interval)  # type: ignore[misc]
+            self._in_serve_forever = True
+            try:
+                super().serve_forever(poll_interval)  # type: ignore[misc]
+            finally:
+                self._in_serve_forever = False
+                self.service_actions()
         if self._draining:
             self.wait_drained()
 

@@ -142,8 +142,7 @@ class Primary:
         loop = self.loop
         assert loop is not None and worker._channel is not None
         channel = worker._channel
-        channel.on_backlog = lambda: loop.call_soon(loop.add_writer, channel.fileno(),
-                                                    lambda: self._on_writable(worker))
+        channel.on_backlog = lambda: loop.call_soon(self._flush_soon, worker)
         loop.add_reader(channel.fileno(), lambda: self._on_readable(worker))
         if self._pidfd_ok:
             try:
@@ -170,6 +169,12 @@ class Primary:
             self._start_polling()
 
     # -- the channel -----------------------------------------------------------------------------
+
+    def _flush_soon(self, worker: Worker) -> None:
+        """Write what the channel queued (a burst, or what did not fit); wait for writable if needed."""
+        channel = worker._channel
+        if channel is not None and not channel.closed and not channel.flush() and not channel.closed:
+            self.loop.add_writer(channel.fileno(), lambda: self._on_writable(worker))
 
     def _on_writable(self, worker: Worker) -> None:
         channel = worker._channel

@@ -1,0 +1,291 @@
+"""IPC bench: prefork's primary<->worker channel against Node's cluster IPC, side by side.
+
+    python bench/ipc.py [--runs 3] [--seconds 2] [--serialization json|pickle] [--only prefork|node]
+
+Both sides do the same thing (see bench/node/ipc.js): the primary forks one worker, then
+- rtt_small / rtt_64k: round trips with one message in flight; the worker echoes, and the primary's
+  next send happens inside its 'message' callback;
+- stream_small / stream_64k: the primary sends as fast as it can (at most two batches unwritten,
+  tracked with the send callback), the worker counts, and the clock stops when the worker replies
+  with its count.
+The small message is {"type":"ping","n":123,"s":"hello"}, the big one carries a 64 KiB string.
+Runs alternate node/prefork; the table shows medians and the prefork/node ratio, then one JSON line.
+`--serialization pickle` compares with Node's "advanced" serialization.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+NODE = os.environ.get("NODE", "node")
+CTL = "__ctl"
+METRICS = ("rtt_small", "rtt_64k", "stream_small", "stream_64k")
+SIDE_FLAG = "--prefork-side"
+
+
+# -- the prefork side: this same file, run as a primary (and by its worker) ----------------------
+
+def prefork_worker() -> None:
+    import prefork as cluster
+
+    me = cluster.worker
+    send = me.send
+    state = {"mode": "echo", "count": 0}
+
+    def on_message(m: Any, handle: Any) -> None:
+        if m["type"] == CTL:
+            op = m["op"]
+            if op in ("echo", "count"):
+                state["mode"], state["count"] = op, 0
+                send({"type": CTL, "op": "ack"})
+            elif op == "end":
+                send({"type": CTL, "op": "count", "n": state["count"]})
+                state["count"] = 0
+            return
+        if state["mode"] == "echo":
+            send(m)
+        else:
+            state["count"] += 1
+
+    me.on("message", on_message)
+
+
+class Waiter:
+    """The primary's control messages, waited for from the main thread."""
+
+    def __init__(self, worker: Any) -> None:
+        self.worker = worker
+        self.cond = threading.Condition()
+        self.got: list[dict[str, Any]] = []
+        worker.on("message", self._on)
+
+    def _on(self, m: Any, handle: Any) -> None:
+        if m["type"] == CTL:
+            with self.cond:
+                self.got.append(m)
+                self.cond.notify_all()
+
+    def wait(self, op: str, timeout: float = 60.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for i, m in enumerate(self.got):
+                    if m["op"] == op:
+                        return self.got.pop(i)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no {op!r} from the worker")
+                self.cond.wait(left)
+
+    def set_mode(self, op: str) -> None:
+        self.worker.send({"type": CTL, "op": op})
+        self.wait("ack")
+
+
+def rtt(waiter: Waiter, msg: Any, seconds: float) -> float:
+    worker = waiter.worker
+    waiter.set_mode("echo")
+    done = threading.Event()
+    box = [0, 0.0, 0.0]
+    send = worker.send
+    now = time.monotonic
+
+    def on(m: Any, handle: Any) -> None:
+        if m["type"] == CTL:
+            return
+        box[0] += 1
+        t = now()
+        if t >= box[2]:
+            worker.off("message", on)
+            box[1] = box[0] / (t - t0)
+            done.set()
+        else:
+            send(msg)
+
+    t0 = now()
+    box[2] = t0 + seconds
+    worker.on("message", on)
+    send(msg)
+    if not done.wait(seconds + 60):
+        raise TimeoutError("round trips stalled")
+    return box[1]
+
+
+def stream(waiter: Waiter, msg: Any, seconds: float, batch: int) -> float:
+    """As Node's: sends go out from the loop thread (prefork's callbacks run there, as Node's do on
+    its event loop), at most two batches unwritten; the callback of a batch's last send moves on."""
+    worker = waiter.worker
+    send = worker.send
+    now = time.monotonic
+    st = {"outstanding": 0, "sent": 0, "pumping": False, "deadline": 0.0}
+    finished = threading.Event()
+
+    def on_written() -> None:
+        st["outstanding"] -= 1
+        if not st["pumping"]:
+            pump()
+
+    def pump() -> None:
+        st["pumping"] = True
+        try:
+            while st["outstanding"] < 2 and now() < st["deadline"]:
+                for _ in range(batch - 1):
+                    send(msg)
+                st["outstanding"] += 1
+                st["sent"] += batch
+                send(msg, callback=on_written)
+        finally:
+            st["pumping"] = False
+        if st["outstanding"] == 0 and now() >= st["deadline"]:
+            finished.set()
+
+    def start(m: Any, handle: Any) -> None:  # the worker's ack: we are on the loop thread
+        if m["type"] == CTL and m["op"] == "ack":
+            worker.off("message", start)
+            st["deadline"] = now() + seconds
+            pump()
+
+    t0 = now()
+    worker.on("message", start)
+    worker.send({"type": CTL, "op": "count"})
+    waiter.wait("ack")
+    if not finished.wait(seconds + 60):
+        raise TimeoutError("stream stalled")
+    worker.send({"type": CTL, "op": "end"})
+    n = waiter.wait("count")["n"]
+    elapsed = now() - t0
+    if n != st["sent"]:
+        raise RuntimeError(f"worker counted {n} messages, primary sent {st['sent']}")
+    return n / elapsed
+
+
+def stream_from_thread(waiter: Waiter, msg: Any, seconds: float, batch: int) -> float:
+    """The same, but sent from the main thread while the loop thread flushes (the GIL is shared)."""
+    worker = waiter.worker
+    waiter.set_mode("count")
+    send = worker.send
+    now = time.monotonic
+    t0 = now()
+    deadline = t0 + seconds
+    sent = 0
+    prev: threading.Event | None = None
+    while now() < deadline:
+        for _ in range(batch - 1):
+            send(msg)
+        done = threading.Event()
+        send(msg, callback=done.set)
+        sent += batch
+        if prev is not None:
+            prev.wait()
+        prev = done
+    if prev is not None:
+        prev.wait()
+    worker.send({"type": CTL, "op": "end"})
+    n = waiter.wait("count")["n"]
+    elapsed = now() - t0
+    if n != sent:
+        raise RuntimeError(f"worker counted {n} messages, primary sent {sent}")
+    return n / elapsed
+
+
+def prefork_primary(seconds: float, warmup: float, serialization: str) -> None:
+    import prefork as cluster
+
+    cluster.setup_primary(serialization=serialization)
+    worker = cluster.fork()
+    online = threading.Event()
+    worker.once("online", lambda: online.set())
+    if not online.wait(30):
+        raise TimeoutError("worker not online")
+    waiter = Waiter(worker)
+    small = {"type": "ping", "n": 123, "s": "hello"}
+    big = {"type": "ping", "n": 123, "s": "x" * (64 * 1024)}
+
+    def measure(fn: Any, msg: Any, *extra: Any) -> float:
+        if warmup > 0:
+            fn(waiter, msg, warmup, *extra)
+        return fn(waiter, msg, seconds, *extra)
+
+    result = {
+        "rtt_small": measure(rtt, small),
+        "rtt_64k": measure(rtt, big),
+        "stream_small": measure(stream, small, 256),
+        "stream_64k": measure(stream, big, 16),
+        "stream_small_main_thread": measure(stream_from_thread, small, 256),
+    }
+    print(json.dumps({k: round(v, 1) for k, v in result.items()}), flush=True)
+    worker.kill()
+
+
+def prefork_side(argv: list[str]) -> None:
+    import prefork as cluster
+
+    if cluster.is_worker:
+        prefork_worker()
+        return
+    seconds = float(argv[0]) if argv else 2.0
+    warmup = float(os.environ.get("IPC_WARMUP", "0.2"))
+    prefork_primary(seconds, warmup, os.environ.get("IPC_SERIALIZATION", "json"))
+
+
+# -- the driver ---------------------------------------------------------------------------------
+
+def run_side(side: str, seconds: float, serialization: str) -> dict[str, float]:
+    sys.path.insert(0, str(HERE))
+    from _harness import start_process, stop_process
+
+    if side == "node":
+        argv = [NODE, str(HERE / "node" / "ipc.js"), str(seconds)]
+        env = {"IPC_SERIALIZATION": "advanced" if serialization == "pickle" else "json"}
+    else:
+        argv = [sys.executable, str(Path(__file__).resolve()), SIDE_FLAG, str(seconds)]
+        env = {"IPC_SERIALIZATION": serialization}
+    p = start_process(argv, env=env, ready_line=None)
+    try:
+        line = p.next_line(timeout=seconds * 8 + 60)
+    finally:
+        stop_process(p, timeout=5)
+    return {k: float(v) for k, v in json.loads(line).items()}
+
+
+def main() -> None:
+    sys.path.insert(0, str(HERE))
+    from _harness import median, print_table
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--serialization", choices=("json", "pickle"), default="json")
+    ap.add_argument("--only", choices=("prefork", "node"), default=None, help="run one side only")
+    args = ap.parse_args()
+
+    sides = [args.only] if args.only else ["node", "prefork"]
+    runs: dict[str, list[dict[str, float]]] = {s: [] for s in sides}
+    for i in range(args.runs):
+        for side in sides if i % 2 == 0 else reversed(sides):
+            r = run_side(side, args.seconds, args.serialization)
+            runs[side].append(r)
+            print(f"# run {i + 1} {side}: {json.dumps(r)}", file=sys.stderr, flush=True)
+    med = {s: {k: median([r[k] for r in rs]) for k in METRICS} for s, rs in runs.items()}
+    rows = [{"metric": k, **{s: med[s][k] for s in sides}} for k in METRICS]
+    print_table(rows, ["metric", *sides])
+    out: dict[str, Any] = {"runs": args.runs, "seconds": args.seconds, "serialization": args.serialization}
+    out.update({s: med[s] for s in sides})
+    if "node" in med and "prefork" in med:
+        out["ratio"] = {k: round(med["prefork"][k] / med["node"][k], 3) for k in METRICS if med["node"][k]}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    if SIDE_FLAG in sys.argv:
+        prefork_side(sys.argv[sys.argv.index(SIDE_FLAG) + 1:])
+    else:
+        main()

@@ -1,0 +1,105 @@
+"""The argument parser: built from the option table in config.py, with one-line usage errors."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, NoReturn
+
+import prefork
+
+from .config import OPTIONS, UsageError
+
+DESCRIPTION = "prefork: the Node.js cluster model for Python (a primary, N workers, shared ports)."
+EPILOG = """examples:
+  prefork serve myapp.main:app --workers 4 --bind 0.0.0.0:8000
+  prefork run --workers 2 server.py --port 8080
+  prefork ctl status --watch
+signals to the primary: HUP rolling reload, TERM/INT graceful stop, TTIN/TTOU one worker more/fewer."""
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage errors as one line (and exit code 2), not argparse's usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _add_options(parser: argparse.ArgumentParser, command: str) -> None:
+    for option in OPTIONS:
+        if command not in option.commands or option.name == "app":
+            continue
+        flag = "--" + option.name.replace("_", "-")
+        default = option.default
+        shown = "" if default in (None, "", False) else f" (default: {default if not option.repeat else ''})"
+        shown = shown.replace(" (default: )", "")
+        kw: dict[str, Any] = {"dest": option.name, "help": option.help + shown, "default": argparse.SUPPRESS}
+        if option.flag:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif option.repeat:
+            parser.add_argument(flag, action="append", metavar=option.metavar, **kw)
+        else:
+            parser.add_argument(flag, metavar=option.metavar or "VALUE", **kw)
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="read options from FILE (TOML; [tool.prefork] table or top level); "
+                             "default: [tool.prefork] in ./pyproject.toml. Flags win, then PREFORK_* "
+                             "variables")
+
+
+def build() -> Parser:
+    parser = Parser(prog="prefork", description=DESCRIPTION, epilog=EPILOG,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"prefork {prefork.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+
+    serve = sub.add_parser("serve", help="serve an ASGI or WSGI app in N workers",
+                           description="Serve MODULE:APP (ASGI or WSGI) in N workers sharing the listening "
+                                       "sockets. Needs the serve extra: pip install 'prefork[serve]'.")
+    serve.add_argument("app", nargs="?", metavar="MODULE:APP", help="e.g. myproject.main:app")
+    _add_options(serve, "serve")
+
+    run = sub.add_parser("run", help="run a Python script in N workers, this command being the primary",
+                         description="Run SCRIPT in N workers; the command itself is the primary, so "
+                                     "a script that listens with prefork.listen or prefork.HTTPServer gets "
+                                     "supervision, reload and control (as PM2's -i).")
+    _add_options(run, "run")
+    run.add_argument("script", metavar="SCRIPT", help="the Python script each worker runs")
+    run.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="arguments for the script")
+
+    ctl = sub.add_parser("ctl", help="control a running primary: status, reload, scale N, stop",
+                         description="Talk to a running primary through its control socket.")
+    ctl.add_argument("--control", metavar="PATH", default=None,
+                     help="control socket (default: the per-user default of serve/run)")
+    ctl.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                     help="how long to wait for the primary's answer")
+    actions = ctl.add_subparsers(dest="action", metavar="ACTION", parser_class=Parser)
+    status = actions.add_parser("status", help="a table of the workers")
+    status.add_argument("--json", action="store_true", help="print JSON for machines")
+    status.add_argument("--watch", action="store_true", help="refresh the table live (Ctrl-C to quit)")
+    status.add_argument("--interval", type=float, default=1.0, metavar="SECONDS", help="refresh period")
+    status.add_argument("--count", type=int, default=0, metavar="N", help="with --watch: stop after N "
+                                                                          "refreshes (0: never)")
+    actions.add_parser("reload", help="rolling reload with no dropped connection")
+    scale = actions.add_parser("scale", help="change the number of workers")
+    scale.add_argument("n", metavar="N", help="the new number of workers (or +K / -K)")
+    actions.add_parser("stop", help="stop gracefully")
+    return parser
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = build()
+    if not argv:
+        parser.print_help(sys.stderr)
+        raise UsageError("a command is needed: serve, run or ctl")
+    ns = parser.parse_args(argv)
+    if ns.command is None:
+        raise UsageError("a command is needed: serve, run or ctl (see 'prefork --help')")
+    if ns.command == "ctl" and ns.action is None:
+        raise UsageError("ctl needs an action: status, reload, scale N or stop (see 'prefork ctl --help')")
+    return ns
+
+
+def flags_of(ns: argparse.Namespace, command: str) -> dict[str, Any]:
+    """The options the user gave on the command line (absent ones fall back to env, file, defaults)."""
+    return {o.name: getattr(ns, o.name) for o in OPTIONS
+            if command in o.commands and o.name != "app" and hasattr(ns, o.name)}

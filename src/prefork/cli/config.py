@@ -1,0 +1,312 @@
+"""Options of `prefork serve` and `prefork run`: one table, read from flags, PREFORK_* variables and a
+config file ([tool.prefork] in ./pyproject.toml, or --config FILE), in that order of precedence.
+
+Every value goes through the same converter wherever it comes from, so a bad value gets the same
+one-line message naming where it came from ("--workers", "PREFORK_WORKERS", "pyproject.toml").
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+class UsageError(Exception):
+    """Bad input from the user: one line, exit code 2."""
+
+
+POLICIES = ("rr", "none", "reuseport", "least_conn")
+INTERFACES = ("auto", "asgi", "asgi3", "asgi2", "wsgi")
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+READY = ("listening", "online", "message")
+
+
+# -- converters: value (str from flags/env, or a TOML value) -> checked value ---------------------
+
+
+def to_workers(value: Any) -> int:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return os.cpu_count() or 1
+    n = _int(value)
+    if n is None or n < 1:
+        raise ValueError(f"expected a whole number of workers (1 or more) or 'auto', not {value!r}")
+    return n
+
+
+def _int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+        return int(value)
+    return None
+
+
+def to_count(value: Any) -> int:
+    n = _int(value)
+    if n is None or n < 0:
+        raise ValueError(f"expected a whole number (0 or more), not {value!r}")
+    return n
+
+
+def to_positive(value: Any) -> int:
+    n = _int(value)
+    if n is None or n < 1:
+        raise ValueError(f"expected a whole number (1 or more), not {value!r}")
+    return n
+
+
+def to_seconds(value: Any) -> float:
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected a number of seconds, not {value!r}") from None
+    if seconds < 0 or seconds != seconds:
+        raise ValueError(f"expected a number of seconds (0 or more), not {value!r}")
+    return seconds
+
+
+def to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true or false, not {value!r}")
+
+
+_SIZE = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
+         "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
+
+
+def to_size(value: Any) -> int:
+    """Bytes from 1048576, '512M', '1.5G' (binary units, as `ps` and `top` show memory)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _SIZE or float(m.group(1)) <= 0:
+        raise ValueError(f"expected a size such as 512M or 2G, not {value!r}")
+    return int(float(m.group(1)) * _SIZE[m.group(2).lower()])
+
+
+def choice(options: tuple[str, ...]) -> Callable[[Any], str]:
+    def convert(value: Any) -> str:
+        text = str(value).strip().lower()
+        if text not in options:
+            raise ValueError(f"expected one of {', '.join(options)}, not {value!r}")
+        return text
+    return convert
+
+
+def to_str(value: Any) -> str:
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        raise ValueError(f"expected text, not {value!r}")
+    return str(value)
+
+
+def parse_bind(text: Any) -> list[Any]:
+    """HOST:PORT, [IPv6]:PORT, :PORT (every interface), PORT (127.0.0.1) or unix:PATH.
+
+    Returns ["tcp", host, port] or ["unix", path] (JSON-friendly for the workers).
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"expected HOST:PORT or unix:PATH, not {text!r}")
+    text = text.strip()
+    if text.startswith("unix:"):
+        path = text[5:]
+        if not path:
+            raise ValueError(f"{text!r}: unix: needs a path, e.g. unix:/run/app.sock")
+        return ["unix", os.path.abspath(path)]
+    if text.isdigit():
+        host, port_text = "127.0.0.1", text
+    elif text.startswith("["):
+        m = re.fullmatch(r"\[([0-9a-fA-F:.%\w]+)\]:(\d+)", text)
+        if not m:
+            raise ValueError(f"{text!r}: expected [IPv6]:PORT, e.g. [::1]:8000")
+        host, port_text = m.group(1), m.group(2)
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not port_text.isdigit() or ":" in host:
+            raise ValueError(f"{text!r}: expected HOST:PORT (e.g. 127.0.0.1:8000, 0.0.0.0:80) or unix:PATH")
+        host = host or "0.0.0.0"
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{text!r}: port {port} is out of range (0-65535)")
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICSERV)
+    except socket.gaierror:
+        raise ValueError(f"{text!r}: unknown host {host!r}") from None
+    return ["tcp", host, port]
+
+
+def to_binds(value: Any) -> list[list[Any]]:
+    items = value if isinstance(value, list) else [v for v in re.split(r"[,\s]+", str(value)) if v]
+    if not items:
+        raise ValueError("expected at least one HOST:PORT or unix:PATH")
+    return [parse_bind(item) for item in items]
+
+
+def show_bind(bind: list[Any], tls: bool = False) -> str:
+    if bind[0] == "unix":
+        return f"unix:{bind[1]}"
+    host = f"[{bind[1]}]" if ":" in bind[1] else bind[1]
+    return f"{'https' if tls else 'http'}://{host}:{bind[2]}"
+
+
+# -- the table -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # python name; flag is --name-with-dashes, variable PREFORK_NAME
+    convert: Callable[[Any], Any]
+    default: Any
+    help: str
+    commands: tuple[str, ...] = ("serve", "run")
+    metavar: str | None = None
+    flag: bool = False  # a switch (--x / --no-x)
+    repeat: bool = False  # --bind may be given several times
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("workers", to_workers, "auto", "number of worker processes, or 'auto' for one per core",
+           metavar="N|auto"),
+    Option("bind", to_binds, ["127.0.0.1:8000"], "address to serve, HOST:PORT or unix:PATH; repeat for more "
+           "(default 127.0.0.1:8000)", ("serve",), "ADDRESS", repeat=True),
+    Option("policy", choice(POLICIES), None, "how connections are spread over the workers: reuseport (one "
+           "kernel-balanced socket per worker; serve's default), rr (the primary hands them out; run's "
+           "default, as Node's), least_conn, none (one shared socket)",
+           metavar="|".join(POLICIES)),
+    Option("interface", choice(INTERFACES), "auto", "the app's interface (detected by default)", ("serve",),
+           "auto|asgi|wsgi"),
+    Option("factory", to_bool, False, "APP is a function returning the app", ("serve",), flag=True),
+    Option("preload", to_bool, False, "import the app in the primary before starting workers (fails fast "
+           "on a broken app)", ("serve",), flag=True),
+    Option("timeout", to_seconds, 30.0, "kill and replace a worker that does not answer the primary's "
+           "heartbeat for this long (0: never)", metavar="SECONDS"),
+    Option("graceful_timeout", to_seconds, 30.0, "how long a stopping worker may finish its requests "
+           "before it is killed", metavar="SECONDS"),
+    Option("ready_timeout", to_seconds, 30.0, "how long a new worker may take to be ready",
+           metavar="SECONDS"),
+    Option("max_requests", to_count, 0, "replace a worker after it has served this many requests (0: never)",
+           metavar="N"),
+    Option("max_requests_jitter", to_count, 0, "add up to this many to --max-requests, per worker, so "
+           "workers are not all replaced at once", metavar="N"),
+    Option("max_memory", to_size, None, "replace a worker whose RSS grows beyond this (e.g. 512M)",
+           metavar="SIZE"),
+    Option("log_level", choice(LOG_LEVELS), "info", "critical, error, warning, info, debug (shows "
+           "tracebacks) or trace", metavar="LEVEL"),
+    Option("access_log", to_bool, False, "write one Common Log Format line per request to stdout",
+           ("serve",), flag=True),
+    Option("proxy_headers", to_bool, False, "trust X-Forwarded-For/-Proto from --forwarded-allow-ips",
+           ("serve",), flag=True),
+    Option("forwarded_allow_ips", to_str, "127.0.0.1", "comma-separated proxy addresses to trust ('*': "
+           "all)", ("serve",), "IPS"),
+    Option("root_path", to_str, "", "the ASGI root_path (the app is mounted below this URL path)",
+           ("serve",), "PATH"),
+    Option("certfile", to_str, None, "TLS certificate (PEM); serves HTTPS", ("serve",), "FILE"),
+    Option("keyfile", to_str, None, "TLS private key (PEM)", ("serve",), "FILE"),
+    Option("threads", to_positive, 8, "threads per worker for a WSGI app", ("serve",), "N"),
+    Option("keep_alive", to_positive, 5, "seconds an idle keep-alive connection stays open", ("serve",),
+           "SECONDS"),
+    Option("backlog", to_positive, None, "listen backlog", ("serve",), "N"),
+    Option("ready", choice(READY), "listening", "when a new worker counts as ready (for reloads): when "
+           "it listens, when it is online, or when it sends 'ready'", ("run",), "|".join(READY)),
+    Option("control", to_str, None, "control socket path (default: $XDG_RUNTIME_DIR/prefork/prefork.sock "
+           "or /tmp/prefork-UID/prefork.sock)", metavar="PATH"),
+    Option("app", to_str, None, "MODULE:APP (may come from the config file)", ("serve",)),
+)
+BY_NAME = {o.name: o for o in OPTIONS}
+
+
+def _convert(option: Option, value: Any, where: str) -> Any:
+    try:
+        return option.convert(value)
+    except ValueError as exc:
+        raise UsageError(f"{where}: {exc}") from None
+
+
+def read_config_file(path: str, explicit: bool) -> dict[str, Any]:
+    """The [tool.prefork] table of a pyproject.toml, or a whole prefork.toml (its top level or its
+    [tool.prefork] table); {} when the default pyproject.toml does not exist."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        try:
+            import tomli as tomllib  # type: ignore[no-redef]
+        except ImportError:
+            raise UsageError(f"config file {path}: reading TOML needs Python 3.11+ or `pip install tomli`") \
+                from None
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        if explicit:
+            raise UsageError(f"config file {path}: no such file") from None
+        return {}
+    except IsADirectoryError:
+        raise UsageError(f"config file {path}: is a folder, not a file") from None
+    except PermissionError:
+        raise UsageError(f"config file {path}: permission denied (cannot read it)") from None
+    except OSError as exc:
+        raise UsageError(f"config file {path}: cannot read it: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"config file {path}: invalid TOML: {exc}") from None
+    table = data.get("tool", {}).get("prefork")
+    if table is None:
+        is_pyproject = os.path.basename(path) == "pyproject.toml"
+        table = {} if is_pyproject else {k: v for k, v in data.items() if k != "tool"}
+    if not isinstance(table, dict):
+        raise UsageError(f"config file {path}: [tool.prefork] must be a table")
+    return table
+
+
+def resolve(command: str, flags: dict[str, Any], config_path: str | None,
+            environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """Defaults < config file < PREFORK_* variables < flags, each value checked."""
+    environ = os.environ if environ is None else environ
+    explicit = config_path is not None
+    path = config_path or environ.get("PREFORK_CONFIG") or "pyproject.toml"
+    if config_path is None and "PREFORK_CONFIG" in environ:
+        explicit = True
+    table = read_config_file(path, explicit)
+    out: dict[str, Any] = {}
+    for option in OPTIONS:
+        if command not in option.commands:
+            continue
+        default = option.default
+        out[option.name] = option.convert(default) if default is not None else None
+    where_file = os.path.basename(path) if not explicit else path
+    for key, value in table.items():
+        name = key.replace("-", "_")
+        option = BY_NAME.get(name)
+        if option is None or command not in option.commands:
+            if option is None:
+                raise UsageError(f"config file {path}: unknown setting {key!r}")
+            continue  # a setting for the other command
+        out[name] = _convert(option, value, f"{where_file} [tool.prefork] {key}")
+    for option in OPTIONS:
+        if command not in option.commands or option.name in ("app",):
+            continue
+        var = "PREFORK_" + option.name.upper()
+        if var in environ:
+            out[option.name] = _convert(option, environ[var], var)
+    for name, value in flags.items():
+        option = BY_NAME[name]
+        flag = "--" + name.replace("_", "-")
+        if option.repeat:
+            out[name] = [_convert(option, [v], flag)[0] for v in value]
+        else:
+            out[name] = value if isinstance(value, bool) else _convert(option, value, flag)
+    return out

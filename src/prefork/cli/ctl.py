@@ -1,0 +1,68 @@
+"""`prefork ctl`: status (table, --json, --watch), reload, scale N, stop, through the control socket."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+from prefork.control import ControlError, request
+
+from .config import UsageError
+from .output import status_table
+
+
+def ctl(ns: Any) -> int:
+    path, timeout = ns.control, ns.timeout
+    action = ns.action
+    if action == "status":
+        return _status(path, timeout, ns)
+    if action == "scale":
+        n = ns.n.strip()
+        if not (n.isdigit() or (n[:1] in "+-" and n[1:].isdigit())) or (n.isdigit() and int(n) < 1):
+            raise UsageError(f"scale: expected a number of workers (1 or more) or +K/-K, not {ns.n!r}")
+        message: dict[str, Any] = {"cmd": "scale", "n": int(n) if n.isdigit() else n}
+    else:
+        message = {"cmd": action}
+    reply = request(path, message, timeout)
+    if not reply.get("ok"):
+        raise ControlError(reply.get("error", "the primary refused"))
+    print(reply.get("message", "ok"))
+    return 0
+
+
+def _status(path: str | None, timeout: float, ns: Any) -> int:
+    def fetch() -> dict[str, Any]:
+        reply = request(path, {"cmd": "status"}, timeout)
+        if not reply.get("ok"):
+            raise ControlError(reply.get("error", "the primary refused"))
+        return reply["status"]
+
+    if not ns.watch:
+        status = fetch()
+        print(json.dumps(status, indent=2) if ns.json else status_table(status))
+        return 0
+    shown = 0
+    tty = sys.stdout.isatty()
+    try:
+        while True:
+            try:
+                status = fetch()
+            except ControlError as exc:
+                if shown:
+                    print(f"\nprimary gone: {exc}")
+                    return 0
+                raise
+            text = json.dumps(status) if ns.json else status_table(status)
+            if tty and not ns.json:
+                sys.stdout.write("\x1b[H\x1b[2J" + text + "\n")  # home + clear, as `watch` does
+            else:
+                sys.stdout.write(text + "\n\n")
+            sys.stdout.flush()
+            shown += 1
+            if ns.count and shown >= ns.count:
+                return 0
+            time.sleep(max(0.1, ns.interval))
+    except KeyboardInterrupt:
+        return 0

@@ -1,0 +1,25 @@
+"""`prefork run SCRIPT [ARGS]`: the command is the primary; each worker runs SCRIPT (via _boot)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import prefork
+
+from .config import UsageError
+from .supervised import run_supervised
+
+
+def run(opts: dict[str, Any], script: str, args: list[str]) -> int:
+    if not os.path.exists(script):
+        raise UsageError(f"no such script: {script}")
+    if not os.path.isfile(script):
+        raise UsageError(f"{script} is not a file")
+    if not os.access(script, os.R_OK):
+        raise UsageError(f"cannot read {script}: permission denied")
+    path = os.path.abspath(script)
+    prefork.setup_primary(module="prefork.cli._boot", args=[path, *args])
+    shown = " ".join([script, *args])
+    return run_supervised(opts, title=f"prefork {prefork.__version__} run", rows=[("script", shown)],
+                          ready=opts["ready"])

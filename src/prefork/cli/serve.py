@@ -1,0 +1,139 @@
+"""`prefork serve MODULE:APP`: check what can be checked in the primary, then start the pool.
+
+Each worker runs `python -m prefork.http.worker` with the options as JSON in PREFORK_SERVE.
+Problems a person can fix (a bad address, a port in use or privileged, a missing TLS file, an app
+that cannot be found) are found here or reported by the first worker, and end the command with
+one line and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import ssl
+import sys
+from typing import Any
+
+import prefork
+
+from . import output
+from .config import UsageError, show_bind
+from .supervised import run_supervised
+
+
+class CommandError(Exception):
+    """A runtime problem (not a usage one): one line, exit code 1."""
+
+
+def check_binds(binds: list[list[Any]]) -> None:
+    """Try each TCP address once in the primary, so 'in use' and 'privileged' read clearly."""
+    for bind in binds:
+        shown = show_bind(bind)
+        if bind[0] == "unix":
+            folder = os.path.dirname(bind[1])
+            if not os.path.isdir(folder):
+                raise CommandError(f"cannot bind {shown}: no such folder {folder}")
+            continue
+        host, port = bind[1], bind[2]
+        if port == 0:
+            continue
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        probe = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise CommandError(f"cannot bind {host}:{port}: address already in use "
+                                   "(another server is listening there)") from None
+            if exc.errno == errno.EACCES:
+                raise CommandError(f"cannot bind {host}:{port}: permission denied (ports below 1024 are "
+                                   "privileged: use a port >= 1024, or grant CAP_NET_BIND_SERVICE)") \
+                    from None
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise CommandError(f"cannot bind {host}:{port}: {host} is not an address of this "
+                                   "machine") from None
+            raise CommandError(f"cannot bind {host}:{port}: {exc.strerror}") from None
+        finally:
+            probe.close()
+
+
+def check_tls(opts: dict[str, Any]) -> None:
+    certfile, keyfile = opts.get("certfile"), opts.get("keyfile")
+    if keyfile and not certfile:
+        raise UsageError("--keyfile needs --certfile")
+    if not certfile:
+        return
+    for flag, path in (("--certfile", certfile), ("--keyfile", keyfile)):
+        if path and not os.path.isfile(path):
+            raise CommandError(f"{flag} {path}: no such file")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
+    except (ssl.SSLError, OSError) as exc:
+        raise CommandError(f"cannot load the TLS certificate/key ({certfile}, {keyfile}): {exc}") from None
+
+
+def serve(opts: dict[str, Any]) -> int:
+    app = opts.get("app")
+    if not app:
+        raise UsageError("serve needs the app to serve, MODULE:APP (e.g. myproject.main:app), "
+                         "as an argument or `app` in [tool.prefork]")
+    if ":" not in app:
+        raise UsageError(f"app {app!r}: expected MODULE:APP, e.g. myproject.main:app")
+    try:
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise CommandError("prefork serve needs its extra: pip install 'prefork[serve]'") from None
+    check_tls(opts)
+    if not opts.get("policy") and "PREFORK_SCHED_POLICY" not in os.environ:
+        opts["policy"] = "reuseport"  # measured fastest here, and even: the kernel balances per socket
+    check_binds(opts["bind"])
+    cwd = os.getcwd()
+    worker_opts = {
+        "app": app, "binds": opts["bind"], "interface": opts["interface"], "factory": opts["factory"],
+        "log_level": opts["log_level"], "access_log": opts["access_log"],
+        "proxy_headers": opts["proxy_headers"], "forwarded_allow_ips": opts["forwarded_allow_ips"],
+        "root_path": opts["root_path"], "certfile": _abs(opts["certfile"]), "keyfile": _abs(opts["keyfile"]),
+        "threads": opts["threads"], "keep_alive": opts["keep_alive"], "backlog": opts["backlog"],
+        "graceful_timeout": opts["graceful_timeout"] or None, "app_dir": cwd,
+        "policy": opts.get("policy") or prefork.scheduling_policy,
+    }
+    interface = opts["interface"]
+    if opts["preload"]:
+        interface = _preload(worker_opts)
+    os.environ["PREFORK_SERVE"] = json.dumps(worker_opts)
+    prefork.setup_primary(module="prefork.http.worker", args=[], cwd=cwd)
+    tls = bool(opts["certfile"])
+    addresses = [show_bind(b, tls) for b in opts["bind"]]
+    rows = [("app", f"{app} ({interface})"), ("listening", ", ".join(addresses))]
+    return run_supervised(opts, title=f"prefork {prefork.__version__} serve", rows=rows,
+                          addresses=addresses if all(b[0] == "unix" or b[2] for b in opts["bind"]) else None)
+
+
+def _abs(path: str | None) -> str | None:
+    return os.path.abspath(path) if path else None
+
+
+def _preload(worker_opts: dict[str, Any]) -> str:
+    """Import the app in the primary: a broken app fails here, before any worker starts."""
+    from prefork.http.asgi import AppError, import_app, resolve_interface
+
+    if worker_opts["app_dir"] not in sys.path:
+        sys.path.insert(0, worker_opts["app_dir"])
+    try:
+        app = import_app(worker_opts["app"], factory=worker_opts["factory"])
+        interface = resolve_interface(app, worker_opts["interface"], worker_opts["app"])
+    except AppError as exc:
+        raise CommandError(str(exc)) from None
+    except Exception as exc:
+        if worker_opts["log_level"] in ("debug", "trace"):
+            import traceback
+
+            traceback.print_exc()
+        raise CommandError(f"app {worker_opts['app']!r} failed to import: {type(exc).__name__}: {exc}") \
+            from None
+    worker_opts["interface"] = interface
+    output.log(f"preloaded {worker_opts['app']} ({interface})")
+    return interface

@@ -1,0 +1,119 @@
+"""The primary of `prefork serve` and `prefork run`: a Supervisor, the control socket, the banner."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import prefork
+
+from . import output
+
+
+class BootWatch:
+    """A worker whose app cannot start tells the primary why (internal message "boot_error").
+
+    Before any worker was ever ready that is fatal: the problem is printed once (not once per worker)
+    and everything stops. Later (a reload with a broken app) the old workers keep serving."""
+
+    def __init__(self, supervisor: Any) -> None:
+        self.supervisor = supervisor
+        self.message: str | None = None
+
+    def __call__(self, worker: Any, message: Any, fds: list[int]) -> None:
+        text = str(message.get("message", "the app failed to start"))
+        if self.supervisor.ever_ready:
+            output.log(f"worker {worker.id} (pid {worker.process.pid}) could not start: {text}")
+            return
+        if self.message is None:
+            self.message = text
+            output.error(text)
+            self.supervisor.stop(graceful=False)
+
+
+def _control_handler(supervisor: Any, path: str, info: dict[str, Any]) -> Callable[[dict[str, Any]], Any]:
+    def handle(request: dict[str, Any]) -> dict[str, Any]:
+        cmd = request.get("cmd")
+        if cmd == "status":
+            return {"ok": True, "status": {**supervisor.status(), "control": path, **info}}
+        if cmd == "reload":
+            supervisor.reload()
+            return {"ok": True, "message": "rolling reload started (see the primary's log)"}
+        if cmd == "scale":
+            n = request.get("n")
+            current = supervisor.status().get("target") or len(supervisor.status()["workers"])
+            if isinstance(n, str) and n[:1] in "+-" and n[1:].isdigit():
+                n = current + int(n)
+            if isinstance(n, str) and n.isdigit():
+                n = int(n)
+            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+                return {"ok": False, "error": f"cannot scale to {request.get('n')!r}: need a whole number "
+                                              f"of workers, at least 1 (now {current})"}
+            supervisor.scale(n)
+            return {"ok": True, "message": f"scaling from {current} to {n} worker(s)"}
+        if cmd == "stop":
+            supervisor.stop(graceful=not request.get("now"))
+            return {"ok": True, "message": "stopping"}
+        return {"ok": False, "error": f"unknown command {cmd!r}"}
+    return handle
+
+
+def run_supervised(opts: dict[str, Any], *, title: str, rows: list[tuple[str, str]],
+                   ready: str = "listening", addresses: list[str] | None = None) -> int:
+    """Start the pool (settings already set with setup_primary) and serve until it stops."""
+    from prefork.control import ControlError, ControlServer
+    from prefork.supervisor import Supervisor
+
+    if opts.get("policy"):
+        prefork.scheduling_policy = opts["policy"]
+    workers = opts["workers"]
+    supervisor = Supervisor(
+        workers, timeout=opts["timeout"] or None, graceful_timeout=opts["graceful_timeout"],
+        max_requests=opts["max_requests"], max_requests_jitter=opts["max_requests_jitter"],
+        max_memory=opts["max_memory"], ready=ready, ready_timeout=opts["ready_timeout"] or 30.0,
+        on_log=output.log)
+    boot = BootWatch(supervisor)
+    prefork._primary.internal["boot_error"] = boot
+    control = ControlServer(opts.get("control"), lambda r: {"ok": False, "error": "starting"})
+    try:
+        control.start()
+    except ControlError as exc:
+        output.error(str(exc))
+        return 1
+    control.handler = _control_handler(supervisor, control.path, {"title": title})
+    try:
+        output.banner([("pid", str(os.getpid())), *rows, ("policy", prefork.scheduling_policy),
+                       ("workers", str(workers)), ("control", f"{control.path}  (prefork ctl --control "
+                                                              f"{control.path} status)")], title)
+        supervisor.start()
+        threading.Thread(target=_announce_ready, args=(supervisor, workers, addresses, boot),
+                         daemon=True).start()
+        code = supervisor.wait()
+    finally:
+        control.close()
+    if boot.message is not None:
+        return 1
+    if code == 0:
+        output.log("stopped")
+    return code
+
+
+def _announce_ready(supervisor: Any, workers: int, addresses: list[str] | None, boot: BootWatch) -> None:
+    """One line once every first worker is ready: what a person (and a script) waits for."""
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and boot.message is None:
+        try:
+            status = supervisor.status()
+        except Exception:
+            return
+        if status.get("stopping"):
+            return
+        ready = [w for w in status["workers"] if w["state"] == "ready"]
+        if len(ready) >= workers:
+            where = ", ".join(addresses or status.get("addresses") or [])
+            output.log(f"ready: {len(ready)} worker(s)" + (f" serving on {where}" if where else ""))
+            return
+        time.sleep(0.05)

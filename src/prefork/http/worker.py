@@ -1,0 +1,407 @@
+"""One `prefork serve` worker: an asyncio loop (uvloop when installed) running uvicorn's protocols.
+
+The primary hands connections over (or lets us accept on a shared / SO_REUSEPORT socket); we take
+them from each `prefork.listen()` Listener as soon as its fd is readable and give each socket to
+uvicorn's HTTP protocol with `loop.connect_accepted_socket`, so parsing, keep-alive, WebSocket
+upgrades, lifespan and graceful shutdown are uvicorn's well-tested code. We only add: the accept
+loop, counters for `prefork ctl status`, and the drain the primary asks for on reload and stop.
+
+Started by the primary as `python -m prefork.http.worker` with the options as JSON in the
+environment variable PREFORK_SERVE (see prefork/cli/serve.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from email.utils import formatdate
+from typing import Any
+
+ENV_OPTIONS = "PREFORK_SERVE"
+BOOT_ERROR = 3  # exit code of a worker whose app could not start (as gunicorn's)
+
+
+class BootError(Exception):
+    """The app could not start in this worker; the message is for a person."""
+
+
+def _configure_logging(wid: int, level: str) -> None:
+    """Each worker's log lines carry its id, so interleaved output stays readable."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"[worker {wid}] %(levelname)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper() if level != "trace" else 5)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.asgi"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = []
+        logger.propagate = True
+        logger.setLevel(root.level)
+    access = logging.getLogger("uvicorn.access")  # our own CLF middleware logs access instead
+    access.handlers[:] = []
+    access.propagate = False
+
+
+def _load(opts: dict[str, Any]) -> tuple[Any, str]:
+    from .asgi import import_app, resolve_interface
+
+    spec = opts["app"]
+    app = import_app(spec, factory=opts.get("factory", False), app_dir=opts.get("app_dir"))
+    return app, resolve_interface(app, opts.get("interface", "auto"), spec)
+
+
+def _build_config(opts: dict[str, Any], app: Any, interface: str, out: Any = None) -> Any:
+    import uvicorn
+
+    ws = opts.get("ws", "auto")
+    if interface == "wsgi":
+        from .wsgi import wrap_wsgi
+
+        app, interface, ws = wrap_wsgi(app, opts.get("threads") or 8), "asgi3", "none"
+    if opts.get("access_log"):
+        from .asgi import AccessLog
+
+        if interface == "asgi2":
+            from uvicorn.middleware.asgi2 import ASGI2Middleware
+
+            app, interface = ASGI2Middleware(app), "asgi3"
+        out = out or sys.stdout
+
+        def write(line: str) -> None:
+            out.write(line)
+            out.flush()
+
+        app = AccessLog(app, write)
+    try:
+        import httptools  # noqa: F401
+
+        http = "httptools"
+    except ImportError:
+        http = "h11"
+    config = uvicorn.Config(
+        app,
+        interface=interface,  # type: ignore[arg-type]
+        http=http,
+        ws=ws,
+        lifespan=opts.get("lifespan", "auto"),  # type: ignore[arg-type]
+        log_config=None,
+        access_log=False,
+        proxy_headers=bool(opts.get("proxy_headers", False)),
+        forwarded_allow_ips=opts.get("forwarded_allow_ips") or "127.0.0.1",
+        root_path=opts.get("root_path") or "",
+        ssl_certfile=opts.get("certfile"),
+        ssl_keyfile=opts.get("keyfile"),
+        timeout_keep_alive=int(opts.get("keep_alive", 5)),
+        timeout_graceful_shutdown=None,
+        loop="none",
+        server_header=True,
+    )
+    config.load()
+    return config
+
+
+class Server:
+    """The serving loop of one worker; also what `prefork._child` waits on while draining."""
+
+    def __init__(self, opts: dict[str, Any], config: Any, child: Any) -> None:
+        from uvicorn.server import ServerState
+
+        self.opts = opts
+        self.config = config
+        self.child = child
+        self.state = ServerState()
+        self.loop = asyncio.get_running_loop()
+        self.listeners: list[Any] = []
+        self.lifespan: Any = None
+        self.stopping = False
+        self.stopped = asyncio.Event()
+        self._drained = threading.Event()
+        self.connections_total = 0
+        self._finished: dict[int, int] = {}
+        self._flush_scheduled = False
+        self.least_conn = opts.get("policy") == "least_conn"
+        stats = getattr(child, "stats", None) if child is not None else None
+        if stats is None:
+            stats = {"connections": 0, "requests": 0, "in_flight": 0}
+            if child is not None:
+                child.stats = stats
+        self.stats = stats
+
+    # -- start -----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        import prefork
+
+        self.lifespan = self.config.lifespan_class(self.config)
+        await self.lifespan.startup()
+        if self.lifespan.should_exit:
+            raise BootError("the app's lifespan startup failed (see the error above)")
+        self._tick()
+        for bind in self.opts["binds"]:
+            address = bind[1] if bind[0] == "unix" else (bind[1], bind[2])
+            try:
+                listener = prefork.listen(address, backlog=self.opts.get("backlog"))
+            except OSError as exc:
+                raise BootError(f"cannot listen on {_show(bind)}: {exc.strerror or exc}") from None
+            listener.setblocking(False)
+            protocol = self._protocol_class(listener)
+            listener.drainer = self.drain
+            self.listeners.append(listener)
+            self.loop.add_reader(listener.fileno(), self._on_readable, listener, protocol)
+        if self.child is not None:
+            self.child.server_opened(self)
+            # the heartbeat is answered from this loop: a stuck loop misses it and gets replaced
+            self.child.heartbeat_responder = self._answer_heartbeat
+
+    def _answer_heartbeat(self, pong: Any) -> None:
+        def answer() -> None:
+            self._count()
+            pong()
+        self.loop.call_soon_threadsafe(answer)
+
+    def _protocol_class(self, listener: Any) -> Any:
+        """uvicorn's protocol, counting connections (and reporting closed ones for least_conn)."""
+        server = self
+        base = self.config.http_protocol_class
+        ws_base = self.config.ws_protocol_class
+
+        ws_class = None
+        if ws_base is not None:
+            class CountedWS(ws_base):  # type: ignore[misc, valid-type]
+                def connection_lost(self, exc: Exception | None) -> None:
+                    super().connection_lost(exc)
+                    server._closed(listener)
+
+            ws_class = CountedWS
+
+        class Counted(base):  # type: ignore[misc, valid-type]
+            def __init__(self, *args: Any, **kw: Any) -> None:
+                super().__init__(*args, **kw)
+                if ws_class is not None:
+                    self.ws_protocol_class = ws_class
+
+            def connection_made(self, transport: Any) -> None:
+                server.connections_total += 1
+                super().connection_made(transport)
+
+            def connection_lost(self, exc: Exception | None) -> None:
+                super().connection_lost(exc)
+                server._closed(listener)
+
+        return Counted
+
+    # -- accepting -------------------------------------------------------------------------------
+
+    def _on_readable(self, listener: Any, protocol: Any) -> None:
+        config, state, app_state = self.config, self.state, self.lifespan.state
+        factory = lambda: protocol(config=config, server_state=state, app_state=app_state, _loop=self.loop)
+        for _ in range(64):
+            if self.stopping:
+                return
+            try:
+                sock, _addr = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return  # the listener closed under us (drain) or a slot moved to another worker
+            sock.setblocking(False)
+            if sock.family != socket.AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.loop.create_task(self._connect(factory, sock, listener))
+
+    async def _connect(self, factory: Any, sock: Any, listener: Any) -> None:
+        try:
+            await self.loop.connect_accepted_socket(factory, sock, ssl=self.config.ssl)
+        except Exception as exc:  # a TLS handshake that fails, a peer that left at once
+            logging.getLogger("prefork.serve").debug("connection dropped: %s", exc)
+            sock.close()
+            self._closed(listener)
+
+    def _closed(self, listener: Any) -> None:
+        if not self.least_conn:
+            return
+        key = id(listener)
+        self._finished[key] = self._finished.get(key, 0) + 1
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush_finished)
+
+    def _flush_finished(self) -> None:
+        """One message per loop turn, not one per connection."""
+        self._flush_scheduled = False
+        for listener in self.listeners:
+            n = self._finished.pop(id(listener), 0)
+            if n:
+                try:
+                    listener.report_finished(n)
+                except OSError:
+                    pass
+
+    # -- bookkeeping -----------------------------------------------------------------------------
+
+    def _tick(self) -> None:
+        """Every 100 ms: the Date header (as uvicorn's main loop) and the counters for `ctl status`."""
+        now = time.time()
+        if int(now) != getattr(self, "_second", None):
+            self._second = int(now)
+            date = [(b"date", formatdate(now, usegmt=True).encode())]
+            self.state.default_headers = date + self.config.encoded_headers
+        self._count()
+        if not self.stopped.is_set():
+            self.loop.call_later(0.1, self._tick)
+
+    def _count(self) -> None:
+        stats = self.stats
+        stats["connections"] = self.connections_total
+        stats["requests"] = self.state.total_requests
+        stats["in_flight"] = len(self.state.tasks)
+
+    # -- draining --------------------------------------------------------------------------------
+
+    def drain(self) -> None:
+        """Called from the child's drain thread (reload, stop, scale down): stop gracefully."""
+        self.loop.call_soon_threadsafe(self.begin_shutdown)
+
+    def wait_drained(self, timeout: float | None = None) -> bool:
+        return self._drained.wait(timeout)
+
+    def begin_shutdown(self) -> None:
+        if not self.stopping:
+            self.stopping = True
+            self.loop.create_task(self._shutdown())
+
+    async def _shutdown(self) -> None:
+        """Stop accepting, close idle keep-alive connections, let requests in flight finish, then
+        run lifespan shutdown (uvicorn's Server.shutdown, with our listeners)."""
+        for listener in self.listeners:
+            try:
+                self.loop.remove_reader(listener.fileno())
+            except (ValueError, OSError):
+                pass
+            listener.close()
+        for connection in list(self.state.connections):
+            connection.shutdown()
+        await asyncio.sleep(0.05)
+        timeout = self.opts.get("graceful_timeout")
+        try:
+            await asyncio.wait_for(self._wait_idle(), timeout=timeout)
+        except asyncio.TimeoutError:
+            for task in list(self.state.tasks):
+                task.cancel()
+        await self.lifespan.shutdown()
+        self._tick()
+        self.stopped.set()
+
+    async def _wait_idle(self) -> None:
+        while self.state.connections or self.state.tasks:
+            for connection in list(self.state.connections):
+                if getattr(connection, "cycle", None) is None or connection.cycle.response_complete:
+                    connection.shutdown()
+            await asyncio.sleep(0.05)
+
+    def finished(self) -> None:
+        self._drained.set()
+        if self.child is not None:
+            self.child.server_closed(self)
+
+
+def _show(bind: list[Any]) -> str:
+    return f"unix:{bind[1]}" if bind[0] == "unix" else f"{bind[1]}:{bind[2]}"
+
+
+async def _serve(opts: dict[str, Any], child: Any, app: Any, interface: str, out: Any = None) -> None:
+    config = _build_config(opts, app, interface, out)
+    server = Server(opts, config, child)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, server.begin_shutdown)
+    try:
+        await server.start()
+    except BaseException:
+        server.stopping = True
+        server.stopped.set()
+        for listener in server.listeners:
+            listener.close()
+        raise
+    await server.stopped.wait()
+    server.finished()
+
+
+def _report_boot_error(child: Any, message: str) -> None:
+    """Tell the primary (it prints the line once for all workers and stops), or print it ourselves."""
+    if child is not None:
+        try:
+            child.channel.send_internal({"t": "boot_error", "message": message})
+            return
+        except Exception:
+            pass
+    print(f"prefork: error: {message}", file=sys.stderr, flush=True)
+
+
+def run(opts: dict[str, Any], app: Any = None) -> int:
+    """Serve until drained; the exit code. `app` is given when the primary preloaded it."""
+    import prefork
+
+    child = prefork._child
+    wid = child.worker.id if child is not None else 0
+    debug = opts.get("log_level") in ("debug", "trace")
+    _configure_logging(wid, opts.get("log_level", "info"))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the primary, which drains us
+    access_out = sys.stdout  # the access log stays plain Common Log Format
+    if child is not None:  # what the app prints carries the worker's id, as the log lines do
+        from prefork.cli._boot import Prefixed
+
+        sys.stdout = Prefixed(sys.stdout, f"[worker {wid}] ")  # type: ignore[assignment]
+        sys.stderr = Prefixed(sys.stderr, f"[worker {wid}] ")  # type: ignore[assignment]
+    try:
+        if app is None:
+            app, interface = _load(opts)
+        else:
+            interface = opts["interface_resolved"]
+        loop_factory = _loop_factory()
+        runner = asyncio.Runner(loop_factory=loop_factory) if hasattr(asyncio, "Runner") else None
+        if runner is not None:
+            with runner:
+                runner.run(_serve(opts, child, app, interface, access_out))
+        else:  # Python 3.10
+            if loop_factory is not None:
+                asyncio.set_event_loop_policy(__import__("uvloop").EventLoopPolicy())
+            asyncio.run(_serve(opts, child, app, interface, access_out))
+    except Exception as exc:
+        from .asgi import AppError
+
+        if debug or not isinstance(exc, (AppError, BootError, ImportError, SyntaxError)):
+            traceback.print_exc()
+        text = str(exc) if isinstance(exc, (AppError, BootError)) else f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, (ImportError, SyntaxError)) and not isinstance(exc, AppError):
+            text = f"app {opts['app']!r} failed to import: {text}"
+        _report_boot_error(child, text)
+        return BOOT_ERROR
+    return 0
+
+
+def _loop_factory() -> Any:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def main() -> None:
+    opts = json.loads(os.environ.pop(ENV_OPTIONS))
+    code = run(opts)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code) if code else sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

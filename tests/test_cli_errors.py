@@ -1,0 +1,269 @@
+"""Bad input to the `prefork` command: one clear line naming the problem, a non-zero exit (2 for usage),
+no traceback unless --log-level debug. Also: the control socket refuses other users."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import tempfile
+from pathlib import Path
+
+import pytest
+from cli_helpers import free_port, prefork_cmd, run_prefork  # noqa: F401
+
+ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a command as another uid")
+NOBODY = 65534
+
+
+def _check(result, code: int, pattern: str) -> None:
+    out = result.stdout + result.stderr
+    assert result.returncode == code, out
+    errors = [line for line in result.stderr.splitlines() if line.startswith("prefork: error:")]
+    assert len(errors) == 1, out
+    assert pattern in errors[0], out
+    assert "Traceback" not in out, out
+
+
+def _serve(app: str, *extra: str, timeout: float = 20.0, **kw):
+    return run_prefork(
+        [
+            "serve",
+            app,
+            "--workers",
+            "2",
+            "--bind",
+            f"127.0.0.1:{free_port()}",
+            "--control",
+            os.path.join(tempfile.mkdtemp(), "c.sock"),
+            *extra,
+        ],
+        timeout=timeout,
+        **kw,
+    )
+
+
+@pytest.mark.parametrize(
+    ("app", "message"),
+    [
+        ("tests.apps.nope:app", "no module named 'tests.apps.nope'"),
+        ("tests.apps.star:nope", "module 'tests.apps.star' has no attribute 'nope'"),
+        ("tests.apps.bad:app", "is not an ASGI or WSGI application (it is int 42)"),
+        ("tests.apps.bad:no_args", "is not an ASGI or WSGI application: it takes 0 argument"),
+        ("tests.apps.broken:app", "failed to import: ModuleNotFoundError: No module named 'this_dependency"),
+    ],
+)
+def test_bad_app(app, message):
+    _check(_serve(app), 1, message)
+
+
+def test_bad_app_preloaded_fails_before_forking():
+    result = _serve("tests.apps.star:nope", "--preload")
+    _check(result, 1, "has no attribute 'nope'")
+    assert "is ready" not in result.stderr and "[worker" not in result.stderr
+
+
+def test_traceback_with_debug_log_level():
+    result = _serve("tests.apps.broken:app", "--log-level", "debug")
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and "this_dependency_does_not_exist" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["serve", "tests.apps.star:app", "--bind", "nonsense"], "--bind: 'nonsense': expected HOST:PORT"),
+        (["serve", "tests.apps.star:app", "--bind", "127.0.0.1:99999"], "port 99999 is out of range"),
+        (["serve", "tests.apps.star:app", "--bind", "unix:"], "unix: needs a path"),
+        (["serve", "tests.apps.star:app", "--workers", "0"], "--workers: expected a whole number of workers"),
+        (["serve", "tests.apps.star:app", "--workers", "abc"], "not 'abc'"),
+        (["run", "--workers", "-1", "x.py"], "--workers: expected a whole number of workers"),
+        (["serve", "tests.apps.star:app", "--timeout", "soon"], "--timeout: expected a number of seconds"),
+        (["serve", "tests.apps.star:app", "--max-memory", "lots"], "expected a size such as 512M"),
+        (["serve", "tests.apps.star:app", "--policy", "random"], "--policy: expected one of rr, none"),
+        (["serve", "tests.apps.star:app", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        (["serve", "star"], "expected MODULE:APP"),
+        (["serve"], "serve needs the app to serve"),
+        (["run", "/no/such/script.py"], "no such script: /no/such/script.py"),
+        (["ctl", "--control", "/tmp/x.sock", "scale", "abc"], "scale: expected a number of workers"),
+        (["ctl"], "ctl needs an action"),
+        ([], "a command is needed"),
+    ],
+)
+def test_usage_errors(args, message):
+    _check(run_prefork(args), 2, message)
+
+
+def test_environment_variable_errors_name_the_variable():
+    _check(
+        run_prefork(["serve", "tests.apps.star:app"], env={"PREFORK_WORKERS": "many"}),
+        2,
+        "PREFORK_WORKERS: expected a whole number",
+    )
+
+
+def test_address_in_use():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_prefork(
+            [
+                "serve",
+                "tests.apps.star:app",
+                "--bind",
+                f"127.0.0.1:{port}",
+                "--control",
+                os.path.join(tempfile.mkdtemp(), "c.sock"),
+            ]
+        )
+    _check(result, 1, f"cannot bind 127.0.0.1:{port}: address already in use")
+
+
+def _as_nobody() -> None:
+    os.setgid(NOBODY)
+    os.setgroups([])
+    os.setuid(NOBODY)
+
+
+def _open_dir() -> str:
+    folder = tempfile.mkdtemp()
+    os.chmod(folder, 0o777)
+    return folder
+
+
+class _Result:
+    def __init__(self, returncode: int, stderr: str) -> None:
+        self.returncode, self.stdout, self.stderr = returncode, "", stderr
+
+
+def _main_as_nobody(argv: list[str]) -> _Result:
+    """`prefork.cli.main(argv)` in a forked child that dropped to uid nobody (this interpreter lives
+    under /root, which nobody may not exec, so the child runs the CLI's code in-process)."""
+    import encodings.idna  # noqa: F401 - imported before the fork: nobody cannot read the stdlib here
+    import ssl  # noqa: F401
+
+    import tomllib  # noqa: F401
+    import uvicorn  # noqa: F401
+
+    import prefork.cli
+    import prefork.cli.args
+    import prefork.cli.config
+    import prefork.cli.run
+    import prefork.cli.serve  # noqa: F401
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 99
+        try:
+            os.close(r)
+            os.dup2(w, 2)
+            import sys
+
+            sys.stderr = os.fdopen(2, "w")
+            os.chdir(str(Path(__file__).resolve().parent.parent))
+            _as_nobody()
+            code = prefork.cli.main(argv)
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r) as f:
+        err = f.read()
+    _, status = os.waitpid(pid, 0)
+    return _Result(os.waitstatus_to_exitcode(status), err)
+
+
+@ROOT_ONLY
+def test_privileged_port_as_a_normal_user():
+    result = _main_as_nobody(
+        [
+            "serve",
+            "tests.apps.star:app",
+            "--bind",
+            "127.0.0.1:81",
+            "--control",
+            os.path.join(_open_dir(), "c.sock"),
+        ]
+    )
+    _check(result, 1, "cannot bind 127.0.0.1:81: permission denied (ports below 1024 are privileged")
+
+
+def test_config_file_errors(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[tool.prefork\nworkers = 2\n")
+    _check(run_prefork(["serve", "tests.apps.star:app", "--config", str(bad)]), 2, "invalid TOML")
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("[tool.prefork]\nwrokers = 2\n")
+    _check(
+        run_prefork(["serve", "tests.apps.star:app", "--config", str(unknown)]),
+        2,
+        "unknown setting 'wrokers'",
+    )
+    wrong = tmp_path / "wrong.toml"
+    wrong.write_text("[tool.prefork]\nworkers = 0\n")
+    _check(
+        run_prefork(["serve", "tests.apps.star:app", "--config", str(wrong)]),
+        2,
+        "[tool.prefork] workers: expected a whole number",
+    )
+    _check(
+        run_prefork(["serve", "tests.apps.star:app", "--config", str(tmp_path / "missing.toml")]),
+        2,
+        "no such file",
+    )
+    _check(run_prefork(["serve", "tests.apps.star:app", "--config", str(tmp_path)]), 2, "is a folder")
+
+
+@ROOT_ONLY
+def test_unreadable_config_file():
+    config = Path(_open_dir()) / "secret.toml"
+    config.write_text("[tool.prefork]\nworkers = 2\n")
+    os.chmod(config, 0o600)
+    _check(
+        _main_as_nobody(["serve", "tests.apps.star:app", "--config", str(config)]),
+        2,
+        "permission denied (cannot read it)",
+    )
+
+
+def test_ctl_without_primary(tmp_path):
+    missing = tmp_path / "none.sock"
+    _check(run_prefork(["ctl", "--control", str(missing), "status"]), 1, "does not exist")
+    stale = tmp_path / "stale.sock"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(stale))
+    s.close()  # the file stays, nobody listens: a primary that died
+    _check(run_prefork(["ctl", "--control", str(stale), "status"]), 1, "no primary is listening")
+    _check(run_prefork(["ctl", "--control", str(stale), "reload"]), 1, "no primary is listening")
+
+
+def test_control_socket_is_private_and_refuses_other_uids(prefork_cmd):  # noqa: F811
+    folder = _open_dir()
+    control = os.path.join(folder, "c.sock")
+    cmd = prefork_cmd(
+        "serve",
+        "tests.apps.star:app",
+        "--workers",
+        "1",
+        "--bind",
+        f"127.0.0.1:{free_port()}",
+        "--control",
+        control,
+    )
+    cmd.wait_ready()
+    cmd.track_workers(control)
+    assert stat.S_IMODE(os.stat(control).st_mode) == 0o600
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run the client as another uid")
+
+    def as_nobody(*args: str) -> _Result:
+        return _main_as_nobody(["ctl", "--control", control, *args])
+
+    _check(as_nobody("status"), 1, "permission denied connecting to control socket")
+    os.chmod(control, 0o666)  # even with the file opened up, the primary checks the peer's uid
+    _check(as_nobody("stop"), 1, f"permission denied: uid {NOBODY} may not control this primary")
+    assert cmd.proc.poll() is None  # the refused stop did nothing
+    assert run_prefork(["ctl", "--control", control, "stop"]).returncode == 0
+    assert cmd.finish() == 0
