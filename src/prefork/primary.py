@@ -56,6 +56,8 @@ class Primary:
 
     def setup(self, opts: dict[str, Any]) -> None:
         self.settings.update(opts)
+        if opts.get("start") == "fork":
+            self._fds_at_start = _open_fds()  # the preloaded app's: forked workers keep these only
         self.cluster.emit("setup", self.settings)
 
     def fork(self, env: dict[str, str] | None = None, own_group: bool = False) -> Worker:
@@ -81,7 +83,7 @@ class Primary:
             if self.loop is None:
                 from .handles import Servers
 
-                self._fds_at_start = _open_fds()  # a forked worker keeps these, closes the primary's
+                self._fds_at_start = self._fds_at_start or _open_fds()  # a forked worker keeps these
                 self.loop = Loop(self._exit_request)
                 self.servers = Servers(self)
                 thread = threading.Thread(target=self._run, name="prefork-primary", daemon=False)

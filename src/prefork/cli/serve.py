@@ -9,6 +9,7 @@ one line and a non-zero exit.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import socket
@@ -102,9 +103,11 @@ def serve(opts: dict[str, Any]) -> int:
     }
     interface = opts["interface"]
     if opts["preload"]:
-        interface = _preload(worker_opts)
-    os.environ["PREFORK_SERVE"] = json.dumps(worker_opts)
-    prefork.setup_primary(module="prefork.http.worker", args=[], cwd=cwd)
+        app_object, interface = _preload(worker_opts)
+        prefork.setup_primary(start="fork", target=functools.partial(_forked_worker, worker_opts, app_object))
+    else:
+        os.environ["PREFORK_SERVE"] = json.dumps(worker_opts)
+        prefork.setup_primary(module="prefork.http.worker", args=[], cwd=cwd)
     tls = bool(opts["certfile"])
     addresses = [show_bind(b, tls) for b in opts["bind"]]
     rows = [("app", f"{app} ({interface})"), ("listening", ", ".join(addresses))]
@@ -116,8 +119,17 @@ def _abs(path: str | None) -> str | None:
     return os.path.abspath(path) if path else None
 
 
-def _preload(worker_opts: dict[str, Any]) -> str:
-    """Import the app in the primary: a broken app fails here, before any worker starts."""
+def _forked_worker(worker_opts: dict[str, Any], app: Any) -> None:
+    """What a worker forked from the preloading primary runs: the app is already imported."""
+    from prefork.http import worker
+
+    sys.exit(worker.run(worker_opts, app))
+
+
+def _preload(worker_opts: dict[str, Any]) -> tuple[Any, str]:
+    """Import the app (and the serving machinery) in the primary, so that workers are forked with
+    it in memory: they start in milliseconds and share its pages; a broken app fails here, once."""
+    import prefork.http.worker  # noqa: F401 - uvicorn, uvloop and the protocol, for the forked workers
     from prefork.http.asgi import AppError, import_app, resolve_interface
 
     if worker_opts["app_dir"] not in sys.path:
@@ -134,6 +146,6 @@ def _preload(worker_opts: dict[str, Any]) -> str:
             traceback.print_exc()
         raise CommandError(f"app {worker_opts['app']!r} failed to import: {type(exc).__name__}: {exc}") \
             from None
-    worker_opts["interface"] = interface
+    worker_opts["interface"] = worker_opts["interface_resolved"] = interface
     output.log(f"preloaded {worker_opts['app']} ({interface})")
-    return interface
+    return app, interface
