@@ -269,6 +269,10 @@ def test_preload(prefork_cmd, tmp_path):  # noqa: F811
     cmd, port, control = _serve(prefork_cmd, tmp_path, "tests.apps.flaskapp:app", "--preload", workers=1)
     assert "preloaded tests.apps.flaskapp:app (wsgi)" in cmd.output
     assert httpx.get(f"http://127.0.0.1:{port}/", timeout=5).text.startswith("hello from flask")
+    worker = cmd.track_workers(control)[0]
+    # Forked from the primary that imported the app, not a fresh interpreter: same command line.
+    with open(f"/proc/{cmd.proc.pid}/cmdline", "rb") as f, open(f"/proc/{worker}/cmdline", "rb") as g:
+        assert f.read() == g.read()
     _stop(cmd, control)
 
 
