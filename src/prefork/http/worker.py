@@ -29,6 +29,9 @@ ENV_OPTIONS = "PREFORK_SERVE"
 BOOT_ERROR = 3  # exit code of a worker whose app could not start (as gunicorn's)
 
 
+IDLE_GRACE = 2.0  # seconds a draining worker waits for the next request of an idle keep-alive connection
+
+
 class BootError(Exception):
     """The app could not start in this worker; the message is for a person."""
 
@@ -128,6 +131,7 @@ class Server:
         self._finished: dict[int, int] = {}
         self._flush_scheduled = False
         self.least_conn = opts.get("policy") == "least_conn"
+        self._protocols: dict[int, Any] = {}
         stats = getattr(child, "stats", None) if child is not None else None
         if stats is None:
             stats = {"connections": 0, "requests": 0, "in_flight": 0}
@@ -153,6 +157,7 @@ class Server:
                 raise BootError(f"cannot listen on {_show(bind)}: {exc.strerror or exc}") from None
             listener.setblocking(False)
             protocol = self._protocol_class(listener)
+            self._protocols[id(listener)] = protocol
             listener.drainer = self.drain
             self.listeners.append(listener)
             self.loop.add_reader(listener.fileno(), self._on_readable, listener, protocol)
@@ -196,13 +201,21 @@ class Server:
                 super().connection_lost(exc)
                 server._closed(listener)
 
+            def on_headers_complete(self) -> None:
+                super().on_headers_complete()
+                if server.stopping and getattr(self, "cycle", None) is not None:
+                    self.cycle.keep_alive = False  # answered with `Connection: close`: the worker leaves
+
         return Counted
 
     # -- accepting -------------------------------------------------------------------------------
 
-    def _on_readable(self, listener: Any, protocol: Any) -> None:
+    def _factory(self, protocol: Any) -> Any:
         config, state, app_state = self.config, self.state, self.lifespan.state
-        factory = lambda: protocol(config=config, server_state=state, app_state=app_state, _loop=self.loop)
+        return lambda: protocol(config=config, server_state=state, app_state=app_state, _loop=self.loop)
+
+    def _on_readable(self, listener: Any, protocol: Any) -> None:
+        factory = self._factory(protocol)
         for _ in range(64):
             if self.stopping:
                 return
@@ -212,10 +225,13 @@ class Server:
                 return
             except OSError:
                 return  # the listener closed under us (drain) or a slot moved to another worker
-            sock.setblocking(False)
-            if sock.family != socket.AF_UNIX:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.loop.create_task(self._connect(factory, sock, listener))
+            self._serve_socket(factory, sock, listener)
+
+    def _serve_socket(self, factory: Any, sock: Any, listener: Any) -> None:
+        sock.setblocking(False)
+        if sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.loop.create_task(self._connect(factory, sock, listener))
 
     async def _connect(self, factory: Any, sock: Any, listener: Any) -> None:
         try:
@@ -286,9 +302,13 @@ class Server:
                 self.loop.remove_reader(listener.fileno())
             except (ValueError, OSError):
                 pass
+            factory = self._factory(self._protocols[id(listener)])
+            for sock, _addr in listener.take_pending():  # already ours: serve them, don't reset them
+                self._serve_socket(factory, sock, listener)
             listener.close()
         for connection in list(self.state.connections):
-            connection.shutdown()
+            if not _idle(connection):
+                connection.shutdown()  # the response in progress goes out with `Connection: close`
         await asyncio.sleep(0.05)
         timeout = self.opts.get("graceful_timeout")
         try:
@@ -301,16 +321,27 @@ class Server:
         self.stopped.set()
 
     async def _wait_idle(self) -> None:
+        """Until every connection has closed. An idle keep-alive connection gets IDLE_GRACE to send
+        its next request (answered with `Connection: close`): closing it at once would race with a
+        request already on its way, the error a reload must not cause."""
+        deadline = self.loop.time() + IDLE_GRACE
         while self.state.connections or self.state.tasks:
-            for connection in list(self.state.connections):
-                if getattr(connection, "cycle", None) is None or connection.cycle.response_complete:
-                    connection.shutdown()
+            if self.loop.time() >= deadline:
+                for connection in list(self.state.connections):
+                    if _idle(connection):
+                        connection.shutdown()
             await asyncio.sleep(0.05)
 
     def finished(self) -> None:
         self._drained.set()
         if self.child is not None:
             self.child.server_closed(self)
+
+
+def _idle(connection: Any) -> bool:
+    """No request in progress: between two requests of a keep-alive connection (or before the first)."""
+    cycle = getattr(connection, "cycle", None)
+    return cycle is None or cycle.response_complete
 
 
 def _show(bind: list[Any]) -> str:
