@@ -118,25 +118,27 @@ def test_ctl_status_scale_reload_stop(prefork_cmd, tmp_path):  # noqa: F811
     failures: list[str] = []
     done = threading.Event()
 
-    def hammer() -> None:
-        with httpx.Client(timeout=10) as client:
+    def hammer(headers: dict[str, str]) -> None:
+        with httpx.Client(timeout=10) as client:  # keeps its connection alive unless told to close
             while not done.is_set():
                 try:
-                    r = client.get(url, headers={"Connection": "close"})
+                    r = client.get(url, headers=headers)
                     if r.status_code != 200:
                         failures.append(str(r.status_code))
                 except httpx.HTTPError as exc:
                     failures.append(repr(exc))
 
-    thread = threading.Thread(target=hammer)
-    thread.start()
+    threads = [threading.Thread(target=hammer, args=(h,)) for h in ({"Connection": "close"}, {}, {})]
+    for thread in threads:
+        thread.start()
     try:
         assert run_prefork(["ctl", "--control", control, "reload"]).returncode == 0
         cmd.expect(r"reload done", timeout=30)
         assert _until(lambda: not (set(cmd.track_workers(control)) & before)), cmd.output
     finally:
         done.set()
-        thread.join(15)
+        for thread in threads:
+            thread.join(15)
     after = set(cmd.track_workers(control))
     assert len(after) == 3 and not (after & before), (before, after)
     assert failures == []
