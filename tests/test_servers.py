@@ -493,3 +493,54 @@ def test_exclusive_on_a_taken_port_is_eaddrinuse(py):
         port = taken.getsockname()[1]
         result = py.run(BIND_ERROR, env={"T_PORT": str(port), "T_EXCLUSIVE": "1"})
     assert re.search(rf"^error {errno.EADDRINUSE} OSError$", result.stdout, re.M), result
+
+
+REFORK = r"""
+import os, sys, time
+import prefork as cluster
+from http.server import BaseHTTPRequestHandler
+
+if cluster.is_primary:
+    generation = [1]
+
+    @cluster.on("listening")
+    def on_listening(worker, address):
+        print("listening", generation[0], worker.id, address.port, flush=True)
+
+    def second_generation(worker, message, handle):
+        generation[0] = 2
+        cluster.disconnect(lambda: print("disconnected", flush=True))
+        cluster.fork()  # at once: it listens while the first generation still drains
+
+    cluster.on("message", second_generation)
+    cluster.fork()
+else:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/go":
+                cluster.worker.send("go")
+                time.sleep(1.0)  # in flight while the next generation starts
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"%d" % cluster.worker.id)
+
+        def log_message(self, *args):
+            pass
+
+    cluster.ThreadingHTTPServer(("127.0.0.1", int(os.environ["T_PORT"])), Handler).serve_forever()
+"""
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_workers_forked_after_cluster_disconnect_serve_the_same_port(py, policy):
+    """disconnect() closes the shared server; a generation forked at once listens on the port again."""
+    import urllib.request
+
+    port = _free_port()
+    script = py.spawn(REFORK, env={"PREFORK_SCHED_POLICY": policy, "T_PORT": str(port)})
+    script.expect(r"^listening 1 1 ")
+    assert urllib.request.urlopen(f"http://127.0.0.1:{port}/go", timeout=5).read() == b"1"
+    script.expect(r"^listening 2 2 ")
+    assert urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read() == b"2"
+    script.signal("SIGINT")
+    script.finish()

@@ -43,7 +43,7 @@ class Servers:
         family, addr, policy = msg["family"], msg["addr"], msg["policy"]
         key = (family, addr if isinstance(addr, str) else tuple(addr), policy)
         handle = self.by_key.get(key)
-        if handle is None or handle.closed:
+        if handle is None or handle.closed or handle.stopped:
             hid, self._next_id = self._next_id, self._next_id + 1
             handle = make_handle(policy, self, hid, family, addr, msg.get("backlog") or 511)
             self.by_key[key], self.by_id[hid] = handle, handle

@@ -71,7 +71,7 @@ class Primary:
             if callback is not None:
                 callback()
             return
-        self.loop.call_soon(self._disconnect_all, callback)
+        self.loop.run_sync(self._disconnect_all, callback)  # the workers of now, not later forks
 
     def post(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run a callback on the loop thread, one at a time with all others."""

@@ -26,6 +26,7 @@ class Handle:
         self.key: tuple[Any, ...] = (family, addr if isinstance(addr, str) else tuple(addr), self.policy)
         self.workers: dict[int, Any] = {}
         self.closed = False
+        self.stopped = False  # stop_accepting() was called: a new listen() gets a new handle
         self.sockname: Any = None
 
     def has(self, worker: Any) -> bool:

@@ -95,6 +95,7 @@ class RoundRobinHandle(Handle):
         refused, not reset); what was taken is handed over and served by the draining workers."""
         if self.closed or self.sock.fileno() < 0:
             return
+        self.stopped = True
         self._pause_accepting()
         batches: dict[Any, list[int]] = {}
         while True:
