@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 
 def events(stdout: str) -> list[str]:
     return [line for line in stdout.splitlines() if line.strip()]
 
 
-def test_messages_both_ways_held_until_the_worker_listens(py) -> None:
+@pytest.mark.parametrize("spin", ["50", "0"])
+def test_messages_both_ways_held_until_the_worker_listens(py, spin: str) -> None:
+    """Also with the readers' polling after a send turned off (PREFORK_IPC_SPIN_US=0)."""
     result = py.run('''
         import time
         import prefork as cluster
@@ -50,7 +54,7 @@ def test_messages_both_ways_held_until_the_worker_listens(py) -> None:
                     me.send({"echo": m})
             import json
             me.on("message", on_message)
-    ''', timeout=20)
+    ''', timeout=20, env={"PREFORK_IPC_SPIN_US": spin})
     assert result.returncode == 0, result
     lines = events(result.stdout)
     worker_got = [line for line in lines if line.startswith("worker got")]

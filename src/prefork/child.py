@@ -134,10 +134,12 @@ class Child:
     # -- Side protocol for cluster.worker --------------------------------------------------------
 
     def post(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run a callback soon, one at a time with the others. Not a daemon thread: a callback
+        posted as the script ends still runs (a daemon thread printing at exit aborts Python)."""
         def call() -> None:
             with self._dispatch:
                 self._run(fn, *args)
-        threading.Thread(target=call, name="prefork-callback", daemon=True).start()
+        threading.Thread(target=call, name="prefork-callback").start()
 
     def listener_added(self, worker: Worker, event: str) -> None:
         if event == "message" and self._held:

@@ -17,28 +17,32 @@ import prefork
 
 
 class Prefixed(io.TextIOBase):
-    """A text stream that starts every line with a prefix, then writes to `target`."""
+    """A text stream that starts every line with a prefix, then writes to `target`.
+
+    Whole lines are written at once (a partial line waits for its end, or a flush): print() writes
+    its pieces one by one, and two workers sharing the terminal would otherwise mix them mid-line.
+    """
 
     def __init__(self, target: Any, prefix: str) -> None:
         self.target = target
         self.prefix = prefix
-        self._bol = True
+        self._partial = ""
 
     def write(self, text: str) -> int:
         if not text:
             return 0
-        parts = []
-        for piece in text.splitlines(keepends=True):
-            if self._bol:
-                parts.append(self.prefix)
-            parts.append(piece)
-            self._bol = piece.endswith("\n")
-        self.target.write("".join(parts))
-        if getattr(self.target, "line_buffering", False) and "\n" in text:
+        pending = self._partial + text
+        head, sep, self._partial = pending.rpartition("\n")
+        if sep:
+            lines = (head + sep).splitlines(keepends=True)
+            self.target.write("".join(self.prefix + line for line in lines))
             self.target.flush()
         return len(text)
 
     def flush(self) -> None:
+        if self._partial:
+            partial, self._partial = self._partial, ""
+            self.target.write(self.prefix + partial)
         self.target.flush()
 
     def fileno(self) -> int:
