@@ -106,6 +106,7 @@ def worker() -> None:
     conns: set[Hello] = set()
     drained = threading.Event()
     state = {"draining": False}
+    starting = [0]  # accepted connections whose protocol is not made yet
 
     class Hello(asyncio.Protocol):
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -134,7 +135,7 @@ def worker() -> None:
         def connection_lost(self, exc: Exception | None) -> None:
             conns.discard(self)
             listener.report_finished(1)
-            if state["draining"] and not conns:
+            if state["draining"] and not conns and not starting[0]:
                 drained.set()
 
     async def main() -> None:
@@ -147,20 +148,24 @@ def worker() -> None:
                     sock, _ = listener.accept()
                 except (BlockingIOError, OSError):
                     return
-                sock.setblocking(False)
-                loop.create_task(loop.connect_accepted_socket(Hello, sock))
+                connect(sock)
+
+        def connect(sock: object) -> None:
+            """Served from the next loop turn; counted until then, so a drain waits for it."""
+            sock.setblocking(False)  # type: ignore[attr-defined]
+            starting[0] += 1
+            task = loop.create_task(loop.connect_accepted_socket(Hello, sock))  # type: ignore[arg-type]
+            task.add_done_callback(lambda _: starting.__setitem__(0, starting[0] - 1))
 
         def drain() -> None:
             """Stop accepting; answer the next request on each connection with Connection: close."""
             state["draining"] = True
             loop.remove_reader(listener.fileno())
-            taken = listener.take_pending()
-            for sock, _ in taken:
-                sock.setblocking(False)
-                loop.create_task(loop.connect_accepted_socket(Hello, sock))
+            for sock, _ in listener.take_pending():
+                connect(sock)
             listener.close()
             loop.call_later(IDLE_GRACE, close_idle)
-            if not conns and not taken:
+            if not conns and not starting[0]:
                 drained.set()
                 done.set()
 

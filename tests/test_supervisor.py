@@ -24,7 +24,9 @@ from http.server import BaseHTTPRequestHandler
 
 if cluster.is_primary:
     timeout = float(os.environ.get("TIMEOUT", "0")) or None
-    sup = cluster.supervise(int(os.environ.get("N", "2")), timeout=timeout, graceful_timeout=5)
+    max_memory = int(os.environ.get("MAX_MEMORY", "0")) or None
+    sup = cluster.supervise(int(os.environ.get("N", "2")), timeout=timeout, graceful_timeout=5,
+                            max_memory=max_memory)
     @cluster.on("listening")
     def up(worker, address):
         print(f"listening {worker.id} {worker.process.pid} {address.port}", flush=True)
@@ -35,11 +37,14 @@ else:
             f.write("boot\\n")
         import no_such_module_here  # noqa
     version = open(os.environ["VERSION_FILE"]).read().strip() if os.environ.get("VERSION_FILE") else "v1"
+    hog = []
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
         def do_GET(self):
+            if self.path == "/grow":
+                hog.append(b"x" * (80 << 20))  # touched pages: RSS grows by 80 MiB
             body = f"{version} {cluster.worker.id}\\n".encode()
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
@@ -218,5 +223,24 @@ def test_ttin_ttou_scale(py, signame, expected):
     else:
         assert wait_until(lambda: sum(pid_alive(p) for p in pids) == 1, 10)
     script.track(*listening_pids(script))
+    script.signal("SIGTERM")
+    assert script.wait(15) == 0
+
+
+def test_worker_over_max_memory_is_replaced_gracefully(py):
+    script, port, pids = start(py, n=1, MAX_MEMORY=str(60 << 20))
+    with Load(port, threads=2) as load:
+        time.sleep(0.3)
+        assert get(port).startswith("v1")
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        c.request("GET", "/grow", headers={"Connection": "close"})
+        assert c.getresponse().status == 200
+        c.close()
+        assert wait_until(lambda: len(listening_pids(script)) == 2, 15), script.stderr
+        assert wait_until(lambda: not pid_alive(pids[0]), 10)
+        time.sleep(0.3)
+    script.track(*listening_pids(script))
+    assert re.search(r"worker 1 \(pid \d+\) uses \d+ MiB \(max 60 MiB\): replacing it", script.stderr)
+    assert load.errors == [], load.errors[:5]
     script.signal("SIGTERM")
     assert script.wait(15) == 0

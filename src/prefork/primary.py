@@ -180,8 +180,8 @@ class Primary:
 
     def _on_writable(self, worker: Worker) -> None:
         channel = worker._channel
-        if channel is None or channel.flush() or channel.closed:
-            self.loop.remove_writer(channel.fileno()) if channel and not channel.closed else None
+        if channel is not None and (channel.closed or channel.flush()) and channel.fileno() >= 0:
+            self.loop.remove_writer(channel.fileno())
 
     def _on_readable(self, worker: Worker) -> None:
         """Read and dispatch what the worker sent.

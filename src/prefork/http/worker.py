@@ -132,6 +132,7 @@ class Server:
         self._flush_scheduled = False
         self.least_conn = opts.get("policy") == "least_conn"
         self._protocols: dict[int, Any] = {}
+        self._connecting = 0
         stats = getattr(child, "stats", None) if child is not None else None
         if stats is None:
             stats = {"connections": 0, "requests": 0, "in_flight": 0}
@@ -231,6 +232,7 @@ class Server:
         sock.setblocking(False)
         if sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._connecting += 1  # accepted, not yet a connection of uvicorn's: a drain waits for it too
         self.loop.create_task(self._connect(factory, sock, listener))
 
     async def _connect(self, factory: Any, sock: Any, listener: Any) -> None:
@@ -240,6 +242,8 @@ class Server:
             logging.getLogger("prefork.serve").debug("connection dropped: %s", exc)
             sock.close()
             self._closed(listener)
+        finally:
+            self._connecting -= 1
 
     def _closed(self, listener: Any) -> None:
         if not self.least_conn:
@@ -325,7 +329,7 @@ class Server:
         its next request (answered with `Connection: close`): closing it at once would race with a
         request already on its way, the error a reload must not cause."""
         deadline = self.loop.time() + IDLE_GRACE
-        while self.state.connections or self.state.tasks:
+        while self.state.connections or self.state.tasks or self._connecting:
             if self.loop.time() >= deadline:
                 for connection in list(self.state.connections):
                     if _idle(connection):
