@@ -244,3 +244,32 @@ def test_worker_over_max_memory_is_replaced_gracefully(py):
     assert load.errors == [], load.errors[:5]
     script.signal("SIGTERM")
     assert script.wait(15) == 0
+
+
+CLOSED_LOOP = r"""
+import asyncio, sys
+import prefork as cluster
+
+if cluster.is_primary:
+    cluster.on("listening", lambda w, a: print("listening", w.process.pid, flush=True))
+    sys.exit(cluster.supervise(1, timeout=1.0).wait())
+else:
+    loop = asyncio.new_event_loop()
+    loop.close()  # a serving loop that has ended, as at the end of a drain
+    cluster._child.heartbeat_responder = lambda pong: loop.call_soon_threadsafe(pong)
+    listener = cluster.listen(("127.0.0.1", 0))
+    import threading
+    threading.Event().wait()
+"""
+
+
+def test_heartbeat_is_answered_when_the_serving_loop_has_ended(py):
+    """The channel's thread answers instead, and survives: the worker is not killed as hung."""
+    script = py.spawn(CLOSED_LOOP)
+    pid = int(script.expect(r"listening (\d+)")[1])
+    script.track(pid)
+    time.sleep(3.5)  # more than three heartbeat timeouts
+    assert pid_alive(pid), script.stderr
+    assert "did not answer" not in script.stderr and "Traceback" not in script.stderr, script.stderr
+    script.signal("SIGTERM")
+    assert script.wait(15) == 0

@@ -85,8 +85,13 @@ class Child:
                 return
 
     def _on_internal(self, message: Any, fds: list[int]) -> None:
+        """Internal messages are prefork's own: a failing handler is reported, never allowed to
+        end the reader thread (the worker would stop hearing its primary)."""
         name = message[0] if isinstance(message, list) else message["t"]
-        self.internal[name](message, fds)
+        try:
+            self.internal[name](message, fds)
+        except Exception:
+            report_callback_error(f"internal message {name!r}")
 
     def _deliver(self, batch: list[tuple[int, Any, list[int]]], i: int, n: int) -> int:
         """Deliver the user messages from batch[i] on, in order, up to the next internal one.
@@ -229,8 +234,12 @@ class Child:
         responder = self.heartbeat_responder
         if responder is None:
             self._pong()
-        else:
+            return
+        try:
             responder(self._pong)
+        except RuntimeError:  # its loop has ended (the worker is finishing): answer from here
+            self.heartbeat_responder = None
+            self._pong()
 
     def _pong(self) -> None:
         try:

@@ -75,6 +75,8 @@ class Supervisor:
         self.max_requests, self.max_requests_jitter = max_requests, max_requests_jitter
         self.max_memory = max_memory
         self.ready_mode, self.ready_timeout = ready, ready_timeout
+        # several beats per timeout, so one late answer is not taken for a hung worker
+        self._beat_every = min(BEAT_EVERY, timeout / 4) if timeout else BEAT_EVERY
         self.reload_batch = max(1, reload_batch)
         self.log = on_log or _default_log
         self.slots: list[Slot] = []
@@ -130,7 +132,7 @@ class Supervisor:
         self.slots = [Slot(i) for i in range(self.count)]
         for slot in self.slots:
             self._spawn(slot)
-        self._primary.loop.call_later(BEAT_EVERY, self._beat)
+        self._primary.loop.call_later(self._beat_every, self._beat)
 
     def _spawn(self, slot: Slot, replacing: Member | None = None) -> Member | None:
         """Fork a worker for `slot` (beside `replacing`, which keeps serving until this one is ready)."""
@@ -383,7 +385,7 @@ class Supervisor:
                 worker._channel.send_internal(["p"])
             self._sample(member, now)
             self._check_health(member, now)
-        self._primary.loop.call_later(BEAT_EVERY, self._beat)
+        self._primary.loop.call_later(self._beat_every, self._beat)
 
     def _check_health(self, member: Member, now: float) -> None:
         worker = member.worker

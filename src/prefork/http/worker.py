@@ -339,6 +339,7 @@ class Server:
     def finished(self) -> None:
         self._drained.set()
         if self.child is not None:
+            self.child.heartbeat_responder = None  # the loop ends: the channel's thread answers now
             self.child.server_closed(self)
 
 
