@@ -102,8 +102,9 @@ class Listener:
         return None
 
     def _take(self) -> int | None:
-        """Pop one handed-over connection. The primary learns what was taken in small batches
-        (when the queue empties, or every ACK_BATCH), always before this listener's close."""
+        """Pop one handed-over connection. The primary learns what was taken in small batches:
+        when the queue empties (at once: until then the primary holds a copy, and a client that
+        reads to EOF would wait for it) or every ACK_BATCH; always before this listener's close."""
         with self._lock:
             if not self._queue:
                 return None
