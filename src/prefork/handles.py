@@ -13,7 +13,7 @@ import socket
 from typing import Any
 
 from .policies import make_handle
-from .policies.base import Handle
+from .policies.base import Handle, close_fds
 
 
 class Servers:
@@ -24,16 +24,15 @@ class Servers:
         self.by_key: dict[tuple[Any, ...], Handle] = {}
         self.by_id: dict[int, Handle] = {}
         self._next_id = 1
-        primary.internal.update({
-            "listen": self._on_listen, "a": self._on_ack, "d": self._on_done, "x": self._on_close,
-        })
+        primary.internal.update({"listen": self._on_listen, "x": self._on_close})
 
     def _on_listen(self, worker: Any, msg: dict[str, Any], fds: list[int]) -> None:
         seq = msg["seq"]
         try:
             handle = self._handle_for(msg)
-            reply, out_fds = handle.add(worker)
+            reply, out_fds = handle.add(worker, fds)
         except OSError as exc:
+            close_fds(fds)
             worker._channel.send_internal({"t": "L", "seq": seq, "err": [exc.errno, exc.strerror]})
             return
         reply.update({"t": "L", "seq": seq, "h": handle.id, "name": handle.sockname})
@@ -49,21 +48,11 @@ class Servers:
             self.by_key[key], self.by_id[hid] = handle, handle
         return handle
 
-    def _on_ack(self, worker: Any, msg: list[Any], fds: list[int]) -> None:
-        handle = self.by_id.get(msg[1])
-        if handle is not None:
-            handle.accepted(worker, msg[2])
-
-    def _on_done(self, worker: Any, msg: list[Any], fds: list[int]) -> None:
-        handle = self.by_id.get(msg[1])
-        if handle is not None:
-            handle.finished(worker, msg[2])
-
     def _on_close(self, worker: Any, msg: list[Any], fds: list[int]) -> None:
         handle = self.by_id.get(msg[1])
         if handle is not None:
             handle.remove(worker)
-            self._close_if_unused(handle)
+            self.close_if_unused(handle)
 
     def worker_leaving(self, worker: Any) -> None:
         """A draining worker gets no new connection from now on."""
@@ -76,9 +65,9 @@ class Servers:
             if handle.has(worker):
                 handle.remove(worker)
                 if worker.exited_after_disconnect:
-                    self._close_if_unused(handle)
+                    self.close_if_unused(handle)
 
-    def _close_if_unused(self, handle: Handle) -> None:
+    def close_if_unused(self, handle: Handle) -> None:
         if not handle.workers:
             handle.close()
             self.by_id.pop(handle.id, None)
@@ -91,7 +80,7 @@ class Servers:
 
     def close_unused(self) -> None:
         for handle in list(self.by_id.values()):
-            self._close_if_unused(handle)
+            self.close_if_unused(handle)
 
     def any_open(self) -> bool:
         return bool(self.by_id)

@@ -1,9 +1,11 @@
 """The worker's side of shared servers: `listen()` and the `Listener` it returns.
 
 A Listener gathers the ways connections reach this worker: descriptors the primary hands over
-(round robin, least_conn) and listening sockets it may accept on itself (none, reuseport, exclusive,
-or any listen in the primary). An epoll descriptor over all of them is its `fileno()`, so it works
-with `selectors`, asyncio's `add_reader` and `socketserver`; `accept()` blocks like a socket's.
+(round robin, least_conn: they come on the listener's own hand-off link, handoff.py, read by
+whichever thread calls accept()) and listening sockets it may accept on itself (none, reuseport,
+exclusive, or any listen in the primary). An epoll descriptor over all of them is its `fileno()`,
+so it works with `selectors`, asyncio's `add_reader` and `socketserver`; `accept()` blocks like a
+socket's.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import select
 import socket
 import threading
 
+from . import handoff
 from .address import Address, normalize
 
 TYPE_CHECKING = False
@@ -29,7 +32,8 @@ ACK_BATCH = 8
 class Listener:
     """A server socket shared through the primary."""
 
-    def __init__(self, family: int, address: Address, hid: int | None = None, child: Any = None) -> None:
+    def __init__(self, family: int, address: Address, hid: int | None = None, child: Any = None,
+                 link: socket.socket | None = None) -> None:
         self.family = family
         self.type = socket.SOCK_STREAM
         self.address = address
@@ -42,6 +46,10 @@ class Listener:
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._epoll = select.epoll()
         self._epoll.register(self._wake, select.EPOLLIN)
+        self._signaled = False  # the wake eventfd is set: descriptors wait in _queue
+        self._link = link  # round robin: connections from the primary arrive here
+        if link is not None:
+            self._epoll.register(link.fileno(), select.EPOLLIN)
         self._timeout: float | None = None
         self._closed = False
         self._drained = threading.Event()
@@ -85,7 +93,7 @@ class Listener:
     def _try_accept(self) -> tuple[socket.socket, Any] | None:
         if self._closed:
             raise OSError(errno.EBADF, "listener is closed")
-        if self._queue:
+        if self._queue or self._link is not None:
             fd = self._take()
             if fd is not None:
                 sock = socket.socket(fileno=fd)
@@ -102,36 +110,64 @@ class Listener:
         return None
 
     def _take(self) -> int | None:
-        """Pop one handed-over connection. The primary learns what was taken in small batches:
-        when the queue empties (at once: until then the primary holds a copy, and a client that
-        reads to EOF would wait for it) or every ACK_BATCH; always before this listener's close."""
+        """One handed-over connection, from what the last record brought or from the link.
+
+        The primary learns what was taken in small batches: when nothing more waits (at once:
+        until then the primary holds a copy, and a client that reads to EOF would wait for it) or
+        every ACK_BATCH; always before this listener's close."""
         with self._lock:
-            if not self._queue:
+            if self._closed:
                 return None
-            fd = self._queue.popleft()
+            queue = self._queue
+            if not queue and self._link is not None:
+                self._receive()
+            if not queue:
+                return None
+            fd = queue.popleft()
             self._unacked += 1
-            if not self._queue:
-                _reset(self._wake)
+            if not queue:
+                if self._signaled:
+                    self._signaled = False
+                    _reset(self._wake)
                 self._ack()
             elif self._unacked >= ACK_BATCH:
                 self._ack()
             return fd
 
+    def _receive(self) -> None:
+        """Read one record of descriptors from the link (non-blocking), under the lock."""
+        try:
+            fds = handoff.recv_fds(self._link)  # type: ignore[arg-type]
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            fds = None
+        if fds is None:  # the primary's end closed: it has gone
+            self._unlink()
+            return
+        self._queue.extend(fds)
+        if len(self._queue) > 1 and not self._signaled:
+            self._signaled = True  # the rest stay readable through fileno() until taken
+            os.eventfd_write(self._wake, 1)
+
+    def _unlink(self) -> None:
+        link, self._link = self._link, None
+        if link is not None:
+            try:
+                self._epoll.unregister(link.fileno())
+            except (OSError, ValueError):
+                pass
+            link.close()
+
     def _ack(self) -> None:
-        if self._unacked:
-            self._child.channel.send_internal(["a", self.hid, self._unacked])
-            self._unacked = 0
+        if self._unacked and self._link is not None:
+            try:
+                handoff.send_count(self._link, handoff.TOOK, self._unacked)
+            except OSError:
+                pass
+        self._unacked = 0
 
     # -- fed by the channel's reader thread ------------------------------------------------------
-
-    def _push(self, fds: list[int]) -> None:
-        with self._lock:
-            if self._closed:
-                for fd in fds:  # the primary still holds them and gives them to another worker
-                    os.close(fd)
-                return
-            self._queue.extend(fds)
-            os.eventfd_write(self._wake, 1)
 
     def _add_source(self, sid: int, sock: socket.socket) -> None:
         sock.setblocking(False)
@@ -157,8 +193,14 @@ class Listener:
             if self._closed:
                 return
             self._closed = True
-            if self.hid is not None and self._child is not None and not self._child.channel.closed:
+            link = self._link
+            if link is not None:
                 self._ack()
+                try:  # what it handed over and we did not take goes to another worker
+                    handoff.send_count(link, handoff.CLOSED)
+                except OSError:
+                    pass
+                self._unlink()
             queued, self._queue = list(self._queue), collections.deque()
             sources, self._sources = list(self._sources.values()), {}
             os.eventfd_write(self._wake, 1)  # wake a blocked accept()
@@ -167,7 +209,7 @@ class Listener:
         for sock in sources:
             sock.close()
         if self._child is not None:
-            if self.hid is not None:
+            if self.hid is not None and link is None and not self._child.channel.closed:
                 self._child.channel.send_internal(["x", self.hid])
             self._child.server_closed(self)
         for callback in self.on_close:
@@ -203,10 +245,13 @@ class Listener:
 
     def report_finished(self, count: int = 1) -> None:
         """Tell a load-aware primary that `count` connections of this listener have closed."""
-        if self.hid is not None and self._child is not None and not self._child.channel.closed:
-            with self._lock:  # acks still batched go first, or the primary counts a close before its take
+        with self._lock:  # acks still batched go first, or the primary counts a close before its take
+            if self._link is not None:
                 self._ack()
-                self._child.channel.send_internal(["d", self.hid, count])
+                try:
+                    handoff.send_count(self._link, handoff.FINISHED, count)
+                except OSError:
+                    pass
 
     def __enter__(self) -> Listener:
         return self
@@ -270,12 +315,12 @@ class _Requests:
             slot.append(result)
             self.cond.notify_all()
 
-    def ask(self, channel: Any, request: dict[str, Any], build: Any) -> Any:
+    def ask(self, channel: Any, request: dict[str, Any], build: Any, fds: list[int] | None = None) -> Any:
         seq = request["seq"] = next(_seq)
         with self.cond:
             self.waiting[seq] = slot = []
             self.builders[seq] = build
-        channel.send_internal(request)
+        channel.send_internal(request, fds or ())
         with self.cond:
             while not slot:
                 if channel.closed:
@@ -301,21 +346,35 @@ def listen(address: Any, *, backlog: int | None = None, exclusive: bool = False)
     if child is None or exclusive:
         return _own_listener(family, addr, backlog, child, reuseport=False)
     policy = prefork.scheduling_policy
-    listener = _requests.ask(child.channel, {
-        "t": "listen", "family": int(family), "addr": addr, "backlog": backlog, "policy": policy,
-    }, lambda reply, fds: _shared_listener(family, child, reply, fds))
+    ours, theirs = handoff.pair() if policy in ("rr", "least_conn") else (None, None)
+    try:
+        listener = _requests.ask(child.channel, {
+            "t": "listen", "family": int(family), "addr": addr, "backlog": backlog, "policy": policy,
+        }, lambda reply, fds: _shared_listener(family, child, reply, fds, ours),
+            [theirs.fileno()] if theirs is not None else None)
+    except BaseException:
+        if ours is not None:
+            ours.close()
+        raise
+    finally:
+        if theirs is not None:
+            theirs.close()
     _opened(listener, child)
     return listener
 
 
-def _shared_listener(family: int, child: Any, reply: dict[str, Any], fds: list[int]) -> Listener:
+def _shared_listener(family: int, child: Any, reply: dict[str, Any], fds: list[int],
+                     link: socket.socket | None) -> Listener:
     """The primary's answer to listen(), on the reader thread: an OSError, or a registered Listener."""
     if reply.get("err"):
         code, message = reply["err"]
         raise OSError(code, message)
     name = reply["name"]
     address = Address.from_sockname(family, name if isinstance(name, str) else tuple(name))
-    listener = Listener(family, address, reply["h"], child)
+    if reply.get("mode") != "q" and link is not None:
+        link.close()
+        link = None
+    listener = Listener(family, address, reply["h"], child, link)
     for sid, fd in zip(reply.get("slots", []), fds, strict=True):
         listener._add_source(sid, socket.socket(fileno=fd))
     _listeners[reply["h"]] = listener
@@ -341,15 +400,6 @@ def _opened(listener: Listener, child: Any) -> None:
     child.channel.send_internal({"t": "listening", "address": listener.address.to_wire()})
 
 
-def _on_connections(message: list[Any], fds: list[int]) -> None:
-    listener = _listeners.get(message[1])
-    if listener is None:
-        for fd in fds:
-            os.close(fd)
-        return
-    listener._push(fds)
-
-
 def _on_slot_added(message: list[Any], fds: list[int]) -> None:
     listener = _listeners.get(message[1])
     if listener is None:
@@ -371,7 +421,7 @@ def _install() -> None:
     child = prefork._child
     if child is not None:
         child.internal.update({
-            "L": _requests.answer, "c": _on_connections, "+": _on_slot_added, "-": _on_slot_removed,
+            "L": _requests.answer, "+": _on_slot_added, "-": _on_slot_removed,
         })
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import Any
 
@@ -32,8 +33,11 @@ class Handle:
     def has(self, worker: Any) -> bool:
         return worker.id in self.workers
 
-    def add(self, worker: Any) -> tuple[dict[str, Any], list[int]]:
-        """Take a worker in; returns the reply for its listen() and the descriptors to pass."""
+    def add(self, worker: Any, link: list[int]) -> tuple[dict[str, Any], list[int]]:
+        """Take a worker in; returns the reply for its listen() and the descriptors to pass.
+
+        `link` is the hand-off link's descriptor (handoff.py) the worker sent, for policies that
+        hand connections over; others close it."""
         raise NotImplementedError
 
     def pause(self, worker: Any) -> None:
@@ -53,6 +57,14 @@ class Handle:
 
     def close(self) -> None:
         self.closed = True
+
+
+def close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def wire_name(sock: socket.socket) -> Any:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..handles import bind_socket
-from .base import Handle, wire_name
+from .base import Handle, close_fds, wire_name
 
 
 class ReusePortHandle(Handle):
@@ -39,7 +39,8 @@ class ReusePortHandle(Handle):
     def _slots_of(self, wid: int) -> list[int]:
         return [sid for sid, owner in self.owner.items() if owner == wid]
 
-    def add(self, worker: Any) -> tuple[dict[str, Any], list[int]]:
+    def add(self, worker: Any, link: list[int]) -> tuple[dict[str, Any], list[int]]:
+        close_fds(link)
         self.workers[worker.id] = worker
         sid = self._free_slot()
         if sid is None:

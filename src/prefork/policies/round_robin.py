@@ -1,7 +1,8 @@
 """SCHED_RR: the primary accepts and hands each connection to the next worker in turn.
 
 The hot path of prefork. Per wake-up the accept queue is drained with the raw `_accept` (no socket
-objects), descriptors are batched per worker into one sendmsg, and each worker may hold at most
+objects), descriptors are batched per worker into one sendmsg on that worker's hand-off link
+(handoff.py, read by the worker's serving loop itself), and each worker may hold at most
 `WINDOW` connections it has not yet taken, so a slow worker cannot pile them up while others idle.
 The primary keeps every handed-over descriptor until the worker says it took it: if that worker
 dies, drains or closes its listener first, the connection goes to another worker, never lost.
@@ -11,12 +12,14 @@ With no worker able to take more, the primary stops accepting and the kernel's b
 from __future__ import annotations
 
 import collections
+import errno
 import os
+import socket
 from typing import Any
 
-from ..channel import MAX_FDS
+from .. import handoff
 from ..handles import bind_socket
-from .base import Handle, wire_name
+from .base import Handle, close_fds, wire_name
 
 WINDOW = 64
 ACCEPTS_PER_WAKE = 512
@@ -35,10 +38,19 @@ class RoundRobinHandle(Handle):
         self.inflight: dict[int, collections.deque[int]] = {}
         self.pending: collections.deque[int] = collections.deque()  # taken back, waiting for a worker
         self.reading = False
+        self.links: dict[int, socket.socket] = {}  # worker id -> the primary's end of its link
 
     # -- membership ------------------------------------------------------------------------------
 
-    def add(self, worker: Any) -> tuple[dict[str, Any], list[int]]:
+    def add(self, worker: Any, link: list[int]) -> tuple[dict[str, Any], list[int]]:
+        if not link:
+            raise OSError(errno.EPROTO, "a round-robin listener needs its hand-off link")
+        close_fds(link[1:])
+        self._drop_link(worker)
+        sock = socket.socket(fileno=link[0])
+        sock.setblocking(False)
+        self.links[worker.id] = sock
+        self.loop.add_reader(sock.fileno(), lambda: self._on_link(worker))
         self.workers[worker.id] = worker
         if worker not in self.order:
             self.order.append(worker)
@@ -53,6 +65,7 @@ class RoundRobinHandle(Handle):
 
     def remove(self, worker: Any) -> None:
         self.pause(worker)
+        self._drop_link(worker)
         self.workers.pop(worker.id, None)
         taken_back = self.inflight.pop(worker.id, None)
         if taken_back:
@@ -73,6 +86,34 @@ class RoundRobinHandle(Handle):
 
     def _took(self, worker: Any, count: int) -> None:
         """Hook for load-aware subclasses."""
+
+    # -- the hand-off links ----------------------------------------------------------------------
+
+    def _on_link(self, worker: Any) -> None:
+        """The worker's reports: connections taken, closed (least_conn), its listener closed."""
+        link = self.links.get(worker.id)
+        if link is None:
+            return
+        try:
+            records, ended = handoff.recv_records(link)
+        except OSError:
+            records, ended = [], True
+        for kind, count in records:
+            if kind == handoff.TOOK:
+                self.accepted(worker, count)
+            elif kind == handoff.FINISHED:
+                self.finished(worker, count)
+            else:
+                ended = True
+        if ended:  # it closed its listener, or went away: what it had not taken goes to the others
+            self.remove(worker)
+            self.servers.close_if_unused(self)
+
+    def _drop_link(self, worker: Any) -> None:
+        link = self.links.pop(worker.id, None)
+        if link is not None:
+            self.loop.remove_reader(link.fileno())
+            link.close()
 
     # -- choosing a worker -----------------------------------------------------------------------
 
@@ -148,11 +189,19 @@ class RoundRobinHandle(Handle):
             self._send(worker, fds)
 
     def _send(self, worker: Any, fds: list[int]) -> None:
-        channel = worker._channel
-        for start in range(0, len(fds), MAX_FDS):
-            chunk = fds[start:start + MAX_FDS]
-            if not channel.send_internal(["c", self.id], chunk):
-                self.remove(worker)  # its channel is gone: the connections go to another worker
+        link = self.links.get(worker.id)
+        for start in range(0, len(fds), handoff.MAX_FDS):
+            try:
+                handoff.send_fds(link, fds[start:start + handoff.MAX_FDS])  # type: ignore[arg-type]
+            except (BlockingIOError, InterruptedError):  # its link is full: take back what is left
+                unsent = fds[start:]
+                queue = self.inflight[worker.id]
+                for _ in unsent:
+                    queue.pop()
+                self.pending.extendleft(reversed(unsent))
+                return
+            except (OSError, AttributeError):
+                self.remove(worker)  # its link is gone: the connections go to another worker
                 return
 
     def _deliver_pending(self) -> None:
@@ -180,6 +229,10 @@ class RoundRobinHandle(Handle):
                 os.close(fd)
         for fd in self.pending:
             os.close(fd)
+        for link in self.links.values():
+            self.loop.remove_reader(link.fileno())
+            link.close()
+        self.links.clear()
         self.inflight.clear()
         self.pending.clear()
         self.sock.close()

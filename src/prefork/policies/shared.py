@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..handles import bind_socket
-from .base import Handle, wire_name
+from .base import Handle, close_fds, wire_name
 
 
 class SharedHandle(Handle):
@@ -20,7 +20,8 @@ class SharedHandle(Handle):
         self.sock = bind_socket(family, addr, backlog)
         self.sockname = wire_name(self.sock)
 
-    def add(self, worker: Any) -> tuple[dict[str, Any], list[int]]:
+    def add(self, worker: Any, link: list[int]) -> tuple[dict[str, Any], list[int]]:
+        close_fds(link)
         self.workers[worker.id] = worker
         return {"mode": "s", "slots": [0]}, [self.sock.fileno()]
 
