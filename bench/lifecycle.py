@@ -26,8 +26,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _harness import ensure_wrk, free_port, median, print_table, run_wrk, start_process, stop_process  # noqa: E402
-from node_baseline import _event  # noqa: E402
+from _harness import ensure_wrk, free_port, print_table, run_wrk, start_process, stop_process  # noqa: E402
+from node_baseline import bench_respawn  # noqa: E402
 
 PYTHON = sys.executable
 NODE = os.environ.get("NODE", "node")
@@ -45,24 +45,9 @@ def command(kind: str) -> tuple[list[str], dict[str, str]]:
 
 
 def respawn(kind: str, kills: int) -> dict[str, float]:
+    """Past the supervisor's one second of MIN_UPTIME between kills: kills, not a crash loop."""
     argv, env = command(kind)
-    p = start_process(argv, env={**env, "PORT": str(free_port()), "WORKERS": "1"})
-    online: list[float] = []
-    listening: list[float] = []
-    try:
-        pid = next(json.loads(x)["pid"] for x in reversed(p.output) if x.startswith(b"{"))
-        for _ in range(kills):
-            t_kill = time.monotonic() * 1000.0
-            os.kill(pid, signal.SIGKILL)
-            on = _event(p, "online", pid, 10)
-            ls = _event(p, "listening", pid, 10)
-            online.append(on["t"] - t_kill)
-            listening.append(ls["t"] - t_kill)
-            pid = ls["pid"]
-            time.sleep(1.2)  # past the supervisor's MIN_UPTIME: a kill, not a crash loop
-    finally:
-        stop_process(p, timeout=10)
-    return {"kill_to_online_ms": median(online), "kill_to_listening_ms": median(listening)}
+    return bench_respawn(kills, argv=argv, env=env, pause=1.2)
 
 
 def reload_under_load(kind: str, close: bool, reloads: int, seconds: float) -> dict[str, Any]:

@@ -72,13 +72,17 @@ def _event(p: Proc, name: str, pid: int | None, timeout: float) -> dict[str, Any
             return ev
 
 
-def bench_respawn(kills: int, sig: int = signal.SIGKILL) -> dict[str, float]:
+def bench_respawn(kills: int, sig: int = signal.SIGKILL, argv: list[str] | None = None,
+                  env: dict[str, str] | None = None, pause: float = 0.2) -> dict[str, float]:
     """Kill the single worker `kills` times; median ms from kill to new worker online/listening.
 
-    Node's process.hrtime and Python's time.monotonic both read CLOCK_MONOTONIC on Linux.
+    Node's process.hrtime and Python's time.monotonic both read CLOCK_MONOTONIC on Linux. `argv`
+    and `env` run another cluster that prints the same JSON event lines (bench/lifecycle.py's
+    prefork side); `pause` is the wait between kills.
     """
     port = free_port()
-    p = start_process([NODE, str(HERE / "reload_master.js")], env={"PORT": str(port), "MODE": "respawn"})
+    argv = argv or [NODE, str(HERE / "reload_master.js")]
+    p = start_process(argv, env={"PORT": str(port), "MODE": "respawn", "WORKERS": "1", **(env or {})})
     online: list[float] = []
     listening: list[float] = []
     try:
@@ -91,7 +95,7 @@ def bench_respawn(kills: int, sig: int = signal.SIGKILL) -> dict[str, float]:
             online.append(on["t"] - t_kill)
             listening.append(ls["t"] - t_kill)
             pid = ls["pid"]
-            time.sleep(0.2)
+            time.sleep(pause)
     finally:
         stop_process(p, timeout=5)
     return {"kill_to_online_ms": median(online), "kill_to_listening_ms": median(listening)}

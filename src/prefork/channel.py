@@ -459,7 +459,7 @@ class Channel:
                         message = _json_decode(text)
                 except Exception as exc:
                     error = ProtocolError(f"undecodable {_KIND_NAMES[kind]} frame: {exc}")
-                    _close_fds(fds)
+                    close_fds(fds)
                     break
                 append((kind, message, fds))
             else:
@@ -467,7 +467,7 @@ class Channel:
                     message = decode(kind, view[body:stop])
                 except ProtocolError as exc:
                     error = exc
-                    _close_fds(fds)
+                    close_fds(fds)
                     break
                 append((kind, message, fds))
             pos = stop
@@ -537,7 +537,8 @@ class Channel:
             pass
 
 
-def _close_fds(fds: list[int]) -> None:
+def close_fds(fds: list[int]) -> None:
+    """Close received descriptors nobody will use (errors ignored: they may be gone already)."""
     for fd in fds:
         try:
             os.close(fd)

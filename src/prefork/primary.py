@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _proc
-from .channel import KIND_INTERNAL, Channel, ChannelClosed, ProtocolError
+from .channel import KIND_INTERNAL, Channel, ChannelClosed, ProtocolError, close_fds
 from .channel import SPIN as _SPIN
 from .events import EventEmitter
 from .loop import Loop
@@ -229,7 +229,7 @@ class Primary:
         handle = None
         if fds:
             handle = socket.socket(fileno=fds[0])
-            _close_fds(fds[1:])
+            close_fds(fds[1:])
         worker.emit("message", message, handle)
         self.cluster.emit("message", worker, message, handle)
 
@@ -237,7 +237,7 @@ class Primary:
         name = message[0] if isinstance(message, list) else message.get("t")
         handler = self.internal.get(name)
         if handler is None:
-            _close_fds(fds)
+            close_fds(fds)
             self._channel_failed(worker, ProtocolError(f"unknown internal message {name!r}"))
             return
         handler(worker, message, fds)
@@ -436,14 +436,6 @@ def _open_fds() -> set[int]:
         return {int(name) for name in os.listdir("/proc/self/fd")}
     except OSError:
         return {0, 1, 2}
-
-
-def _close_fds(fds: list[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
 
 def _quiet_sigint(primary: Primary) -> None:

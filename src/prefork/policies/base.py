@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import socket
 from typing import Any
+
+from ..channel import close_fds  # noqa: F401 - the policies' one way to drop descriptors
 
 
 class Handle:
@@ -57,14 +58,6 @@ class Handle:
 
     def close(self) -> None:
         self.closed = True
-
-
-def close_fds(fds: list[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
 
 def wire_name(sock: socket.socket) -> Any:
