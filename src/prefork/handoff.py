@@ -15,7 +15,7 @@ import socket
 import struct
 
 MAX_FDS = 253  # SCM_MAX_FD
-TOOK, FINISHED, CLOSED = b"a", b"d", b"x"
+TOOK, FINISHED = b"a", b"d"
 _COUNT = struct.Struct("<cI")
 _ANC = socket.CMSG_SPACE(MAX_FDS * 4)
 _RECV_FLAGS = socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC

@@ -193,13 +193,8 @@ class Listener:
             if self._closed:
                 return
             self._closed = True
-            link = self._link
-            if link is not None:
-                self._ack()
-                try:  # what it handed over and we did not take goes to another worker
-                    handoff.send_count(link, handoff.CLOSED)
-                except OSError:
-                    pass
+            if self._link is not None:
+                self._ack()  # before the close below: the primary reads this link first then
                 self._unlink()
             queued, self._queue = list(self._queue), collections.deque()
             sources, self._sources = list(self._sources.values()), {}
@@ -209,7 +204,8 @@ class Listener:
         for sock in sources:
             sock.close()
         if self._child is not None:
-            if self.hid is not None and link is None and not self._child.channel.closed:
+            if self.hid is not None and not self._child.channel.closed:
+                # on the channel, so that it takes effect before any message sent after close()
                 self._child.channel.send_internal(["x", self.hid])
             self._child.server_closed(self)
         for callback in self.on_close:

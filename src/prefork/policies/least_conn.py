@@ -27,8 +27,8 @@ class LeastConnHandle(RoundRobinHandle):
         self.open[worker.id] = max(0, self.open.get(worker.id, 0) - count)
 
     def remove(self, worker: Any) -> None:
+        super().remove(worker)  # reads its last reports first
         self.open.pop(worker.id, None)
-        super().remove(worker)
 
     def pick(self) -> Any:
         order = self.order

@@ -65,6 +65,7 @@ class RoundRobinHandle(Handle):
 
     def remove(self, worker: Any) -> None:
         self.pause(worker)
+        self._read_link(worker)  # what it took, reported just before it closed, counts first
         self._drop_link(worker)
         self.workers.pop(worker.id, None)
         taken_back = self.inflight.pop(worker.id, None)
@@ -90,10 +91,15 @@ class RoundRobinHandle(Handle):
     # -- the hand-off links ----------------------------------------------------------------------
 
     def _on_link(self, worker: Any) -> None:
-        """The worker's reports: connections taken, closed (least_conn), its listener closed."""
+        if self._read_link(worker):  # its listener closed, or it went: the rest goes to the others
+            self.remove(worker)
+            self.servers.close_if_unused(self)
+
+    def _read_link(self, worker: Any) -> bool:
+        """Apply the worker's reports (connections taken, closed); True once its end has closed."""
         link = self.links.get(worker.id)
         if link is None:
-            return
+            return False
         try:
             records, ended = handoff.recv_records(link)
         except OSError:
@@ -103,11 +109,7 @@ class RoundRobinHandle(Handle):
                 self.accepted(worker, count)
             elif kind == handoff.FINISHED:
                 self.finished(worker, count)
-            else:
-                ended = True
-        if ended:  # it closed its listener, or went away: what it had not taken goes to the others
-            self.remove(worker)
-            self.servers.close_if_unused(self)
+        return ended
 
     def _drop_link(self, worker: Any) -> None:
         link = self.links.pop(worker.id, None)
