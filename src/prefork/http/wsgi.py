@@ -7,8 +7,9 @@ new connections. This bridge does one hop per request in the common case:
 
 - the request body is read on the loop first (kept in memory, spooled to disk past 1 MiB), so the
   app's `wsgi.input` never waits for the loop;
-- the app runs in a thread pool (`--threads`, per worker); the response is gathered in that
-  thread, and if it ends within 256 KiB the whole response goes back to the loop at once;
+- the app runs in a thread pool (`--threads`, per worker; see _Pool for how threads are woken);
+  the response is gathered in that thread, and if it ends within 256 KiB the whole response goes
+  back to the loop at once, with one call_soon_threadsafe that resolves the request's future;
 - bigger or streamed responses (and `write()`) switch to streaming, one blocking hand-over per
   chunk, which is what keeps memory flat and gives back-pressure.
 """
@@ -16,10 +17,11 @@ new connections. This bridge does one hop per request in the common case:
 from __future__ import annotations
 
 import asyncio
+import collections
 import io
 import sys
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from typing import Any
 
 SPOOL_AT = 1 << 20
@@ -31,7 +33,7 @@ class WSGIBridge:
 
     def __init__(self, app: Any, threads: int) -> None:
         self.app = app
-        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="wsgi")
+        self.pool = _Pool(threads)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         kind = scope["type"]
@@ -43,7 +45,7 @@ class WSGIBridge:
                 if message["type"] == "lifespan.startup":
                     await send({"type": "lifespan.startup.complete"})
                 else:
-                    self.executor.shutdown(wait=False)
+                    self.pool.shutdown()
                     await send({"type": "lifespan.shutdown.complete"})
                     return
         elif kind == "websocket":
@@ -66,9 +68,10 @@ class WSGIBridge:
                     return
             body.seek(0)
         loop = asyncio.get_running_loop()
-        call = _Call(self.app, environ(scope, body), loop, send)
+        done = loop.create_future()
+        self.pool.submit(_Call(self.app, environ(scope, body), loop, send, done))
         try:
-            result = await loop.run_in_executor(self.executor, call.run)
+            result = await done
         finally:
             body.close()
         if result is not None:  # gathered: the whole response in one go
@@ -77,14 +80,147 @@ class WSGIBridge:
             await send({"type": "http.response.body", "body": data})
 
 
+class _Pool:
+    """`threads` threads running the requests, woken sparingly.
+
+    Why not ThreadPoolExecutor + run_in_executor: that wraps every call in a concurrent Future, a
+    work item and an asyncio future chained to it, and wakes one thread per request. Each wake-up
+    of a thread costs more than the hand-off itself: uvloop releases the GIL around every callback,
+    so a woken thread takes the GIL from the loop between callbacks, and the two ping-pong.
+
+    Here the requests of one loop turn are queued, and at the end of the turn (call_soon) one
+    sleeping thread is woken, only if none is running already; a running thread takes the queued
+    requests one after the other in a single stretch. So a blocking app still gets its concurrency:
+    when queued requests wait and no request was taken for STALL seconds (the running threads are
+    blocked in the app), every waiting request gets a thread, up to `threads`.
+    """
+
+    STALL = 0.001
+
+    def __init__(self, size: int) -> None:
+        self.size = max(1, size)
+        self.pending: collections.deque[Any] = collections.deque()
+        self.lock = threading.Lock()
+        self.sleeping: list[threading.Lock] = []
+        self.active = 0
+        self.threads = 0
+        self.taken = 0
+        self.mark = 0
+        self.checking = False
+        self.closed = False
+        self.flushing = False
+
+    def submit(self, call: Any) -> None:
+        with self.lock:
+            self.pending.append(call)
+        if not self.flushing:
+            self.flushing = True
+            call.loop.call_soon(self._flush, call.loop)
+
+    def _flush(self, loop: Any) -> None:
+        """Once per loop turn: the requests of the turn go to the threads with one wake-up."""
+        self.flushing = False
+        waiter = None
+        start = False
+        with self.lock:
+            if not self.pending:
+                return
+            if not self.active:
+                if self.sleeping:
+                    waiter = self.sleeping.pop()
+                    self.active += 1
+                elif self.threads < self.size:
+                    start = True
+                    self.threads += 1
+                    self.active += 1
+            elif not self.checking:
+                self.checking = True
+                self.mark = self.taken
+                loop.call_later(self.STALL, self._check, loop)
+        if waiter is not None:
+            waiter.release()
+        elif start:
+            self._start()
+
+    def _start(self) -> None:
+        waiter = threading.Lock()
+        waiter.acquire()
+        threading.Thread(target=self._work, args=(waiter,), name=f"wsgi_{self.threads}", daemon=True).start()
+
+    def _check(self, loop: Any) -> None:
+        wake = []
+        start = 0
+        with self.lock:
+            self.checking = False
+            if not self.pending or self.closed:
+                return
+            if self.taken != self.mark:  # the running threads take requests: look again later
+                self.checking = True
+                self.mark = self.taken
+                loop.call_later(self.STALL, self._check, loop)
+                return
+            n = len(self.pending)  # stalled (blocking apps): every waiting request gets a thread
+            while n and self.sleeping:
+                wake.append(self.sleeping.pop())
+                self.active += 1
+                n -= 1
+            start = min(n, self.size - self.threads)
+            self.threads += start
+            self.active += start
+        for waiter in wake:
+            waiter.release()
+        for _ in range(start):
+            self._start()
+
+    def _work(self, waiter: threading.Lock) -> None:
+        lock, pending = self.lock, self.pending
+        while True:
+            with lock:
+                if pending:
+                    call = pending.popleft()
+                    self.taken += 1
+                elif self.closed:
+                    self.active -= 1
+                    self.threads -= 1
+                    return
+                else:
+                    self.active -= 1
+                    self.sleeping.append(waiter)
+                    call = None
+            if call is None:
+                waiter.acquire()
+                continue
+            call()
+
+    def shutdown(self) -> None:
+        with self.lock:
+            self.closed = True
+            wake, self.sleeping = self.sleeping, []
+            self.active += len(wake)
+        for waiter in wake:
+            waiter.release()
+
+
+def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():  # the request's task was cancelled (shutdown timeout) while the app ran
+        return
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)
+
+
 class _Call:
     """One request, run in a pool thread."""
 
-    def __init__(self, app: Any, environ: dict[str, Any], loop: asyncio.AbstractEventLoop, send: Any) -> None:
+    def __init__(
+        self, app: Any, environ: dict[str, Any], loop: asyncio.AbstractEventLoop, send: Any, done: Any
+    ) -> None:
         self.app = app
         self.environ = environ
         self.loop = loop
         self.send = send
+        self.done = done
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.streaming = False
@@ -113,6 +249,17 @@ class _Call:
             self._start_streaming(b"")
         if data:
             self._hand_over({"type": "http.response.body", "body": data, "more_body": True})
+
+    def __call__(self) -> None:
+        error: BaseException | None = None
+        try:
+            result = self.run()
+        except BaseException as exc:  # noqa: B036 -- it goes to the request's task, as run_in_executor did
+            result, error = None, exc
+        try:
+            self.loop.call_soon_threadsafe(_resolve, self.done, result, error)
+        except RuntimeError:  # the loop has closed: nobody waits for this answer any more
+            pass
 
     def run(self) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
         iterable = self.app(self.environ, self.start_response)
