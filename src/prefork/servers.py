@@ -259,6 +259,8 @@ class Listener:
         try:
             self._epoll.close()
             os.close(self._wake)
+            if self._link is not None:
+                self._link.close()
         except (OSError, AttributeError, TypeError):
             pass
 
