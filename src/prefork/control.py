@@ -124,11 +124,12 @@ class ControlServer:
             conn.settimeout(10.0)
             try:
                 uid = peer_uid(conn)
+                request = _recv(conn)  # read first even when refusing: closing on unread data would
+                # reset the connection, and the client would see a broken pipe instead of the reason
                 if uid != os.getuid():
                     _send(conn, {"ok": False, "error": f"permission denied: uid {uid} may not control "
                                                       f"this primary (owner uid {os.getuid()})"})
                     return
-                request = _recv(conn)
                 try:
                     reply = self.handler(request)
                 except Exception as exc:  # a bad request must not take the primary down
