@@ -273,3 +273,41 @@ def test_heartbeat_is_answered_when_the_serving_loop_has_ended(py):
     assert "did not answer" not in script.stderr and "Traceback" not in script.stderr, script.stderr
     script.signal("SIGTERM")
     assert script.wait(15) == 0
+
+
+READY_MESSAGE = r"""
+import sys, time
+import prefork as cluster
+
+if cluster.is_primary:
+    sys.exit(cluster.supervise(2, ready="message", reload_batch=2, graceful_timeout=5).wait())
+else:
+    listener = cluster.listen(("127.0.0.1", 0))  # listening is not enough: the app says when
+    time.sleep(0.5)
+    print(f"worker {cluster.worker.id} sends ready", file=sys.stderr, flush=True)
+    cluster.worker.send("ready")
+    try:
+        while True:
+            listener.accept()[0].close()
+    except OSError:
+        pass
+"""
+
+
+def test_ready_message_and_reload_in_batches(py):
+    """ready="message" waits for the app's own "ready" (PM2's wait_ready); reload_batch=2 starts two
+    new workers, and only once both are ready drains the two old ones."""
+    script = py.spawn(READY_MESSAGE)
+    assert wait_until(lambda: script.stderr.count("is ready") == 2, 10), script.stderr
+    log = script.stderr
+    for wid in (1, 2):  # the supervisor's line comes after the worker's own word, not at listen()
+        assert log.index(f"worker {wid} sends ready") < log.index(f"worker {wid} (pid"), log
+    script.signal("SIGHUP")
+    assert wait_until(lambda: script.stderr.count("stopped (reload)") == 2, 15), script.stderr
+    log = script.stderr
+    reload_at = log.index("reloading")
+    new_ready = max(log.index(f"worker {wid} (pid", reload_at) for wid in (3, 4))
+    old_stopped = min(log.index(f"worker {wid} (pid", reload_at) for wid in (1, 2))
+    assert new_ready < old_stopped, log  # both new ones ready before an old one is drained
+    script.signal("SIGTERM")
+    assert script.wait(15) == 0
