@@ -1,6 +1,7 @@
 """Scheduling policies: how the connections of one shared address reach the workers.
 
-- `rr` (round_robin.py): the primary accepts and hands each connection to the next worker in turn.
+- `rr` (round_robin.py): the primary accepts and hands each connection to the next worker in turn,
+  over the worker's hand-off link (handoff.py).
 - `least_conn` (least_conn.py): as rr, but to the worker with the fewest open connections.
 - `none` (shared.py): every worker gets the one listening socket and accepts by itself.
 - `reuseport` (reuseport.py): one SO_REUSEPORT socket per worker; the kernel balances by hash.
