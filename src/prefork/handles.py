@@ -45,6 +45,7 @@ class Servers:
         if handle is None or handle.closed or handle.stopped:
             hid, self._next_id = self._next_id, self._next_id + 1
             handle = make_handle(policy, self, hid, family, addr, msg.get("backlog") or 511)
+            handle.key = key  # the key asked for (a unix path under reuseport is a shared handle)
             self.by_key[key], self.by_id[hid] = handle, handle
         return handle
 

@@ -16,7 +16,6 @@ from .base import Handle
 
 
 def make_handle(policy: str, servers: Any, hid: int, family: int, addr: Any, backlog: int) -> Handle:
-    asked = policy
     if policy == "reuseport" and family == socket.AF_UNIX:
         policy = "none"  # SO_REUSEPORT means nothing for unix sockets: all workers share one
     if policy == "rr":
@@ -29,6 +28,4 @@ def make_handle(policy: str, servers: Any, hid: int, family: int, addr: Any, bac
         from .reuseport import ReusePortHandle as cls
     else:
         raise ValueError(f"unknown scheduling policy {policy!r}")
-    handle = cls(servers, hid, family, addr, backlog)
-    handle.key = (*handle.key[:2], asked)  # the registry keys it by the policy the worker asked for
-    return handle
+    return cls(servers, hid, family, addr, backlog)

@@ -25,7 +25,7 @@ class Handle:
         self.family = family
         self.addr = addr
         self.backlog = backlog
-        self.key: tuple[Any, ...] = (family, addr if isinstance(addr, str) else tuple(addr), self.policy)
+        self.key: tuple[Any, ...] = ()  # set by the registry, which looks handles up by it
         self.workers: dict[int, Any] = {}
         self.closed = False
         self.stopped = False  # stop_accepting() was called: a new listen() gets a new handle
