@@ -65,8 +65,8 @@ if cluster.is_primary:
         def report():
             load = 0
             for handle in cluster._primary.servers.by_id.values():
-                for wid, queue in handle.inflight.items():
-                    load += len(queue) + handle.open.get(wid, 0)
+                for wid in handle.workers:
+                    load += handle.load(wid)
             print("load", load, flush=True)
         cluster._primary.post(report)
     signal.signal(signal.SIGUSR1, print_load)

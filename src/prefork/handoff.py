@@ -1,24 +1,33 @@
 """The hand-off link: how round-robin connections travel from the primary to one worker's listener.
 
-One SOCK_SEQPACKET socketpair per (worker, server), made by the worker when it listens. The primary
-sends records of accepted descriptors (one byte per descriptor, the descriptors as SCM_RIGHTS); the
-worker answers with small records: how many it took, how many it closed (for least_conn), and that
-it closed its listener. Keeping this off the main channel lets the worker's serving loop receive
-connections itself, in the thread that accepts them: no channel thread, no hand-over between
-threads, no interpreter-lock round trip per connection.
+One SOCK_SEQPACKET socketpair per (worker, server), made by the worker when it listens; it sends the
+primary both ends. The primary sends one record per accepted connection (one byte, the descriptor as
+SCM_RIGHTS) and closes its copy at once. It keeps a reference to the worker's end, so the records the
+worker has not read stay in that end's queue whatever happens to the worker: when it dies or closes
+its listener, the primary reads them back (`reclaim`) and hands them to another worker. The queue's
+length (`waiting`, FIONREAD) is the worker's window: no acknowledgement travels back, so the primary
+wakes only for new connections. One descriptor per record, so that a worker never holds more than
+the one it is taking. The worker's only records are counts of closed connections, for least_conn.
+
+Keeping this off the main channel lets the worker's serving loop receive connections itself, in the
+thread that accepts them: no channel thread, no hand-over between threads.
 """
 
 from __future__ import annotations
 
 import array
+import fcntl
 import socket
 import struct
+import sys
+import termios
 
 MAX_FDS = 253  # SCM_MAX_FD
-TOOK, FINISHED = b"a", b"d"
+FINISHED = b"d"
 _COUNT = struct.Struct("<cI")
 _ANC = socket.CMSG_SPACE(MAX_FDS * 4)
 _RECV_FLAGS = socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC
+RECORD = [b"c"]  # a connection's record: this byte, its descriptor as SCM_RIGHTS
 
 
 class LinkError(OSError):
@@ -30,9 +39,10 @@ def pair() -> tuple[socket.socket, socket.socket]:
     return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 
 
-def send_fds(sock: socket.socket, fds: list[int]) -> None:
-    """One record carrying `fds` (at most MAX_FDS); BlockingIOError when the worker is full."""
-    sock.sendmsg([b"c" * len(fds)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))],
+def send_fd(sock: socket.socket, fd: int) -> None:
+    """One record carrying `fd`; BlockingIOError when the link is full. (The round-robin
+    policy inlines this on its hot path.)"""
+    sock.sendmsg(RECORD, [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fd.to_bytes(4, sys.byteorder))],
                  socket.MSG_DONTWAIT)
 
 
@@ -48,6 +58,28 @@ def recv_fds(sock: socket.socket) -> list[int] | None:
     if not data and not fds:
         return None
     return list(fds)
+
+
+def reclaim(worker_end: socket.socket) -> list[int]:
+    """Every descriptor still waiting in the worker's end, in order (the primary's copy of it)."""
+    out: list[int] = []
+    while True:
+        try:
+            fds = recv_fds(worker_end)
+        except (BlockingIOError, InterruptedError):
+            return out
+        except LinkError:
+            continue
+        if not fds:
+            return out
+        out += fds
+
+
+def waiting(worker_end: socket.socket) -> int:
+    """How many connections wait in the link, not yet read by the worker (one byte each)."""
+    buf = array.array("i", [0])
+    fcntl.ioctl(worker_end.fileno(), termios.FIONREAD, buf)
+    return buf[0]
 
 
 def send_count(sock: socket.socket, kind: bytes, count: int = 0) -> None:

@@ -26,7 +26,6 @@ if TYPE_CHECKING:
     from typing import Any
 
 _seq = itertools.count(1)
-ACK_BATCH = 8
 
 
 class Listener:
@@ -41,13 +40,13 @@ class Listener:
         self._child = child
         self._lock = threading.Lock()
         self._queue: collections.deque[int] = collections.deque()
-        self._unacked = 0
         self._sources: dict[int, socket.socket] = {}
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._epoll = select.epoll()
         self._epoll.register(self._wake, select.EPOLLIN)
         self._signaled = False  # the wake eventfd is set: descriptors wait in _queue
         self._link = link  # round robin: connections from the primary arrive here
+        self._report = False  # the primary wants to know when connections close (least_conn)
         if link is not None:
             self._epoll.register(link.fileno(), select.EPOLLIN)
         self._timeout: float | None = None
@@ -112,9 +111,8 @@ class Listener:
     def _take(self) -> int | None:
         """One handed-over connection, from what the last record brought or from the link.
 
-        The primary learns what was taken in small batches: when nothing more waits (at once:
-        until then the primary holds a copy, and a client that reads to EOF would wait for it) or
-        every ACK_BATCH; always before this listener's close."""
+        Read one record at a time, when the app asks: what stays in the link is still the
+        primary's to give to another worker should this one die."""
         with self._lock:
             if self._closed:
                 return None
@@ -124,14 +122,9 @@ class Listener:
             if not queue:
                 return None
             fd = queue.popleft()
-            self._unacked += 1
-            if not queue:
-                if self._signaled:
-                    self._signaled = False
-                    _reset(self._wake)
-                self._ack()
-            elif self._unacked >= ACK_BATCH:
-                self._ack()
+            if not queue and self._signaled:
+                self._signaled = False
+                _reset(self._wake)
             return fd
 
     def _receive(self) -> None:
@@ -158,14 +151,6 @@ class Listener:
             except (OSError, ValueError):
                 pass
             link.close()
-
-    def _ack(self) -> None:
-        if self._unacked and self._link is not None:
-            try:
-                handoff.send_count(self._link, handoff.TOOK, self._unacked)
-            except OSError:
-                pass
-        self._unacked = 0
 
     # -- fed by the channel's reader thread ------------------------------------------------------
 
@@ -194,8 +179,7 @@ class Listener:
                 return
             self._closed = True
             if self._link is not None:
-                self._ack()  # before the close below: the primary reads this link first then
-                self._unlink()
+                self._unlink()  # what waits in it, the primary gives to another worker
             queued, self._queue = list(self._queue), collections.deque()
             sources, self._sources = list(self._sources.values()), {}
             os.eventfd_write(self._wake, 1)  # wake a blocked accept()
@@ -240,10 +224,12 @@ class Listener:
         return self._drained.wait(timeout)
 
     def report_finished(self, count: int = 1) -> None:
-        """Tell a load-aware primary that `count` connections of this listener have closed."""
-        with self._lock:  # acks still batched go first, or the primary counts a close before its take
+        """Tell a load-aware primary that `count` connections of this listener have closed
+        (a no-op for every other policy, so servers may call it whatever the policy)."""
+        if not self._report:
+            return
+        with self._lock:
             if self._link is not None:
-                self._ack()
                 try:
                     handoff.send_count(self._link, handoff.FINISHED, count)
                 except OSError:
@@ -349,7 +335,7 @@ def listen(address: Any, *, backlog: int | None = None, exclusive: bool = False)
         listener = _requests.ask(child.channel, {
             "t": "listen", "family": int(family), "addr": addr, "backlog": backlog, "policy": policy,
         }, lambda reply, fds: _shared_listener(family, child, reply, fds, ours),
-            [theirs.fileno()] if theirs is not None else None)
+            [theirs.fileno(), ours.fileno()] if theirs is not None and ours is not None else None)
     except BaseException:
         if ours is not None:
             ours.close()
@@ -373,6 +359,7 @@ def _shared_listener(family: int, child: Any, reply: dict[str, Any], fds: list[i
         link.close()
         link = None
     listener = Listener(family, address, reply["h"], child, link)
+    listener._report = bool(reply.get("report"))
     for sid, fd in zip(reply.get("slots", []), fds, strict=True):
         listener._add_source(sid, socket.socket(fileno=fd))
     _listeners[reply["h"]] = listener

@@ -1,12 +1,13 @@
 """SCHED_RR: the primary accepts and hands each connection to the next worker in turn.
 
 The hot path of prefork. Per wake-up the accept queue is drained with the raw `_accept` (no socket
-objects), descriptors are batched per worker into one sendmsg on that worker's hand-off link
-(handoff.py, read by the worker's serving loop itself), and each worker may hold at most
-`WINDOW` connections it has not yet taken, so a slow worker cannot pile them up while others idle.
-The primary keeps every handed-over descriptor until the worker says it took it: if that worker
-dies, drains or closes its listener first, the connection goes to another worker, never lost.
-With no worker able to take more, the primary stops accepting and the kernel's backlog holds them.
+objects); each connection goes at once, one record, down the next worker's hand-off link
+(handoff.py, read by the worker's serving loop itself) and the primary closes its copy. Nothing
+comes back per connection: the primary keeps a reference to each worker's end of its link, so what
+a worker has not read stays there and is reclaimed if the worker dies, drains or closes its
+listener, then goes to another worker, never lost. How many wait in a link is the worker's window:
+at `WINDOW` a worker gets no more, so a slow worker cannot pile them up while others idle. With no
+worker able to take more, the primary stops accepting and the kernel's backlog holds the rest.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import collections
 import errno
 import os
 import socket
+import sys
 from typing import Any
 
 from .. import handoff
@@ -22,11 +24,15 @@ from ..handles import bind_socket
 from .base import Handle, close_fds, wire_name
 
 WINDOW = 64
+_ONE = handoff.RECORD  # handoff.send_fd, inlined on the hot path
+_SOL, _RIGHTS, _DONTWAIT, _ORDER = socket.SOL_SOCKET, socket.SCM_RIGHTS, socket.MSG_DONTWAIT, sys.byteorder
 ACCEPTS_PER_WAKE = 512
+RECHECK_S = 0.005  # every window full: how often to look again (no acknowledgement will wake us)
 
 
 class RoundRobinHandle(Handle):
     policy = "rr"
+    counts = False  # whether `handed` is called (load-aware subclasses)
 
     def __init__(self, servers: Any, hid: int, family: int, addr: Any, backlog: int) -> None:
         super().__init__(servers, hid, family, addr, backlog)
@@ -35,26 +41,28 @@ class RoundRobinHandle(Handle):
         self._accept = self.sock._accept  # type: ignore[attr-defined]
         self.order: list[Any] = []  # workers that may get connections, in turn
         self.next = 0
-        self.inflight: dict[int, collections.deque[int]] = {}
-        self.pending: collections.deque[int] = collections.deque()  # taken back, waiting for a worker
-        self.reading = False
         self.links: dict[int, socket.socket] = {}  # worker id -> the primary's end of its link
+        self.ends: dict[int, socket.socket] = {}  # worker id -> the primary's copy of the worker's end
+        self.room: dict[int, int] = {}  # worker id -> connections it may still get in this wake-up
+        self.pending: collections.deque[int] = collections.deque()  # waiting for a worker
+        self.reading = False
+        self.rechecking = False
 
     # -- membership ------------------------------------------------------------------------------
 
     def add(self, worker: Any, link: list[int]) -> tuple[dict[str, Any], list[int]]:
-        if not link:
-            raise OSError(errno.EPROTO, "a round-robin listener needs its hand-off link")
-        close_fds(link[1:])
+        if len(link) != 2:
+            close_fds(link)
+            raise OSError(errno.EPROTO, "a round-robin listener needs both ends of its hand-off link")
         self._drop_link(worker)
-        sock = socket.socket(fileno=link[0])
-        sock.setblocking(False)
-        self.links[worker.id] = sock
-        self.loop.add_reader(sock.fileno(), lambda: self._on_link(worker))
+        ours, theirs = (socket.socket(fileno=fd) for fd in link)
+        ours.setblocking(False)
+        theirs.setblocking(False)
+        self.links[worker.id], self.ends[worker.id] = ours, theirs
+        self.loop.add_reader(ours.fileno(), lambda: self._on_link(worker))
         self.workers[worker.id] = worker
         if worker not in self.order:
             self.order.append(worker)
-        self.inflight.setdefault(worker.id, collections.deque())
         self.loop.call_soon(self._deliver_pending)
         return {"mode": "q"}, []
 
@@ -65,38 +73,26 @@ class RoundRobinHandle(Handle):
 
     def remove(self, worker: Any) -> None:
         self.pause(worker)
-        self._read_link(worker)  # what it took, reported just before it closed, counts first
+        self._read_link(worker)
+        end = self.ends.get(worker.id)
+        if end is not None:  # what it had not read goes to the others, first in line
+            self.pending.extendleft(reversed(handoff.reclaim(end)))
         self._drop_link(worker)
         self.workers.pop(worker.id, None)
-        taken_back = self.inflight.pop(worker.id, None)
-        if taken_back:
-            self.pending.extendleft(reversed(taken_back))
         self._deliver_pending()
 
-    def accepted(self, worker: Any, count: int) -> None:
-        queue = self.inflight.get(worker.id)
-        if not queue:
-            return
-        for _ in range(min(count, len(queue))):
-            os.close(queue.popleft())
-        self._took(worker, count)
-        if self.pending:
-            self._deliver_pending()
-        elif not self.reading:
-            self._resume()
-
-    def _took(self, worker: Any, count: int) -> None:
-        """Hook for load-aware subclasses."""
+    def handed(self, worker: Any) -> None:
+        """Hook for load-aware subclasses: one more connection went to `worker`."""
 
     # -- the hand-off links ----------------------------------------------------------------------
 
     def _on_link(self, worker: Any) -> None:
-        if self._read_link(worker):  # its listener closed, or it went: the rest goes to the others
+        if self._read_link(worker):
             self.remove(worker)
             self.servers.close_if_unused(self)
 
     def _read_link(self, worker: Any) -> bool:
-        """Apply the worker's reports (connections taken, closed); True once its end has closed."""
+        """Apply the worker's reports (connections closed); True if its end is gone."""
         link = self.links.get(worker.id)
         if link is None:
             return False
@@ -105,9 +101,7 @@ class RoundRobinHandle(Handle):
         except OSError:
             records, ended = [], True
         for kind, count in records:
-            if kind == handoff.TOOK:
-                self.accepted(worker, count)
-            elif kind == handoff.FINISHED:
+            if kind == handoff.FINISHED:
                 self.finished(worker, count)
         return ended
 
@@ -116,22 +110,61 @@ class RoundRobinHandle(Handle):
         if link is not None:
             self.loop.remove_reader(link.fileno())
             link.close()
+        end = self.ends.pop(worker.id, None)
+        if end is not None:
+            close_fds(handoff.reclaim(end))  # none, unless it was never removed properly
+            end.close()
 
     # -- choosing a worker -----------------------------------------------------------------------
 
+    def has_room(self, worker: Any) -> int:
+        """How many more it may get now: its window less what waits in its link (read once a wake-up)."""
+        room = self.room.get(worker.id)
+        if room is None:
+            try:
+                room = WINDOW - handoff.waiting(self.ends[worker.id])
+            except (OSError, KeyError):
+                room = 0
+            self.room[worker.id] = room
+        return room
+
     def pick(self) -> Any:
-        """The next worker in turn that has room in its window, or None."""
-        order = self.order
+        """The next worker in turn that has room in its window, or None. (Once per connection:
+        written for speed.)"""
+        order, room = self.order, self.room
         n = len(order)
-        inflight = self.inflight
-        for i in range(n):
-            worker = order[(self.next + i) % n]
-            if len(inflight[worker.id]) < WINDOW:
-                self.next = (self.next + i + 1) % n
+        idx = self.next
+        for _ in range(n):
+            if idx >= n:
+                idx = 0
+            worker = order[idx]
+            idx += 1
+            left = room.get(worker.id)
+            if left is None:
+                left = self.has_room(worker)
+            if left > 0:
+                self.next = idx
                 return worker
         return None
 
     # -- accepting and handing over --------------------------------------------------------------
+
+    def _give(self, worker: Any, fd: int) -> bool:
+        """Hand `fd` to `worker`; False when its link cannot take it now. The caller still owns
+        its copy of `fd` either way (and closes it once handed: see `_close`)."""
+        wid = worker.id
+        try:
+            self.links[wid].sendmsg(_ONE, [(_SOL, _RIGHTS, fd.to_bytes(4, _ORDER))], _DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            self.room[wid] = 0
+            return False
+        except (OSError, KeyError):
+            self.remove(worker)  # its link is gone: what it had goes to the others
+            return False
+        self.room[wid] -= 1
+        if self.counts:
+            self.handed(worker)
+        return True
 
     def stop_accepting(self) -> None:
         """The cluster stops: take what the backlog holds, then stop listening (new connects are
@@ -140,21 +173,24 @@ class RoundRobinHandle(Handle):
             return
         self.stopped = True
         self._pause_accepting()
-        batches: dict[Any, list[int]] = {}
         while True:
             try:
                 fd, _addr = self._accept()
             except OSError:
                 break
+            self.pending.append(fd)
+        self.sock.close()
+        self.room.clear()
+        pending = self.pending
+        for _ in range(len(pending)):  # past the windows: nobody else will take them
             worker = self.pick() or (self.order[0] if self.order else None)
             if worker is None:
-                self.pending.append(fd)
-                continue
-            batches.setdefault(worker, []).append(fd)
-            self.inflight[worker.id].append(fd)
-        for worker, fds in batches.items():
-            self._send(worker, fds)
-        self.sock.close()
+                break
+            fd = pending.popleft()
+            if not self._give(worker, fd):
+                pending.appendleft(fd)
+                break
+            os.close(fd)
 
     def _resume(self) -> None:
         if not self.reading and not self.closed and self.order and self.sock.fileno() >= 0:
@@ -167,8 +203,9 @@ class RoundRobinHandle(Handle):
             self.loop.remove_reader(self.sock.fileno())
 
     def _on_readable(self) -> None:
-        batches: dict[Any, list[int]] = {}
-        accept, pick = self._accept, self.pick
+        accept, pick, give = self._accept, self.pick, self._give
+        self.room.clear()
+        handed: list[int] = []
         for _ in range(ACCEPTS_PER_WAKE):
             try:
                 fd, _addr = accept()
@@ -177,64 +214,68 @@ class RoundRobinHandle(Handle):
             except OSError:  # ECONNABORTED, EMFILE...: try again on the next wake-up
                 break
             worker = pick()
-            if worker is None:  # every window is full: hold it, and let the backlog hold the rest
-                self.pending.append(fd)
-                self._pause_accepting()
+            while worker is not None and not give(worker, fd):
+                worker = pick()  # that one's link was full or gone
+            if worker is None:
+                self.pending.append(fd)  # every window is full: the backlog holds the rest
+                self._full()
                 break
-            batch = batches.get(worker)
-            if batch is None:
-                batches[worker] = [fd]
-            else:
-                batch.append(fd)
-            self.inflight[worker.id].append(fd)
-        for worker, fds in batches.items():
-            self._send(worker, fds)
+            handed.append(fd)
+        _close(handed)
 
-    def _send(self, worker: Any, fds: list[int]) -> None:
-        link = self.links.get(worker.id)
-        for start in range(0, len(fds), handoff.MAX_FDS):
-            try:
-                handoff.send_fds(link, fds[start:start + handoff.MAX_FDS])  # type: ignore[arg-type]
-            except (BlockingIOError, InterruptedError):  # its link is full: take back what is left
-                unsent = fds[start:]
-                queue = self.inflight[worker.id]
-                for _ in unsent:
-                    queue.pop()
-                self.pending.extendleft(reversed(unsent))
-                return
-            except (OSError, AttributeError):
-                self.remove(worker)  # its link is gone: the connections go to another worker
-                return
+    def _full(self) -> None:
+        self._pause_accepting()
+        if not self.rechecking and not self.closed:
+            self.rechecking = True
+            self.loop.call_later(RECHECK_S, self._recheck)
+
+    def _recheck(self) -> None:
+        self.rechecking = False
+        self._deliver_pending()
 
     def _deliver_pending(self) -> None:
-        batches: dict[Any, list[int]] = {}
         pending = self.pending
+        self.room.clear()
         while pending:
             worker = self.pick()
             if worker is None:
-                break
+                if self.order:
+                    self._full()
+                return
             fd = pending.popleft()
-            batches.setdefault(worker, []).append(fd)
-            self.inflight[worker.id].append(fd)
-        for worker, fds in batches.items():
-            self._send(worker, fds)
-        if not pending:
-            self._resume()
+            if self._give(worker, fd):
+                os.close(fd)
+            else:
+                pending.appendleft(fd)
+        self._resume()
 
     def close(self) -> None:
         if self.closed:
             return
         self._pause_accepting()
         super().close()
-        for queue in self.inflight.values():
-            for fd in queue:
-                os.close(fd)
-        for fd in self.pending:
-            os.close(fd)
-        for link in self.links.values():
-            self.loop.remove_reader(link.fileno())
-            link.close()
-        self.links.clear()
-        self.inflight.clear()
+        for wid in list(self.links):
+            self._drop_link(self.workers.get(wid) or _Gone(wid))
+        close_fds(list(self.pending))
         self.pending.clear()
         self.sock.close()
+
+
+def _close(fds: list[int]) -> None:
+    """Close the copies of what was handed over in one wake-up: accepted one after another, they
+    are mostly consecutive numbers, so one close_range does it (only when the range is exactly
+    these descriptors, all ours)."""
+    if len(fds) > 2:
+        low, high = min(fds), max(fds)
+        if high - low + 1 == len(fds):
+            os.closerange(low, high + 1)
+            return
+    for fd in fds:
+        os.close(fd)
+
+
+class _Gone:
+    """Stands for a worker the handle no longer knows, to drop its link by id."""
+
+    def __init__(self, wid: int) -> None:
+        self.id = wid
