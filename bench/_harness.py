@@ -26,6 +26,8 @@ __all__ = [
     "free_port",
     "jain",
     "median",
+    "record",
+    "emit_records",
     "print_table",
     "run_wrk",
     "start_process",
@@ -305,3 +307,29 @@ def print_table(
     for r in table:
         print(line(r), file=out)
     out.flush()
+
+
+def record(
+    bench: str,
+    case: str,
+    subject: str,
+    metric: str,
+    value: float | None,
+    unit: str = "",
+    higher: bool = True,
+) -> dict[str, Any]:
+    """One measured figure, the unit scripts/bench collects from every bench and every round.
+
+    bench: the bench file ("serve"); case: what was measured ("hello, keep-alive"); subject: who
+    ("prefork asgi", "uvicorn", "node rr"); subjects named "prefork..." are compared with the
+    others of the same case; higher: whether a bigger value is better (req/s yes, ms no).
+    """
+    return {"bench": bench, "case": case, "subject": subject, "metric": metric,
+            "value": value, "unit": unit, "higher": higher}
+
+
+def emit_records(records: Sequence[Mapping[str, Any]], **extra: Any) -> None:
+    """Print the records as the last stdout line, `{"records": [...], ...}`, for scripts/bench."""
+    import json
+
+    print(json.dumps({"records": list(records), **extra}), flush=True)

@@ -14,7 +14,6 @@ disconnect(), and prefork's rolling reload under each scheduling policy.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -26,7 +25,17 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _harness import ensure_wrk, free_port, print_table, run_wrk, start_process, stop_process  # noqa: E402
+from _harness import (  # noqa: E402
+    emit_records,
+    ensure_wrk,
+    free_port,
+    median,
+    print_table,
+    record,
+    run_wrk,
+    start_process,
+    stop_process,
+)
 from node_baseline import bench_respawn  # noqa: E402
 
 PYTHON = sys.executable
@@ -57,20 +66,22 @@ def reload_under_load(kind: str, close: bool, reloads: int, seconds: float) -> d
     box: dict[str, Any] = {}
     load = threading.Thread(target=lambda: box.update(
         run_wrk(f"http://127.0.0.1:{port}/", seconds, 50, threads=2, close=close)))
-    done = 0
+    took: list[float] = []
     try:
         load.start()
         time.sleep(1.0)
         gap = max(0.5, (seconds - 2.0) / max(1, reloads))
         for _ in range(reloads):
+            start = time.monotonic()
             os.kill(p.pid, signal.SIGHUP)
             p.wait_line(b"reloaded", 30)
-            done += 1
+            took.append((time.monotonic() - start) * 1000)
             time.sleep(gap)
         load.join()
     finally:
         stop_process(p, timeout=15)
-    return {"reloads": done, **{k: box.get(k) for k in ("errors", "requests", "rps")}}
+    return {"reloads": len(took), "reload_ms": median(took) if took else None,
+            **{k: box.get(k) for k in ("errors", "requests", "rps")}}
 
 
 def main() -> None:
@@ -99,8 +110,30 @@ def main() -> None:
             out["reload"][label] = r
             rows.append({"run": label, **r})
     print(f"reload under load ({args.reloads} reloads, 2 workers, wrk 50 connections, {args.seconds:g} s)")
-    print_table(rows, ["run", "reloads", "errors", "requests", "rps"], ratios=[])
-    print(json.dumps(out))
+    print_table(rows, ["run", "reloads", "reload_ms", "errors", "requests", "rps"], ratios=[])
+    emit_records(records(out), **out)
+
+
+NAMES = {"node-respawn": "node", "prefork-rr": "prefork, fresh interpreter",
+         "prefork-rr-fork": "prefork, forked (preload)"}
+
+
+def records(out: dict[str, Any]) -> list[dict[str, Any]]:
+    """The figures as scripts/bench's records."""
+    recs = []
+    for kind, r in out["respawn"].items():
+        subject = NAMES.get(kind, kind)
+        recs.append(record("lifecycle", "respawn, kill to online", subject, "ms", r["kill_to_online_ms"],
+                           "ms", higher=False))
+        recs.append(record("lifecycle", "respawn, kill to listening", subject, "ms",
+                           r["kill_to_listening_ms"], "ms", higher=False))
+    for label, r in out["reload"].items():
+        kind, mode = label.rsplit(" ", 1)
+        subject = kind.replace("-", " ", 1)
+        case = f"reload under load, {mode}"
+        recs.append(record("lifecycle", case, subject, "errors", r["errors"], "", higher=False))
+        recs.append(record("lifecycle", case, subject, "reload ms", r["reload_ms"], "ms", higher=False))
+    return recs
 
 
 if __name__ == "__main__":

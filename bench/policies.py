@@ -22,7 +22,18 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _harness import ensure_wrk, free_port, jain, median, print_table, run_wrk, start_process, stop_process  # noqa: E402
+from _harness import (  # noqa: E402
+    emit_records,
+    ensure_wrk,
+    free_port,
+    jain,
+    median,
+    print_table,
+    record,
+    run_wrk,
+    start_process,
+    stop_process,
+)
 
 PYTHON = sys.executable
 NODE = os.environ.get("NODE", "node")
@@ -104,15 +115,33 @@ def main() -> None:
 
     print("\nuneven work (10% of requests burn 20 ms; Connection: close):")
     uneven = {}
-    for policy in ("rr", "least_conn"):
-        runs = [one("prefork", policy, True, args.seconds, 20, script=str(HERE / "mixed.lua"))
+    for kind, policy in cells:
+        runs = [one(kind, policy, True, args.seconds, 20, script=str(HERE / "mixed.lua"))
                 for _ in range(max(1, args.runs))]
-        uneven[policy] = {key: median([r[key] for r in runs]) for key in ("rps", "p50_ms", "p99_ms")}
-    print_table([{"policy": k, **v} for k, v in uneven.items()], ["policy", "rps", "p50_ms", "p99_ms"],
+        uneven[f"{kind} {policy}"] = {key: median([r[key] for r in runs])
+                                      for key in ("rps", "p50_ms", "p99_ms", "jain")}
+    print_table([{"run": k, **v} for k, v in uneven.items()], ["run", "rps", "p50_ms", "p99_ms", "jain"],
                 ratios=[])
-    ratio["least_conn_p99_vs_rr"] = uneven["least_conn"]["p99_ms"] / uneven["rr"]["p99_ms"]
+    ratio["least_conn_p99_vs_rr"] = uneven["prefork least_conn"]["p99_ms"] / uneven["prefork rr"]["p99_ms"]
     print(f"least_conn p99 / rr p99: {ratio['least_conn_p99_vs_rr']:.2f}x (below 1 is better)")
-    print(json.dumps({"results": results, "uneven": uneven, "ratios": ratio}))
+    emit_records(records(results, uneven), results=results, uneven=uneven, ratios=ratio)
+
+
+def records(results: dict[str, Any], uneven: dict[str, Any]) -> list[dict[str, Any]]:
+    """The figures as scripts/bench's records: per policy, rate, latency and the split's fairness."""
+    out = []
+    cases = [(f"hello, {label}", f" {label}", results) for label in ("close", "keep-alive")]
+    cases.append(("uneven work, close", "", uneven))
+    for case, suffix, table in cases:
+        for key, r in table.items():
+            if not key.endswith(suffix):
+                continue
+            subject = key[: len(key) - len(suffix)]
+            out += [record("policies", case, subject, "req/s", r["rps"], "req/s"),
+                    record("policies", case, subject, "p50 ms", r["p50_ms"], "ms", higher=False),
+                    record("policies", case, subject, "p99 ms", r["p99_ms"], "ms", higher=False),
+                    record("policies", case, subject, "Jain", r["jain"], "")]
+    return out
 
 
 if __name__ == "__main__":

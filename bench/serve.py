@@ -25,11 +25,26 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import free_port, median, print_table, run_wrk, start_process, stop_process  # noqa: E402
+from _harness import (  # noqa: E402
+    emit_records,
+    free_port,
+    median,
+    print_table,
+    record,
+    run_wrk,
+    start_process,
+    stop_process,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / ".venv" / "bin"
+PEERS = ROOT / ".venv-peers" / "bin"  # the peers live in their own venv (scripts/bench makes it)
 WORKERS = "2"
+
+
+def _peer(name: str) -> Path:
+    """A peer's command: from the peers' venv, else from the project's (older set-ups)."""
+    return PEERS / name if (PEERS / name).exists() else BIN / name
 
 
 def servers(port: int, tmp: str) -> dict[str, dict[str, Any]]:
@@ -47,9 +62,9 @@ def servers(port: int, tmp: str) -> dict[str, dict[str, Any]]:
         "--control",
         os.path.join(tmp, "ctl.sock"),
     ]
-    gunicorn = [str(BIN / "gunicorn"), "-w", WORKERS, "-b", bind, "--log-level", "warning"]
+    gunicorn = [str(_peer("gunicorn")), "-w", WORKERS, "-b", bind, "--log-level", "warning"]
     granian = [
-        str(BIN / "granian"),
+        str(_peer("granian")),
         "--workers",
         WORKERS,
         "--host",
@@ -65,7 +80,7 @@ def servers(port: int, tmp: str) -> dict[str, dict[str, Any]]:
         "prefork-wsgi": {"argv": [*prefork, "tests.apps.hello:wsgi"], "kind": "wsgi"},
         "uvicorn": {
             "argv": [
-                str(BIN / "uvicorn"),
+                str(_peer("uvicorn")),
                 "--workers",
                 WORKERS,
                 "--host",
@@ -82,22 +97,19 @@ def servers(port: int, tmp: str) -> dict[str, dict[str, Any]]:
         "gunicorn-uvicorn": {
             "argv": [*gunicorn, "-k", "uvicorn_worker.UvicornWorker", "tests.apps.hello:asgi"],
             "kind": "asgi",
-            "needs": "uvicorn_worker",
+            "needs": "uvicorn-worker",
         },
         "gunicorn-gthread": {
             "argv": [*gunicorn, "-k", "gthread", "--threads", "4", "tests.apps.hello:wsgi"],
             "kind": "wsgi",
-            "needs": "gunicorn",
         },
         "granian-asgi": {
             "argv": [*granian, "--interface", "asgi", "tests.apps.hello:asgi"],
             "kind": "asgi",
-            "needs": "granian",
         },
         "granian-wsgi": {
             "argv": [*granian, "--interface", "wsgi", "tests.apps.hello:wsgi"],
             "kind": "wsgi",
-            "needs": "granian",
         },
         "node-cluster": {
             "argv": ["node", str(ROOT / "bench" / "node" / "hello.js")],
@@ -110,12 +122,14 @@ def servers(port: int, tmp: str) -> dict[str, dict[str, Any]]:
 
 def available(spec: dict[str, Any]) -> str | None:
     """Why a server cannot run here, or None."""
-    module = spec.get("needs")
-    if module:
-        import importlib.util
-
-        if importlib.util.find_spec(module) is None:
-            return f"{module} not installed (pip install -e '.[bench]')"
+    program = Path(spec["argv"][0])
+    if program.is_absolute() and not program.exists():
+        return f"{program.name} not installed (scripts/bench installs the peers into .venv-peers)"
+    package = spec.get("needs")
+    if package and not any(
+        Path(program).parent.parent.glob(f"lib/python*/site-packages/{package.replace('-', '_')}")
+    ):
+        return f"{package} not installed (scripts/bench installs the peers into .venv-peers)"
     cmd = spec.get("needs_cmd")
     if cmd and shutil.which(cmd) is None:
         return f"{cmd} not found"
@@ -151,7 +165,9 @@ def measure(name: str, spec: dict[str, Any], port: int, args: argparse.Namespace
         stop_process(proc, timeout=10.0)
     return {
         "keep_rps": keep["rps"],
+        "keep_p50_ms": keep["p50_ms"],
         "keep_p99_ms": keep["p99_ms"],
+        "close_p50_ms": close["p50_ms"],
         "close_rps": close["rps"],
         "close_p99_ms": close["p99_ms"],
         "errors": keep["errors"] + close["errors"],
@@ -205,7 +221,7 @@ def main() -> int:
         if not runs:
             continue
         row = {"server": name}
-        for key in ("keep_rps", "keep_p99_ms", "close_rps", "close_p99_ms"):
+        for key in ("keep_rps", "keep_p50_ms", "keep_p99_ms", "close_rps", "close_p50_ms", "close_p99_ms"):
             row[key] = median([r[key] for r in runs if r[key] is not None] or [0.0])
         row["errors"] = sum(r["errors"] for r in runs)
         summary[name] = row  # type: ignore[assignment]
@@ -235,7 +251,22 @@ def main() -> int:
     for key in ("keep_rps", "close_rps"):
         target("ASGI at least uvicorn", "prefork-asgi", "uvicorn", 1.0, key)
         target("WSGI at least 2x gunicorn gthread", "prefork-wsgi", "gunicorn-gthread", 2.0, key)
+    emit_records(records(summary), skipped=skipped)
     return 0 if ok else 1
+
+
+def records(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The figures as scripts/bench's records: rate, p50 and p99 per server and connection mode."""
+    out = []
+    for name, row in summary.items():
+        subject = name.replace("-", " ")
+        for mode, case in (("keep", "hello, keep-alive"), ("close", "hello, Connection: close")):
+            out += [
+                record("serve", case, subject, "req/s", row[f"{mode}_rps"], "req/s"),
+                record("serve", case, subject, "p50 ms", row[f"{mode}_p50_ms"], "ms", higher=False),
+                record("serve", case, subject, "p99 ms", row[f"{mode}_p99_ms"], "ms", higher=False),
+            ]
+    return out
 
 
 if __name__ == "__main__":
