@@ -13,7 +13,6 @@ import functools
 import json
 import os
 import socket
-import ssl
 import sys
 from typing import Any
 
@@ -70,6 +69,8 @@ def check_tls(opts: dict[str, Any]) -> None:
     for flag, path in (("--certfile", certfile), ("--keyfile", keyfile)):
         if path and not os.path.isfile(path):
             raise CommandError(f"{flag} {path}: no such file")
+    import ssl  # here, not at the top: the primary of a server without TLS stays small
+
     try:
         ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
     except (ssl.SSLError, OSError) as exc:
@@ -83,10 +84,10 @@ def serve(opts: dict[str, Any]) -> int:
                          "as an argument or `app` in [tool.prefork]")
     if ":" not in app:
         raise UsageError(f"app {app!r}: expected MODULE:APP, e.g. myproject.main:app")
-    try:
-        import uvicorn  # noqa: F401
-    except ImportError:
-        raise CommandError("prefork serve needs its extra: pip install 'prefork[serve]'") from None
+    import importlib.util
+
+    if importlib.util.find_spec("uvicorn") is None:  # found, not imported: only workers need it
+        raise CommandError("prefork serve needs its extra: pip install 'prefork[serve]'")
     check_tls(opts)
     if not opts.get("policy") and "PREFORK_SCHED_POLICY" not in os.environ:
         opts["policy"] = "reuseport"  # measured fastest here, and even: the kernel balances per socket
