@@ -145,7 +145,7 @@ def worker() -> None:
         def on_ready() -> None:
             while True:
                 try:
-                    sock, _ = listener.accept()
+                    sock = listener.accept_socket()
                 except (BlockingIOError, OSError):
                     return
                 connect(sock)

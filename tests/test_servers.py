@@ -40,8 +40,20 @@ if cluster.is_primary:
     for _ in range(int(os.environ.get("T_WORKERS", "2"))):
         cluster.fork()
 else:
+    import select, socket
+    class Mine(socket.socket):
+        pass
     listener = cluster.listen(ADDR)
     while True:
+        if os.environ.get("T_ACCEPT_SOCKET"):  # the address-less, non-blocking way, into a class
+            select.select([listener], [], [])
+            try:
+                conn = listener.accept_socket(Mine)
+            except BlockingIOError:
+                continue
+            conn.sendall(f"{type(conn).__name__} {conn.getpeername()[1]}".encode())
+            conn.close()
+            continue
         conn, _ = listener.accept()
         if DELAY:
             time.sleep(DELAY)
@@ -124,6 +136,22 @@ def _free_port() -> int:
 
 
 # -- one port for every worker -------------------------------------------------------------------
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_accept_socket_gives_the_connection_in_the_class_asked(py, policy):
+    script = py.spawn(SERVER, env=_env(policy, ("127.0.0.1", 0), T_ACCEPT_SOCKET="1"))
+    port = int(_listening(script, 2)[0][3])
+    for _ in range(6):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            own = s.getsockname()[1]
+            data = b""
+            while chunk := s.recv(64):
+                data += chunk
+        assert data.decode() == f"Mine {own}"
+    script.signal("SIGINT")
+    script.finish()
+
+
 
 
 @pytest.mark.parametrize("policy", POLICIES)

@@ -157,16 +157,15 @@ class Server:
     def _on_acceptable(self, listener: Any) -> None:
         for _ in range(self._backlog):
             try:
-                conn, _addr = listener.accept()
+                sock = listener.accept_socket(_ConnSocket)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:  # closed meanwhile, or EMFILE: the next wake-up tries again
                 return
-            self._adopt(listener, conn)
+            self._adopt(listener, sock)
 
-    def _adopt(self, listener: Any, conn: socket.socket) -> None:
+    def _adopt(self, listener: Any, sock: _ConnSocket) -> None:
         _stats["connections"] += 1
-        sock = _ConnSocket(conn.family, conn.type, conn.proto, fileno=conn.detach())
         sock._on_close = lambda listener=listener, sock=sock: self._conn_closed(listener, sock)
         self._active += 1
         self._socks.add(sock)
@@ -228,8 +227,8 @@ class Server:
         """Serve the connections already waiting for this worker, then close (stop accepting)."""
         if not self._closed:
             for listener in self._listeners:
-                for conn, _addr in listener.take_pending():
-                    self._adopt(listener, conn)
+                for conn, _addr in listener.take_pending(_ConnSocket):
+                    self._adopt(listener, conn)  # type: ignore[arg-type]
         self.close()
 
     def _wait_drained(self, timeout: float | None = None) -> bool:

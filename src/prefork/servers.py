@@ -89,24 +89,40 @@ class Listener:
             if not ready and self._timeout is not None:
                 raise TimeoutError("timed out")
 
+    def accept_socket(self, cls: type[socket.socket] = socket.socket) -> socket.socket:
+        """The next waiting connection as a `cls` socket, without the peer's address, never
+        blocking (BlockingIOError when none waits): for servers that do not need the address
+        (asyncio's, `prefork serve`), one system call and one socket object fewer per connection."""
+        sock, _addr = self._next(cls)
+        if sock is None:
+            raise BlockingIOError(errno.EAGAIN, "no connection waiting")
+        return sock
+
     def _try_accept(self) -> tuple[socket.socket, Any] | None:
+        sock, addr = self._next(socket.socket)
+        if sock is None:
+            return None
+        return sock, addr if addr is not None else _peer(sock)
+
+    def _next(self, cls: type[socket.socket]) -> tuple[socket.socket | None, Any]:
+        """A handed-over connection (address unknown: None) or one accepted here (with it)."""
         if self._closed:
             raise OSError(errno.EBADF, "listener is closed")
         if self._queue or self._link is not None:
             fd = self._take()
-            if fd is not None:  # family and type given: two getsockopt calls fewer per connection
-                sock = socket.socket(self.family, socket.SOCK_STREAM, 0, fd)
-                return sock, _peer(sock)
+            if fd is not None:  # family and type given: no getsockopt calls to find them
+                return cls(self.family, socket.SOCK_STREAM, 0, fd), None
         for source in list(self._sources.values()):
             try:
-                return source.accept()
+                fd, addr = source._accept()  # type: ignore[attr-defined]
             except (BlockingIOError, InterruptedError):
                 continue
             except OSError as exc:
                 if exc.errno in (errno.EBADF, errno.EINVAL, errno.ECONNABORTED):
                     continue  # the slot went to another worker meanwhile
                 raise
-        return None
+            return cls(source.family, source.type, source.proto, fd), addr
+        return None, None
 
     def _take(self) -> int | None:
         """One handed-over connection, from what the last record brought or from the link.
@@ -196,7 +212,7 @@ class Listener:
             callback()
         self._drained.set()
 
-    def take_pending(self) -> list[tuple[socket.socket, Any]]:
+    def take_pending(self, cls: type[socket.socket] = socket.socket) -> list[tuple[socket.socket, Any]]:
         """Every connection already waiting for this worker, taken at once (non-blocking).
 
         A draining server serves these before it closes the listener: when the whole cluster
@@ -205,12 +221,12 @@ class Listener:
         taken = []
         while not self._closed:
             try:
-                conn = self._try_accept()
+                sock, addr = self._next(cls)
             except OSError:
                 break
-            if conn is None:
+            if sock is None:
                 break
-            taken.append(conn)
+            taken.append((sock, addr if addr is not None else _peer(sock)))
         return taken
 
     def drain(self) -> None:
