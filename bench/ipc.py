@@ -3,16 +3,20 @@
     python bench/ipc.py [--runs 3] [--seconds 2] [--serialization json|pickle] [--only prefork|node]
 
 Both sides do the same thing (see bench/node/ipc.js): the primary forks one worker, then
-- rtt_small / rtt_64k: round trips with one message in flight; the worker echoes, and the primary's
-  next send happens inside its 'message' callback;
-- stream_small / stream_64k: the primary sends as fast as it can (at most two batches unwritten,
-  tracked with the send callback), the worker counts, and the clock stops when the worker replies
-  with its count.
-The small message is {"type":"ping","n":123,"s":"hello"}, the big one carries a 64 KiB string.
+- rtt_small / rtt_64k / rtt_16m: round trips with one message in flight; the worker echoes, and the
+  primary's next send happens inside its 'message' callback;
+- stream_small / stream_64k / stream_16m: the primary sends as fast as it can (at most two batches
+  unwritten, tracked with the send callback), the worker counts, and the clock stops when the worker
+  replies with its count.
+The small message is 64 bytes of JSON ({"type":"ping","n":123,"s":"hello..."}), the others are the
+same dict whose string is 64 KiB or 16 MiB long. Each measurement lasts `--seconds` but goes on until
+at least MIN_MSGS messages completed (a 16 MiB round trip takes tens to hundreds of ms), and stops
+at limit(seconds) whatever it got.
 prefork's stream is sent from its loop thread (where its callbacks run, as Node's run on its event
 loop); `stream_small_main_thread` (prefork only) sends it from the main thread instead.
 Readers poll briefly after a send (PREFORK_IPC_SPIN_US, default 50; 0 shows the cost of wake-ups).
-Runs alternate node/prefork; the table shows medians and the prefork/node ratio, then one JSON line.
+Runs alternate node/prefork; the table shows medians and the prefork/node ratio. The last stdout line
+is one JSON line: `{"records": [...], ...}` (see _harness.emit_records) with the medians as extra keys.
 `--serialization pickle` compares with Node's "advanced" serialization.
 """
 
@@ -30,8 +34,18 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 NODE = os.environ.get("NODE", "node")
 CTL = "__ctl"
-METRICS = ("rtt_small", "rtt_64k", "stream_small", "stream_64k")
+METRICS = ("rtt_small", "rtt_64k", "rtt_16m", "stream_small", "stream_64k", "stream_16m")
+CASES = {  # metric -> the case name of its record
+    "rtt_small": "round trips, 64 B", "rtt_64k": "round trips, 64 KiB", "rtt_16m": "round trips, 16 MiB",
+    "stream_small": "streamed, 64 B", "stream_64k": "streamed, 64 KiB", "stream_16m": "streamed, 16 MiB",
+}
 SIDE_FLAG = "--prefork-side"
+MIN_MSGS = 3  # a measurement goes on past its seconds until this many messages completed ...
+
+
+def limit(seconds: float) -> float:
+    """... but never longer than this (then it reports the rate of what completed)."""
+    return max(10 * seconds, 10.0)
 
 
 # -- the prefork side: this same file, run as a primary (and by its worker) ----------------------
@@ -93,11 +107,11 @@ class Waiter:
         self.wait("ack")
 
 
-def rtt(waiter: Waiter, msg: Any, seconds: float) -> float:
+def rtt(waiter: Waiter, msg: Any, seconds: float, min_msgs: int = MIN_MSGS) -> float:
     worker = waiter.worker
     waiter.set_mode("echo")
     done = threading.Event()
-    box = [0, 0.0, 0.0]
+    box = [0, 0.0, 0.0, 0.0]  # count, result, deadline, hard stop
     send = worker.send
     now = time.monotonic
 
@@ -106,7 +120,7 @@ def rtt(waiter: Waiter, msg: Any, seconds: float) -> float:
             return
         box[0] += 1
         t = now()
-        if t >= box[2]:
+        if (t >= box[2] and box[0] >= min_msgs) or t >= box[3]:
             worker.off("message", on)
             box[1] = box[0] / (t - t0)
             done.set()
@@ -114,22 +128,26 @@ def rtt(waiter: Waiter, msg: Any, seconds: float) -> float:
             send(msg)
 
     t0 = now()
-    box[2] = t0 + seconds
+    box[2], box[3] = t0 + seconds, t0 + limit(seconds)
     worker.on("message", on)
     send(msg)
-    if not done.wait(seconds + 60):
+    if not done.wait(limit(seconds) + 60):
         raise TimeoutError("round trips stalled")
     return box[1]
 
 
-def stream(waiter: Waiter, msg: Any, seconds: float, batch: int) -> float:
+def stream(waiter: Waiter, msg: Any, seconds: float, batch: int, min_msgs: int = MIN_MSGS) -> float:
     """As Node's: sends go out from the loop thread (prefork's callbacks run there, as Node's do on
     its event loop), at most two batches unwritten; the callback of a batch's last send moves on."""
     worker = waiter.worker
     send = worker.send
     now = time.monotonic
-    st = {"outstanding": 0, "sent": 0, "pumping": False, "deadline": 0.0}
+    st = {"outstanding": 0, "sent": 0, "pumping": False, "deadline": 0.0, "stop": 0.0}
     finished = threading.Event()
+
+    def more() -> bool:
+        t = now()
+        return (t < st["deadline"] or st["sent"] < min_msgs) and t < st["stop"]
 
     def on_written() -> None:
         st["outstanding"] -= 1
@@ -139,7 +157,7 @@ def stream(waiter: Waiter, msg: Any, seconds: float, batch: int) -> float:
     def pump() -> None:
         st["pumping"] = True
         try:
-            while st["outstanding"] < 2 and now() < st["deadline"]:
+            while st["outstanding"] < 2 and more():
                 for _ in range(batch - 1):
                     send(msg)
                 st["outstanding"] += 1
@@ -147,20 +165,21 @@ def stream(waiter: Waiter, msg: Any, seconds: float, batch: int) -> float:
                 send(msg, callback=on_written)
         finally:
             st["pumping"] = False
-        if st["outstanding"] == 0 and now() >= st["deadline"]:
+        if st["outstanding"] == 0 and not more():
             finished.set()
 
     def start(m: Any, handle: Any) -> None:  # the worker's ack: we are on the loop thread
         if m["type"] == CTL and m["op"] == "ack":
             worker.off("message", start)
-            st["deadline"] = now() + seconds
+            t = now()
+            st["deadline"], st["stop"] = t + seconds, t + limit(seconds)
             pump()
 
     t0 = now()
     worker.on("message", start)
     worker.send({"type": CTL, "op": "count"})
     waiter.wait("ack")
-    if not finished.wait(seconds + 60):
+    if not finished.wait(limit(seconds) + 60):
         raise TimeoutError("stream stalled")
     worker.send({"type": CTL, "op": "end"})
     n = waiter.wait("count")["n"]
@@ -170,7 +189,8 @@ def stream(waiter: Waiter, msg: Any, seconds: float, batch: int) -> float:
     return n / elapsed
 
 
-def stream_from_thread(waiter: Waiter, msg: Any, seconds: float, batch: int) -> float:
+def stream_from_thread(waiter: Waiter, msg: Any, seconds: float, batch: int,
+                       min_msgs: int = MIN_MSGS) -> float:
     """The same, but sent from the main thread while the loop thread flushes (the GIL is shared)."""
     worker = waiter.worker
     waiter.set_mode("count")
@@ -180,7 +200,7 @@ def stream_from_thread(waiter: Waiter, msg: Any, seconds: float, batch: int) -> 
     deadline = t0 + seconds
     sent = 0
     prev: threading.Event | None = None
-    while now() < deadline:
+    while (now() < deadline or sent < min_msgs) and now() < t0 + limit(seconds):
         for _ in range(batch - 1):
             send(msg)
         done = threading.Event()
@@ -209,19 +229,23 @@ def prefork_primary(seconds: float, warmup: float, serialization: str) -> None:
     if not online.wait(30):
         raise TimeoutError("worker not online")
     waiter = Waiter(worker)
-    small = {"type": "ping", "n": 123, "s": "hello"}
+    small = {"type": "ping", "n": 123, "s": "hello" + "." * 29}  # 64 bytes of JSON
     big = {"type": "ping", "n": 123, "s": "x" * (64 * 1024)}
+    huge = {"type": "ping", "n": 123, "s": "x" * (16 * 1024 * 1024)}
+    assert len(json.dumps(small, separators=(",", ":"))) == 64
 
     def measure(fn: Any, msg: Any, *extra: Any) -> float:
-        if warmup > 0:
-            fn(waiter, msg, warmup, *extra)
+        if warmup > 0:  # it needs only one message (16 MiB ones are slow)
+            fn(waiter, msg, warmup, *extra, 1)
         return fn(waiter, msg, seconds, *extra)
 
     result = {
         "rtt_small": measure(rtt, small),
         "rtt_64k": measure(rtt, big),
+        "rtt_16m": measure(rtt, huge),
         "stream_small": measure(stream, small, 256),
         "stream_64k": measure(stream, big, 16),
+        "stream_16m": measure(stream, huge, 1),
         "stream_small_main_thread": measure(stream_from_thread, small, 256),
     }
     print(json.dumps({k: round(v, 1) for k, v in result.items()}), flush=True)
@@ -253,7 +277,8 @@ def run_side(side: str, seconds: float, serialization: str) -> dict[str, float]:
         env = {"IPC_SERIALIZATION": serialization}
     p = start_process(argv, env=env, ready_line=None)
     try:
-        line = p.next_line(timeout=seconds * 8 + 60)
+        # every measurement (and its warm-up) may run up to limit(seconds)
+        line = p.next_line(timeout=2 * len(METRICS) * (limit(seconds) + 1) + 120)
     finally:
         stop_process(p, timeout=5)
     return {k: float(v) for k, v in json.loads(line).items()}
@@ -261,7 +286,7 @@ def run_side(side: str, seconds: float, serialization: str) -> dict[str, float]:
 
 def main() -> None:
     sys.path.insert(0, str(HERE))
-    from _harness import median, print_table
+    from _harness import emit_records, median, print_table, record
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3)
@@ -288,7 +313,9 @@ def main() -> None:
         print(f"prefork {extra}: {out['prefork_' + extra]:,.0f}/s")
     if "node" in med and "prefork" in med:
         out["ratio"] = {k: round(med["prefork"][k] / med["node"][k], 3) for k in METRICS if med["node"][k]}
-    print(json.dumps(out))
+    records = [record("ipc", CASES[k], s, "msg/s", round(med[s][k], 1), "msg/s", higher=True)
+               for k in METRICS for s in sides]
+    emit_records(records, **out)
 
 
 if __name__ == "__main__":

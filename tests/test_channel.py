@@ -482,3 +482,25 @@ def test_long_strings_after_a_big_message_encode_the_same(pair: Any, text: str) 
     got = read_n(primary, 2)
     t.join(10)
     assert got[1][1] == {"s": text, "list": [text, 1]}
+
+
+@pytest.mark.parametrize("message", [
+    {"k" * 5000: "v" * 5000, "short": "s"},  # a long key
+    ["z" * 4100] * 40,  # more long strings than go as separate buffers
+    {"a": ["x" * 9000, {"b": "y" * 9000, "n": [1, 2.5, None, True]}], "c": "\u0000short"},  # a NUL, escaped
+    {"t": "tab\tin a long one " * 400},  # a control character in a long string
+    {"u": "é" * 8000, "q": 'a "quoted" one' * 10},
+    "w" * 20000,  # a bare long string
+])
+def test_big_messages_with_long_strings_decode_the_same(pair: Any, message: Any) -> None:
+    primary, worker = pair()
+
+    def send() -> None:
+        worker.send_message({"warm-up": "w" * 100000})
+        worker.send_message(message)
+
+    t = threading.Thread(target=send)
+    t.start()
+    got = read_n(primary, 2)
+    t.join(10)
+    assert got[1][1] == message

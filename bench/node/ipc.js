@@ -7,13 +7,19 @@
 //      IPC_SERIALIZATION ("json" default, or "advanced").
 //
 // Prints ONE JSON line on stdout, all values per second:
-//   {"rtt_small": x, "rtt_64k": y, "stream_small": z, "stream_64k": w}
+//   {"rtt_small": .., "rtt_64k": .., "rtt_16m": .., "stream_small": .., "stream_64k": .., "stream_16m": ..}
 // rtt_*    : round trips with one message in flight (worker echoes the message back).
 // stream_* : messages streamed primary->worker; the clock stops when the worker reports
 //            it has received every message sent (so queued-but-unread messages do not count).
+// Messages: small = 64 bytes of JSON, 64k / 16m = {type, n, s} with a 64 KiB / 16 MiB string.
+// Each measurement runs for `seconds` but goes on until at least MIN_MSGS messages completed
+// (a 16 MiB round trip takes tens to hundreds of ms), and never past LIMIT(seconds) (then it reports
+// the rate of what completed).
 const cluster = require('node:cluster');
 
 const CTL = '__ctl';
+const MIN_MSGS = 3;
+const LIMIT = (seconds) => Math.max(10 * seconds, 10) * 1000; // ms, hard cap of one measurement
 
 if (cluster.isPrimary) {
   primary().catch((err) => {
@@ -66,17 +72,18 @@ async function setMode(worker, op) {
   await acked;
 }
 
-async function rtt(worker, msg, seconds) {
+async function rtt(worker, msg, seconds, minMsgs = MIN_MSGS) {
   await setMode(worker, 'echo');
   return new Promise((resolve) => {
     let n = 0;
     const t0 = nowMs();
     const deadline = t0 + seconds * 1000;
+    const hardStop = t0 + LIMIT(seconds);
     const on = (m) => {
       if (m.type === CTL) return;
       n++;
       const t = nowMs();
-      if (t >= deadline) {
+      if ((t >= deadline && n >= minMsgs) || t >= hardStop) {
         worker.off('message', on);
         resolve(n / ((t - t0) / 1000));
       } else {
@@ -88,16 +95,21 @@ async function rtt(worker, msg, seconds) {
   });
 }
 
-async function stream(worker, msg, seconds, batch) {
+async function stream(worker, msg, seconds, batch, minMsgs = MIN_MSGS) {
   await setMode(worker, 'count');
   const t0 = nowMs();
   const deadline = t0 + seconds * 1000;
+  const hardStop = t0 + LIMIT(seconds);
   let sent = 0;
+  const more = () => {
+    const t = nowMs();
+    return (t < deadline || sent < minMsgs) && t < hardStop;
+  };
   // Keep at most two batches queued in the primary: the callback of a batch's last
   // send fires once it is written to the channel, so memory stays bounded and the
   // rate measured is one the sender can sustain.
   let prev = Promise.resolve();
-  while (nowMs() < deadline) {
+  while (more()) {
     for (let i = 0; i < batch - 1; i++) worker.send(msg);
     const done = new Promise((resolve) => worker.send(msg, resolve));
     sent += batch;
@@ -122,19 +134,27 @@ async function primary() {
   const worker = cluster.fork();
   await new Promise((resolve) => worker.once('online', resolve));
 
-  const small = { type: 'ping', n: 123, s: 'hello' };
+  const small = { type: 'ping', n: 123, s: 'hello' + '.'.repeat(29) }; // 64 bytes of JSON
   const big = { type: 'ping', n: 123, s: 'x'.repeat(64 * 1024) };
+  const huge = { type: 'ping', n: 123, s: 'x'.repeat(16 * 1024 * 1024) };
+  if (JSON.stringify(small).length !== 64) throw new Error('the small message is not 64 bytes');
 
-  const measure = async (fn, ...args) => {
-    if (warmup > 0) await fn(worker, ...args.slice(0, 1), warmup, ...args.slice(1));
-    return fn(worker, ...args.slice(0, 1), seconds, ...args.slice(1));
+  // the warm-up runs for IPC_WARMUP seconds but needs only one message (16 MiB ones are slow)
+  const measure = async (fn, msg, batch) => {
+    if (warmup > 0) {
+      if (fn === rtt) await rtt(worker, msg, warmup, 1);
+      else await stream(worker, msg, warmup, batch, 1);
+    }
+    return fn === rtt ? rtt(worker, msg, seconds) : stream(worker, msg, seconds, batch);
   };
 
   const result = {
     rtt_small: await measure(rtt, small),
     rtt_64k: await measure(rtt, big),
+    rtt_16m: await measure(rtt, huge),
     stream_small: await measure(stream, small, 256),
     stream_64k: await measure(stream, big, 16),
+    stream_16m: await measure(stream, huge, 1),
   };
   for (const k of Object.keys(result)) result[k] = Math.round(result[k] * 10) / 10;
   process.stdout.write(JSON.stringify(result) + '\n');
