@@ -36,10 +36,16 @@ BENCHES: dict[str, tuple[list[str], list[str], float]] = {
     "ipc": (["--runs", "1", "--seconds", "2"], ["--runs", "1", "--seconds", "0.5"], 300),
     "policies": (["--runs", "1", "--seconds", "3"], ["--runs", "1", "--seconds", "1"], 400),
     "serve": (["--rounds", "1", "--seconds", "4"], ["--rounds", "1", "--seconds", "1"], 400),
-    "lifecycle": (["--kills", "5", "--reloads", "3", "--seconds", "6"],
-                  ["--kills", "2", "--reloads", "1", "--seconds", "3"], 400),
-    "scale": (["--rounds", "1", "--seconds", "3"], ["--rounds", "1", "--seconds", "1", "--workers", "1,2,4"],
-              400),
+    "lifecycle": (
+        ["--kills", "5", "--reloads", "3", "--seconds", "6"],
+        ["--kills", "2", "--reloads", "1", "--seconds", "3"],
+        400,
+    ),
+    "scale": (
+        ["--rounds", "1", "--seconds", "3"],
+        ["--rounds", "1", "--seconds", "1", "--workers", "1,2,4"],
+        400,
+    ),
 }
 
 Key = tuple[str, str, str, str]  # bench, case, subject, metric
@@ -47,13 +53,15 @@ Key = tuple[str, str, str, str]  # bench, case, subject, metric
 
 # -- running --------------------------------------------------------------------------------------
 
+
 def run_bench(name: str, args: list[str], limit: float, log: Path) -> list[dict[str, Any]]:
     """One bench, one round: its output goes to `log`, its records come back (none if it failed)."""
     argv = [PYTHON, str(HERE / f"{name}.py"), *args]
     with log.open("w") as out:
         try:
-            proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=out, text=True, timeout=limit,
-                                  cwd=ROOT)
+            proc = subprocess.run(
+                argv, stdout=subprocess.PIPE, stderr=out, text=True, timeout=limit, cwd=ROOT
+            )
         except subprocess.TimeoutExpired:
             out.write(f"\n(stopped after {limit:g} s)\n")
             return []
@@ -83,6 +91,7 @@ def run_rounds(names: Sequence[str], rounds: int, quick: bool, stamp: str) -> li
 
 
 # -- summarising ----------------------------------------------------------------------------------
+
 
 def summarize(records: Iterable[dict[str, Any]]) -> dict[Key, dict[str, Any]]:
     """(bench, case, subject, metric) -> median, min, max over the rounds, unit and direction."""
@@ -139,15 +148,25 @@ def markdown(summary: dict[Key, dict[str, Any]]) -> str:
             lines += [f"### {bench}", ""]
             bench_seen = bench
         cols = metrics[(bench, case)]
-        lines += [f"**{case}**", "", "| subject | " + " | ".join(cols) + " | prefork / this |",
-                  "|---|" + "---|" * (len(cols) + 1)]
+        lines += [
+            f"**{case}**",
+            "",
+            "| subject | " + " | ".join(cols) + " | prefork / this |",
+            "|---|" + "---|" * (len(cols) + 1),
+        ]
         first = cols[0]
         ours = {n: m[first]["median"] for n, m in subjects.items() if n.startswith("prefork") and first in m}
         for name, by_metric in subjects.items():
             row = [cell(by_metric[c]) if c in by_metric else "-" for c in cols]
             theirs = by_metric.get(first, {}).get("median")
-            vs = "" if name.startswith("prefork") or theirs is None else ", ".join(
-                f"{ratio(v, theirs)} ({n})" if len(ours) > 1 else ratio(v, theirs) for n, v in ours.items())
+            vs = (
+                ""
+                if name.startswith("prefork") or theirs is None
+                else ", ".join(
+                    f"{ratio(v, theirs)} ({n})" if len(ours) > 1 else ratio(v, theirs)
+                    for n, v in ours.items()
+                )
+            )
             lines.append(f"| {name} | " + " | ".join(row) + f" | {vs} |")
         direction = "higher" if next(iter(subjects.values()))[first]["higher"] else "lower"
         lines += ["", f"<sub>ratio on {first}, {direction} is better</sub>", ""]
@@ -156,43 +175,93 @@ def markdown(summary: dict[Key, dict[str, Any]]) -> str:
 
 # -- targets --------------------------------------------------------------------------------------
 
-def _get(summary: dict[Key, dict[str, Any]], bench: str, case: str, subject: str, metric: str) -> float | None:
+
+def _get(
+    summary: dict[Key, dict[str, Any]], bench: str, case: str, subject: str, metric: str
+) -> float | None:
     s = summary.get((bench, case, subject, metric))
     return None if s is None else s["median"]
 
 
 TARGETS: list[tuple[str, tuple[str, str, str, str], tuple[str, str, str, str] | None, str, float]] = [
     # label, numerator, denominator (None: an absolute value), test, bound
-    ("RR hand-off at least 1.5x Node's RR primary",
-     ("policies", "hello, close", "prefork rr", "req/s"), ("policies", "hello, close", "node rr", "req/s"),
-     ">=", 1.5),
-    ("RR within 10% of prefork's own SCHED_NONE",
-     ("policies", "hello, close", "prefork rr", "req/s"), ("policies", "hello, close", "prefork none", "req/s"),
-     ">=", 0.9),
-    ("ASGI keep-alive at least uvicorn's",
-     ("serve", "hello, keep-alive", "prefork asgi", "req/s"), ("serve", "hello, keep-alive", "uvicorn", "req/s"),
-     ">=", 1.0),
-    ("ASGI keep-alive ahead of Node's cluster",
-     ("serve", "hello, keep-alive", "prefork asgi", "req/s"),
-     ("serve", "hello, keep-alive", "node cluster", "req/s"), ">", 1.0),
-    ("WSGI at least 2x gunicorn gthread (keep-alive)",
-     ("serve", "hello, keep-alive", "prefork wsgi", "req/s"),
-     ("serve", "hello, keep-alive", "gunicorn gthread", "req/s"), ">=", 2.0),
-    ("channel round trips, small JSON, at least 2x Node",
-     ("ipc", "round trips, 64 B", "prefork", "msg/s"), ("ipc", "round trips, 64 B", "node", "msg/s"), ">=", 2.0),
-    ("a 16 MiB message faster than Node's (round trip)",
-     ("ipc", "round trips, 16 MiB", "prefork", "msg/s"), ("ipc", "round trips, 16 MiB", "node", "msg/s"),
-     ">", 1.0),
-    ("respawn to ready at most a quarter of Node's",
-     ("lifecycle", "respawn, kill to listening", "prefork, forked (preload)", "ms"),
-     ("lifecycle", "respawn, kill to listening", "node", "ms"), "<=", 0.25),
-    ("least_conn p99 below rr's under uneven work",
-     ("policies", "uneven work, close", "prefork least_conn", "p99 ms"),
-     ("policies", "uneven work, close", "prefork rr", "p99 ms"), "<", 1.0),
-    ("primary at most 25 MB RSS (prefork serve, 2 workers)",
-     ("scale", "memory, 2 workers", "prefork serve", "primary RSS MB"), None, "<=", 25.0),
-    ("primary at most 25 MB RSS (library, 2 workers)",
-     ("scale", "memory, 2 workers", "prefork library", "primary RSS MB"), None, "<=", 25.0),
+    (
+        "RR hand-off at least 1.5x Node's RR primary",
+        ("policies", "hello, close", "prefork rr", "req/s"),
+        ("policies", "hello, close", "node rr", "req/s"),
+        ">=",
+        1.5,
+    ),
+    (
+        "RR within 10% of prefork's own SCHED_NONE",
+        ("policies", "hello, close", "prefork rr", "req/s"),
+        ("policies", "hello, close", "prefork none", "req/s"),
+        ">=",
+        0.9,
+    ),
+    (
+        "ASGI keep-alive at least uvicorn's",
+        ("serve", "hello, keep-alive", "prefork asgi", "req/s"),
+        ("serve", "hello, keep-alive", "uvicorn", "req/s"),
+        ">=",
+        1.0,
+    ),
+    (
+        "ASGI keep-alive ahead of Node's cluster",
+        ("serve", "hello, keep-alive", "prefork asgi", "req/s"),
+        ("serve", "hello, keep-alive", "node cluster", "req/s"),
+        ">",
+        1.0,
+    ),
+    (
+        "WSGI at least 2x gunicorn gthread (keep-alive)",
+        ("serve", "hello, keep-alive", "prefork wsgi", "req/s"),
+        ("serve", "hello, keep-alive", "gunicorn gthread", "req/s"),
+        ">=",
+        2.0,
+    ),
+    (
+        "channel round trips, small JSON, at least 2x Node",
+        ("ipc", "round trips, 64 B", "prefork", "msg/s"),
+        ("ipc", "round trips, 64 B", "node", "msg/s"),
+        ">=",
+        2.0,
+    ),
+    (
+        "a 16 MiB message faster than Node's (round trip)",
+        ("ipc", "round trips, 16 MiB", "prefork", "msg/s"),
+        ("ipc", "round trips, 16 MiB", "node", "msg/s"),
+        ">",
+        1.0,
+    ),
+    (
+        "respawn to ready at most a quarter of Node's",
+        ("lifecycle", "respawn, kill to listening", "prefork, forked (preload)", "ms"),
+        ("lifecycle", "respawn, kill to listening", "node", "ms"),
+        "<=",
+        0.25,
+    ),
+    (
+        "least_conn p99 below rr's under uneven work",
+        ("policies", "uneven work, close", "prefork least_conn", "p99 ms"),
+        ("policies", "uneven work, close", "prefork rr", "p99 ms"),
+        "<",
+        1.0,
+    ),
+    (
+        "primary at most 25 MB RSS (prefork serve, 2 workers)",
+        ("scale", "memory, 2 workers", "prefork serve", "primary RSS MB"),
+        None,
+        "<=",
+        25.0,
+    ),
+    (
+        "primary at most 25 MB RSS (library, 2 workers)",
+        ("scale", "memory, 2 workers", "prefork library", "primary RSS MB"),
+        None,
+        "<=",
+        25.0,
+    ),
 ]
 
 
@@ -208,7 +277,9 @@ def check_targets(summary: dict[Key, dict[str, Any]]) -> list[tuple[str, str, st
             continue
         value = a / b
         figure = f"{value:.2f}x" if den is not None else f"{value:.1f}"
-        out.append(("PASS" if tests[test](value, bound) else "MISS", label, f"{figure} (target {test} {bound:g})"))
+        out.append(
+            ("PASS" if tests[test](value, bound) else "MISS", label, f"{figure} (target {test} {bound:g})")
+        )
     return out
 
 
@@ -219,6 +290,7 @@ def targets_markdown(results: list[tuple[str, str, str]]) -> str:
 
 
 # -- the machine ----------------------------------------------------------------------------------
+
 
 def _version(argv: list[str]) -> str:
     try:
@@ -232,11 +304,16 @@ def _version(argv: list[str]) -> str:
 def _pip_versions(python: Path, names: Sequence[str]) -> dict[str, str]:
     if not python.exists():
         return {}
-    code = ("import importlib.metadata as m, json, sys\nout = {}\nfor n in sys.argv[1:]:\n"
-            "    try: out[n] = m.version(n)\n    except m.PackageNotFoundError: pass\nprint(json.dumps(out))")
+    code = (
+        "import importlib.metadata as m, json, sys\nout = {}\nfor n in sys.argv[1:]:\n"
+        "    try: out[n] = m.version(n)\n    except m.PackageNotFoundError: pass\nprint(json.dumps(out))"
+    )
     try:
-        return json.loads(subprocess.run([str(python), "-c", code, *names], capture_output=True, text=True,
-                                         timeout=30).stdout)
+        return json.loads(
+            subprocess.run(
+                [str(python), "-c", code, *names], capture_output=True, text=True, timeout=30
+            ).stdout
+        )
     except (ValueError, OSError, subprocess.TimeoutExpired):
         return {}
 
@@ -247,11 +324,17 @@ def machine() -> dict[str, Any]:
         cpu = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text()).group(1)  # type: ignore[union-attr]
     except (OSError, AttributeError):
         pass
-    versions = {"python": platform.python_version(), "node": _version(["node", "--version"]),
-                "wrk": _version([shutil.which("wrk") or "wrk", "--version"]).split(" [")[0]}
-    versions |= _pip_versions(ROOT / ".venv" / "bin" / "python", ["prefork", "uvicorn", "uvloop", "httptools"])
-    peers = _pip_versions(ROOT / ".venv-peers" / "bin" / "python", ["uvicorn", "gunicorn", "granian",
-                                                                    "uvicorn-worker"])
+    versions = {
+        "python": platform.python_version(),
+        "node": _version(["node", "--version"]),
+        "wrk": _version([shutil.which("wrk") or "wrk", "--version"]).split(" [")[0],
+    }
+    versions |= _pip_versions(
+        ROOT / ".venv" / "bin" / "python", ["prefork", "uvicorn", "uvloop", "httptools"]
+    )
+    peers = _pip_versions(
+        ROOT / ".venv-peers" / "bin" / "python", ["uvicorn", "gunicorn", "granian", "uvicorn-worker"]
+    )
     versions |= {f"{k} (peer)": v for k, v in peers.items()}
     return {"cpus": os.cpu_count(), "cpu": cpu, "kernel": platform.release(), "versions": versions}
 
@@ -262,6 +345,7 @@ def machine_line(m: dict[str, Any]) -> str:
 
 
 # -- output ---------------------------------------------------------------------------------------
+
 
 def write_readme(block: str) -> bool:
     readme = ROOT / "README.md"
@@ -276,8 +360,10 @@ def write_readme(block: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 usage="scripts/bench [--rounds N] [--quick] [--only NAMES] [--no-readme]")
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        usage="scripts/bench [--rounds N] [--quick] [--only NAMES] [--no-readme]",
+    )
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (at least 3 for the README)")
     ap.add_argument("--quick", action="store_true", help="short measurements, to check the set-up")
     ap.add_argument("--only", default="", help="comma-separated benches: " + ",".join(BENCHES))
@@ -295,31 +381,51 @@ def main(argv: list[str] | None = None) -> int:
     records = run_rounds(names, args.rounds, args.quick, stamp)
     summary = summarize(records)
     targets = check_targets(summary)
-    (RESULTS / f"{stamp}.json").write_text(json.dumps(
-        {"date": now.isoformat(timespec="seconds"), "machine": info, "rounds": args.rounds, "quick": args.quick,
-         "benches": names, "records": records,
-         "summary": [{"bench": k[0], "case": k[1], "subject": k[2], "metric": k[3], **v}
-                     for k, v in summary.items()],
-         "targets": [{"status": s, "target": label, "measured": f} for s, label, f in targets]}, indent=1))
+    (RESULTS / f"{stamp}.json").write_text(
+        json.dumps(
+            {
+                "date": now.isoformat(timespec="seconds"),
+                "machine": info,
+                "rounds": args.rounds,
+                "quick": args.quick,
+                "benches": names,
+                "records": records,
+                "summary": [
+                    {"bench": k[0], "case": k[1], "subject": k[2], "metric": k[3], **v}
+                    for k, v in summary.items()
+                ],
+                "targets": [{"status": s, "target": label, "measured": f} for s, label, f in targets],
+            },
+            indent=1,
+        )
+    )
     chart = RESULTS / "latest.png"
     drew = draw_chart(summary, info, now, chart)
-    head = (f"Measured {now:%Y-%m-%d %H:%M} UTC by `scripts/bench --rounds {args.rounds}"
-            f"{' --quick' if args.quick else ''}` on {machine_line(info)}. Medians of {args.rounds} interleaved"
-            f" rounds, min–max below each.")
+    head = (
+        f"Measured {now:%Y-%m-%d %H:%M} UTC by `scripts/bench --rounds {args.rounds}"
+        f"{' --quick' if args.quick else ''}` on {machine_line(info)}. Medians of {args.rounds} interleaved"
+        f" rounds, min–max below each."
+    )
     table = "\n\n".join([head, targets_markdown(targets), markdown(summary)])
     (RESULTS / "latest.md").write_text(table + "\n")
     print("\n" + table)
     if not args.quick and not args.no_readme and args.only == "":
-        block = "\n\n".join([head, targets_markdown(targets),
-                             "![benchmarks](bench/results/latest.png)" if drew else "",
-                             "Every table: [bench/results/latest.md](bench/results/latest.md)."])
+        block = "\n\n".join(
+            [
+                head,
+                targets_markdown(targets),
+                "![benchmarks](bench/results/latest.png)" if drew else "",
+                "Every table: [bench/results/latest.md](bench/results/latest.md).",
+            ]
+        )
         write_readme(block)
     print(f"\nwrote bench/results/{stamp}.json, latest.md" + (", latest.png" if drew else ""))
     return 0
 
 
-def draw_chart(summary: dict[Key, dict[str, Any]], info: dict[str, Any], now: datetime.datetime,
-               path: Path) -> bool:
+def draw_chart(
+    summary: dict[Key, dict[str, Any]], info: dict[str, Any], now: datetime.datetime, path: Path
+) -> bool:
     try:
         from chart import draw
     except ImportError as exc:

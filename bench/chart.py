@@ -32,7 +32,9 @@ def _bars(ax: Any, data: dict[str, dict[str, float]], title: str, ylabel: str) -
         xs = [j + i * width for j in range(len(subjects))]
         ys = [by.get(s, 0) for s in subjects]
         colors = [OURS if s.startswith("prefork") else PEER for s in subjects]
-        ax.bar(xs, ys, width, label=case, color=colors, alpha=1.0 - 0.45 * i, edgecolor="black", linewidth=0.4)
+        ax.bar(
+            xs, ys, width, label=case, color=colors, alpha=1.0 - 0.45 * i, edgecolor="black", linewidth=0.4
+        )
     ax.set_xticks([j + width * (len(data) - 1) / 2 for j in range(len(subjects))])
     ax.set_xticklabels(subjects, rotation=30, ha="right", fontsize=7)
     ax.set_title(title, fontsize=9)
@@ -41,8 +43,16 @@ def _bars(ax: Any, data: dict[str, dict[str, float]], title: str, ylabel: str) -
         ax.legend(fontsize=6)
 
 
-def _curves(ax: Any, summary: Summary, bench: str, prefix: str, metric: str, title: str, ylabel: str,
-            subjects: list[str] | None = None) -> None:
+def _curves(
+    ax: Any,
+    summary: Summary,
+    bench: str,
+    prefix: str,
+    metric: str,
+    title: str,
+    ylabel: str,
+    subjects: list[str] | None = None,
+) -> None:
     lines: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for (b, case, subject, m), s in summary.items():
         found = re.match(rf"{re.escape(prefix)}, (\d+) workers?", case)
@@ -76,22 +86,52 @@ def _ipc_ratios(ax: Any, summary: Summary) -> None:
 
 def draw(summary: Summary, title: str, path: Path) -> None:
     fig, axes = plt.subplots(3, 3, figsize=(16, 13))
-    _bars(axes[0][0], _pick(summary, "serve", "req/s", ["hello, keep-alive", "hello, Connection: close"]),
-          "prefork serve and its peers, hello world, 2 workers", "req/s")
-    _bars(axes[0][1], _pick(summary, "policies", "req/s", ["hello, close", "hello, keep-alive"]),
-          "scheduling policies (library), 2 workers", "req/s")
-    _bars(axes[0][2], _pick(summary, "policies", "Jain", ["hello, close", "uneven work, close"]),
-          "split of connections between workers (Jain's index)", "Jain")
+    _bars(
+        axes[0][0],
+        _pick(summary, "serve", "req/s", ["hello, keep-alive", "hello, Connection: close"]),
+        "prefork serve and its peers, hello world, 2 workers",
+        "req/s",
+    )
+    _bars(
+        axes[0][1],
+        _pick(summary, "policies", "req/s", ["hello, close", "hello, keep-alive"]),
+        "scheduling policies (library), 2 workers",
+        "req/s",
+    )
+    _bars(
+        axes[0][2],
+        _pick(summary, "policies", "Jain", ["hello, close", "uneven work, close"]),
+        "split of connections between workers (Jain's index)",
+        "Jain",
+    )
     axes[0][2].set_ylim(0.5, 1.01)
     _ipc_ratios(axes[1][0], summary)
-    _curves(axes[1][1], summary, "scale", "hand-off", "conn/s", "new connections/s against workers",
-            "conn/s (Connection: close)")
-    _curves(axes[1][2], summary, "scale", "hand-off", "primary CPU ms per 1k conn",
-            "primary CPU per 1,000 connections", "ms")
+    _curves(
+        axes[1][1],
+        summary,
+        "scale",
+        "hand-off",
+        "conn/s",
+        "new connections/s against workers",
+        "conn/s (Connection: close)",
+    )
+    _curves(
+        axes[1][2],
+        summary,
+        "scale",
+        "hand-off",
+        "primary CPU ms per 1k conn",
+        "primary CPU per 1,000 connections",
+        "ms",
+    )
     _curves(axes[2][0], summary, "scale", "memory", "primary RSS MB", "primary RSS against workers", "MB")
     _curves(axes[2][1], summary, "scale", "memory", "worker USS MB", "memory each worker adds (USS)", "MB")
-    _bars(axes[2][2], _pick(summary, "lifecycle", "ms", ["respawn, kill to listening"]),
-          "respawn, kill to listening (lower is better)", "ms")
+    _bars(
+        axes[2][2],
+        _pick(summary, "lifecycle", "ms", ["respawn, kill to listening"]),
+        "respawn, kill to listening (lower is better)",
+        "ms",
+    )
     fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, dpi=80)
