@@ -4,7 +4,8 @@ The primary hands connections over (or lets us accept on a shared / SO_REUSEPORT
 them from each `prefork.listen()` Listener as soon as its fd is readable and give each socket to
 uvicorn's HTTP protocol with `loop.connect_accepted_socket`, so parsing, keep-alive, WebSocket
 upgrades, lifespan and graceful shutdown are uvicorn's well-tested code. We only add: the accept
-loop, counters for `prefork ctl status`, and the drain the primary asks for on reload and stop.
+loop, counters for `prefork ctl status`, the drain the primary asks for on reload and stop, and
+one write per response instead of two (onewrite.py).
 
 Started by the primary as `python -m prefork.http.worker` with the options as JSON in the
 environment variable PREFORK_SERVE (see prefork/cli/serve.py).
@@ -30,6 +31,9 @@ BOOT_ERROR = 3  # exit code of a worker whose app could not start (as gunicorn's
 
 
 IDLE_GRACE = 2.0  # seconds a draining worker waits for the next request of an idle keep-alive connection
+
+
+_fast = [False]  # onewrite's response path is installed (httptools is there)
 
 
 class BootError(Exception):
@@ -86,6 +90,9 @@ def _build_config(opts: dict[str, Any], app: Any, interface: str, out: Any = Non
     try:
         import httptools  # noqa: F401
 
+        from . import onewrite
+
+        _fast[0] = onewrite.install()  # one write per response, headers checked once (onewrite.py)
         http = "httptools"
     except ImportError:
         http = "h11"
@@ -203,12 +210,16 @@ class Server:
                 super().connection_lost(exc)
                 server._closed(listener)
 
+        if _fast[0]:
+            return Counted  # onewrite's cycle adds `Connection: close` itself while we leave
+
+        class CountedH11(Counted):
             def on_headers_complete(self) -> None:
                 super().on_headers_complete()
                 if server.stopping and getattr(self, "cycle", None) is not None:
                     self.cycle.keep_alive = False  # answered with `Connection: close`: the worker leaves
 
-        return Counted
+        return CountedH11
 
     # -- accepting -------------------------------------------------------------------------------
 
@@ -320,6 +331,10 @@ class Server:
     def begin_shutdown(self) -> None:
         if not self.stopping:
             self.stopping = True
+            if _fast[0]:
+                from .onewrite import Cycle
+
+                Cycle.leaving = True  # responses from now on say `Connection: close`
             self.loop.create_task(self._shutdown())
 
     async def _shutdown(self) -> None:
