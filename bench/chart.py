@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,9 @@ def _curves(
         style = "-o" if subject.startswith("prefork") else "--s"
         ax.plot([p[0] for p in points], [p[1] for p in points], style, label=subject, markersize=3)
     ax.set_xscale("log", base=2)
+    ticks = sorted({p[0] for points in lines.values() for p in points})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("workers", fontsize=8)
     ax.set_title(title, fontsize=9)
     ax.set_ylabel(ylabel, fontsize=8)
@@ -132,7 +136,7 @@ def draw(summary: Summary, title: str, path: Path) -> None:
         "respawn, kill to listening (lower is better)",
         "ms",
     )
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle("\n".join(textwrap.wrap(title, 160)), fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, dpi=80)
     plt.close(fig)
