@@ -32,6 +32,7 @@ __all__ = [
     "run_wrk",
     "start_process",
     "stop_process",
+    "wait_http",
 ]
 
 
@@ -108,6 +109,25 @@ def run_wrk(
         raise RuntimeError(f"could not parse wrk output:\n{proc.stdout}")
     res["raw"] = proc.stdout
     return res
+
+
+def wait_http(url: str, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Until `url` answers 200 (servers that print no ready line); RuntimeError if `proc` exits first."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with code {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} did not answer within {timeout:g}s")
+        time.sleep(0.1)
 
 
 def free_port() -> int:

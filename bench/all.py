@@ -327,7 +327,7 @@ def machine() -> dict[str, Any]:
     versions = {
         "python": platform.python_version(),
         "node": _version(["node", "--version"]),
-        "wrk": _version([shutil.which("wrk") or "wrk", "--version"]).split(" [")[0],
+        "wrk": _version([shutil.which("wrk") or "wrk", "--version"]).split(" [")[0].removeprefix("wrk "),
     }
     versions |= _pip_versions(
         ROOT / ".venv" / "bin" / "python", ["prefork", "uvicorn", "uvloop", "httptools"]

@@ -44,7 +44,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +64,7 @@ from _harness import (  # noqa: E402
     run_wrk,
     start_process,
     stop_process,
+    wait_http,
 )
 
 ROOT = HERE.parent
@@ -188,22 +188,6 @@ def handoff(kind: str, policy: str, workers: int, args: argparse.Namespace) -> d
     }
 
 
-def _wait_http(url: str, proc: Proc, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"prefork serve exited with code {proc.returncode}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{url} did not answer within {timeout:g}s")
-        time.sleep(0.1)
-
-
 def serve_memory(workers: int, args: argparse.Namespace) -> dict[str, Any]:
     """`prefork serve` hello (ASGI), ready, 1 s of load, then memory."""
     port = free_port()
@@ -218,7 +202,7 @@ def serve_memory(workers: int, args: argparse.Namespace) -> dict[str, Any]:
                  stderr=err, start_new_session=True)
         p._start_reader()
         try:
-            _wait_http(url, p, 20.0 + 2.0 * workers)
+            wait_http(url, 20.0 + 2.0 * workers, p)
             run_wrk(url, 1, args.connections, threads=2, close=True, latency=False)
             return memory(p.pid)
         except Exception:

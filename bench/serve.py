@@ -19,8 +19,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +32,7 @@ from _harness import (  # noqa: E402
     run_wrk,
     start_process,
     stop_process,
+    wait_http,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,20 +133,6 @@ def available(spec: dict[str, Any]) -> str | None:
     if cmd and shutil.which(cmd) is None:
         return f"{cmd} not found"
     return None
-
-
-def wait_http(url: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{url} did not answer within {timeout}s")
-        time.sleep(0.1)
 
 
 def measure(name: str, spec: dict[str, Any], port: int, args: argparse.Namespace) -> dict[str, Any]:

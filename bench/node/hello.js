@@ -3,6 +3,7 @@
 //
 //   WORKERS=2 PORT=8000 NODE_CLUSTER_SCHED_POLICY=rr|none node bench/node/hello.js
 //
+// GET /slow first burns SLOW_MS (default 20) of CPU: uneven work, as bench/mixed.lua asks.
 // Prints "ready" once every worker is listening. On SIGTERM (or SIGINT) to the primary,
 // asks each worker over IPC for its counts, prints ONE JSON line
 //   {"per_worker_connections": [...], "per_worker_requests": [...]}
@@ -69,8 +70,14 @@ if (cluster.isPrimary) {
 } else {
   let connections = 0;
   let requests = 0;
+  const SLOW_MS = Number(process.env.SLOW_MS || 20);
   const server = http.createServer((req, res) => {
     requests++;
+    if (req.url === '/slow') {
+      // uneven work, as bench/hello_prefork.py's /slow: burn SLOW_MS of CPU
+      const end = Date.now() + SLOW_MS;
+      while (Date.now() < end);
+    }
     res.writeHead(200);
     res.end('hello world\n');
   });

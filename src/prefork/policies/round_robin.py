@@ -112,7 +112,7 @@ class RoundRobinHandle(Handle):
             link.close()
         end = self.ends.pop(worker.id, None)
         if end is not None:
-            close_fds(handoff.reclaim(end))  # none, unless it was never removed properly
+            self.pending.extend(handoff.reclaim(end))  # a worker listening anew: its old link's
             end.close()
 
     # -- choosing a worker -----------------------------------------------------------------------
