@@ -365,6 +365,38 @@ def test_no_connection_lost_when_worker_killed(py, policy):
     script.finish()
 
 
+def test_a_stuck_worker_holds_at_most_its_window_then_gives_it_back(py):
+    """rr: a worker that never accepts gets exactly WINDOW connections, the other serves the rest;
+    killed, its WINDOW waiting connections are served by the other worker, none lost."""
+    from prefork.policies.round_robin import WINDOW
+
+    script = py.spawn(STUCK, env=_env("rr", None))
+    rows = {row[0]: row for row in _listening(script, 2)}
+    port = int(rows[1][3])
+    total = WINDOW + 100
+    results: dict[int, str | BaseException] = {}
+
+    def client(i: int) -> None:
+        try:
+            results[i] = _ask(("127.0.0.1", port), timeout=20)
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            results[i] = exc
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(total)]
+    for t in threads:
+        t.start()
+    assert wait_until(lambda: len(results) >= total - WINDOW, 15), len(results)
+    time.sleep(0.5)
+    assert len(results) == total - WINDOW  # the stuck one holds exactly its window, no more
+    os.kill(rows[1][1], signal.SIGKILL)
+    script.expect(r"^exit 1 None SIGKILL$")
+    for t in threads:
+        t.join(20)
+    assert len(results) == total and all(r == "2" for r in results.values()), results
+    script.signal("SIGINT")
+    script.finish()
+
+
 # Worker 1 answers slowly over http.server, one request at a time, so connections queue in its
 # window; the primary then disconnects it. The request it serves finishes; the queued ones go to
 # worker 2. Every client gets its 200.

@@ -43,7 +43,8 @@ class RoundRobinHandle(Handle):
         self.next = 0
         self.links: dict[int, socket.socket] = {}  # worker id -> the primary's end of its link
         self.ends: dict[int, socket.socket] = {}  # worker id -> the primary's copy of the worker's end
-        self.room: dict[int, int] = {}  # worker id -> connections it may still get in this wake-up
+        self.room: dict[int, int] = {}  # worker id -> connections it may get before its link is looked at
+        self.blocked: set[int] = set()  # workers whose link refused a record in this wake-up
         self.pending: collections.deque[int] = collections.deque()  # waiting for a worker
         self.reading = False
         self.rechecking = False
@@ -79,6 +80,8 @@ class RoundRobinHandle(Handle):
             self.pending.extendleft(reversed(handoff.reclaim(end)))
         self._drop_link(worker)
         self.workers.pop(worker.id, None)
+        self.room.pop(worker.id, None)
+        self.blocked.discard(worker.id)
         self._deliver_pending()
 
     def handed(self, worker: Any) -> None:
@@ -118,15 +121,19 @@ class RoundRobinHandle(Handle):
     # -- choosing a worker -----------------------------------------------------------------------
 
     def has_room(self, worker: Any) -> int:
-        """How many more it may get now: its window less what waits in its link (read once a wake-up)."""
-        room = self.room.get(worker.id)
-        if room is None:
+        """How many more it may get: credits, counted down per connection given; when they run
+        out, its window less what still waits in its link (one ioctl per WINDOW connections at
+        most, not one per wake-up). What waits never exceeds WINDOW: a worker gets at most the
+        room it had when last looked at."""
+        wid = worker.id
+        room = self.room.get(wid)
+        if (room is None or room <= 0) and wid not in self.blocked:
             try:
-                room = WINDOW - handoff.waiting(self.ends[worker.id])
+                room = WINDOW - handoff.waiting(self.ends[wid])
             except (OSError, KeyError):
                 room = 0
-            self.room[worker.id] = room
-        return room
+            self.room[wid] = room
+        return room  # type: ignore[return-value]
 
     def pick(self) -> Any:
         """The next worker in turn that has room in its window, or None. (Once per connection:
@@ -140,7 +147,7 @@ class RoundRobinHandle(Handle):
             worker = order[idx]
             idx += 1
             left = room.get(worker.id)
-            if left is None:
+            if left is None or left <= 0:
                 left = self.has_room(worker)
             if left > 0:
                 self.next = idx
@@ -157,6 +164,7 @@ class RoundRobinHandle(Handle):
             self.links[wid].sendmsg(_ONE, [(_SOL, _RIGHTS, fd.to_bytes(4, _ORDER))], _DONTWAIT)
         except (BlockingIOError, InterruptedError):
             self.room[wid] = 0
+            self.blocked.add(wid)  # until the next wake-up: its socket buffer is full
             return False
         except (OSError, KeyError):
             self.remove(worker)  # its link is gone: what it had goes to the others
@@ -180,7 +188,7 @@ class RoundRobinHandle(Handle):
                 break
             self.pending.append(fd)
         self.sock.close()
-        self.room.clear()
+        self._unblock()
         pending = self.pending
         for _ in range(len(pending)):  # past the windows: nobody else will take them
             worker = self.pick() or (self.order[0] if self.order else None)
@@ -204,7 +212,8 @@ class RoundRobinHandle(Handle):
 
     def _on_readable(self) -> None:
         accept, pick, give = self._accept, self.pick, self._give
-        self.room.clear()
+        if self.blocked:  # a new wake-up: their links may take records again
+            self._unblock()
         handed: list[int] = []
         for _ in range(ACCEPTS_PER_WAKE):
             try:
@@ -223,6 +232,11 @@ class RoundRobinHandle(Handle):
             handed.append(fd)
         _close(handed)
 
+    def _unblock(self) -> None:
+        for wid in self.blocked:
+            self.room.pop(wid, None)
+        self.blocked.clear()
+
     def _full(self) -> None:
         self._pause_accepting()
         if not self.rechecking and not self.closed:
@@ -235,7 +249,7 @@ class RoundRobinHandle(Handle):
 
     def _deliver_pending(self) -> None:
         pending = self.pending
-        self.room.clear()
+        self._unblock()
         while pending:
             worker = self.pick()
             if worker is None:
