@@ -397,6 +397,38 @@ def test_a_stuck_worker_holds_at_most_its_window_then_gives_it_back(py):
     script.finish()
 
 
+def test_least_conn_sends_nothing_more_to_a_worker_that_does_not_read(py):
+    """least_conn: once a connection waits unread for the stuck worker, the others get the rest
+    (round robin would keep giving it every other one, up to its window)."""
+    script = py.spawn(STUCK, env=_env("least_conn", None))
+    rows = {row[0]: row for row in _listening(script, 2)}
+    port = int(rows[1][3])
+    total = 100
+    results: dict[int, str | BaseException] = {}
+
+    def client(i: int) -> None:
+        try:
+            results[i] = _ask(("127.0.0.1", port), timeout=20)
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            results[i] = exc
+
+    threads = []
+    for i in range(total):  # a few at a time, as a client pool would
+        threads.append(threading.Thread(target=client, args=(i,)))
+        threads[-1].start()
+        time.sleep(0.002)
+    assert wait_until(lambda: len(results) >= total - 3, 15), len(results)
+    time.sleep(0.3)
+    assert total - 3 <= len(results) < total  # at most 3 went to the stuck worker, and some did
+    os.kill(rows[1][1], signal.SIGKILL)
+    script.expect(r"^exit 1 None SIGKILL$")
+    for t in threads:
+        t.join(20)
+    assert len(results) == total and all(r == "2" for r in results.values()), results
+    script.signal("SIGINT")
+    script.finish()
+
+
 # Worker 1 answers slowly over http.server, one request at a time, so connections queue in its
 # window; the primary then disconnects it. The request it serves finishes; the queued ones go to
 # worker 2. Every client gets its 200.

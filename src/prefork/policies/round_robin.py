@@ -33,6 +33,7 @@ RECHECK_S = 0.005  # every window full: how often to look again (no acknowledgem
 class RoundRobinHandle(Handle):
     policy = "rr"
     counts = False  # whether `handed` is called (load-aware subclasses)
+    measure_each_wake = False  # look at every link at each wake-up, not only when credits run out
 
     def __init__(self, servers: Any, hid: int, family: int, addr: Any, backlog: int) -> None:
         super().__init__(servers, hid, family, addr, backlog)
@@ -214,6 +215,8 @@ class RoundRobinHandle(Handle):
         accept, pick, give = self._accept, self.pick, self._give
         if self.blocked:  # a new wake-up: their links may take records again
             self._unblock()
+        if self.measure_each_wake:
+            self.room.clear()
         handed: list[int] = []
         for _ in range(ACCEPTS_PER_WAKE):
             try:
