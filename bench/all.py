@@ -362,23 +362,40 @@ def write_readme(block: str) -> bool:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
-        usage="scripts/bench [--rounds N] [--quick] [--only NAMES] [--no-readme]",
+        usage="scripts/bench [--rounds N] [--quick] [--only NAMES [--keep FILE]] [--no-readme]",
     )
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (at least 3 for the README)")
     ap.add_argument("--quick", action="store_true", help="short measurements, to check the set-up")
     ap.add_argument("--only", default="", help="comma-separated benches: " + ",".join(BENCHES))
     ap.add_argument("--no-readme", action="store_true", help="do not update README.md")
+    ap.add_argument(
+        "--keep",
+        metavar="FILE",
+        help="with --only: the other benches' figures from this "
+        "earlier bench/results/*.json (a bench re-measured after a change)",
+    )
     args = ap.parse_args(argv)
     names = [n for n in args.only.split(",") if n] or list(BENCHES)
     unknown = [n for n in names if n not in BENCHES]
     if unknown or args.rounds < 1:
         ap.error(f"unknown bench {', '.join(unknown)}" if unknown else "--rounds must be at least 1")
+    kept: list[dict[str, Any]] = []
+    if args.keep:
+        try:
+            earlier = json.loads(Path(args.keep).read_text())
+        except (OSError, ValueError) as exc:
+            ap.error(f"--keep {args.keep}: {exc}")
+        if earlier.get("rounds") != args.rounds or earlier.get("quick") != args.quick:
+            ap.error(f"--keep {args.keep}: measured with other --rounds/--quick")
+        kept = [r for r in earlier["records"] if r["bench"] not in names]
+        names_kept = sorted({r["bench"] for r in kept})
+        print(f"kept from {args.keep}: {', '.join(names_kept)}", flush=True)
     (RESULTS / "logs").mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)
     stamp = now.strftime("%Y-%m-%dT%H%M")
     info = machine()
     print(f"machine: {machine_line(info)}", flush=True)
-    records = run_rounds(names, args.rounds, args.quick, stamp)
+    records = run_rounds(names, args.rounds, args.quick, stamp) + kept
     summary = summarize(records)
     targets = check_targets(summary)
     (RESULTS / f"{stamp}.json").write_text(
@@ -389,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
                 "rounds": args.rounds,
                 "quick": args.quick,
                 "benches": names,
+                "kept": args.keep,
                 "records": records,
                 "summary": [
                     {"bench": k[0], "case": k[1], "subject": k[2], "metric": k[3], **v}
@@ -405,11 +423,12 @@ def main(argv: list[str] | None = None) -> int:
         f"Measured {now:%Y-%m-%d %H:%M} UTC by `scripts/bench --rounds {args.rounds}"
         f"{' --quick' if args.quick else ''}` on {machine_line(info)}. Medians of {args.rounds} interleaved"
         f" rounds, min–max below each."
+        + (f" Re-measured: {', '.join(names)}; the rest from {Path(args.keep).name}." if args.keep else "")
     )
     table = "\n\n".join([head, targets_markdown(targets), markdown(summary)])
     (RESULTS / "latest.md").write_text(table + "\n")
     print("\n" + table)
-    if not args.quick and not args.no_readme and args.only == "":
+    if not args.quick and not args.no_readme and (args.only == "" or args.keep):
         block = "\n\n".join(
             [
                 head,
