@@ -18,20 +18,18 @@
 With --rounds N every subject is measured once per round, interleaved, and medians are shown.
 Prints tables, then as the last stdout line the records (`emit_records`).
 
-Where the hand-off curve bends, and why (2 cores shared by wrk, the cluster and other jobs; run of
-2026-11-26, --seconds 2 --rounds 3, plus py-spy on the rr primary): prefork rr went 27.9k, 20.1k,
-10.0k, 8.1k, 9.5k conn/s for 1, 2, 4, 8, 16 workers (none: 26.0k, 25.2k, 16.5k, 14.0k, 14.5k), so
-the curve bends between 2 and 4 workers, where workers outnumber the cores, and is flat after. The
-primary is not the limit: it spends 8-9 us per connection up to 8 workers and is busy 7-23% of one
-core. The limit is total CPU: primary + workers CPU per connection grows from 35 to 100 us for rr
-(24 to 71 for none), because once workers outnumber cores each one wakes for fewer connections at a
-time (no batching in its event loop) and every wake-up is a context switch on an oversubscribed CPU.
-rr costs about 1.5x none per connection (the extra hop: accept and SCM_RIGHTS sendmsg in the primary,
-recvmsg in the worker, one FINISHED record back per closed connection), hence rr/none about 0.6 from
-4 workers on. At 16 workers the primary's own cost rises (13 us per connection): every connection
-goes to a different sleeping worker, so its sendmsg pays that process's wake-up, and it reads one
-FINISHED record per connection (recv_records, 10-13% of py-spy samples), which hello_prefork.py
-sends under rr too although only least_conn uses it.
+Where the curves bend, and why (scripts/bench, 3 rounds, 2026-11-26; 2 cores shared by wrk and the
+cluster). prefork rr made 25.9k, 29.0k, 24.8k, 20.5k, 16.0k new connections/s with 1, 2, 4, 8, 16
+workers; none 20.4k, 34.9k, 20.2k, 12.5k, 10.8k; Node rr 10.8k, 9.8k, 6.1k, 4.2k, 4.2k. Both prefork
+curves peak at 2 workers, one per core, and fall once workers outnumber cores: each connection then
+costs more context switches and each wake-up carries fewer connections. none falls hardest: every
+idle worker wakes for each connection on the shared socket and all but one find nothing, so from 4
+workers on rr is the faster (1.2x at 4, 1.6x at 8). The primary's cost does not grow with workers:
+7.9 to 9.5 ms of CPU per 1,000 connections from 1 to 16 (one accept, one sendmsg and a share of one
+close_range per wake-up; Node's rr primary 30 to 41 ms). At 2 workers that primary share is what
+keeps rr at 0.83-0.85x of none. Memory: the primary is 13.5 MB RSS with 1 worker and 17.4 MB with 16
+(library; serve 17.0 to 21.0 MB), about 0.25 MB per worker (its channel, links and bookkeeping); a
+worker adds 12.3 MB USS (library) or 19.2 MB (serve, with uvicorn, uvloop and httptools).
 """
 
 from __future__ import annotations
