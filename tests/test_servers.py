@@ -129,6 +129,25 @@ def _ask_many(address: object, n: int, family: int = socket.AF_INET, threads: in
     return answers
 
 
+def _clients(port: int, n: int, spacing: float = 0.0, timeout: float = 20.0
+             ) -> tuple[dict[int, str | BaseException], list[threading.Thread]]:
+    """`n` clients started `spacing` apart, each asking once; their answers (or errors) by index."""
+    results: dict[int, str | BaseException] = {}
+
+    def client(i: int) -> None:
+        try:
+            results[i] = _ask(("127.0.0.1", port), timeout=timeout)
+        except BaseException as exc:  # noqa: BLE001 - the tests assert on it
+            results[i] = exc
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+        if spacing:
+            time.sleep(spacing)
+    return results, threads
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -337,18 +356,7 @@ def test_no_connection_lost_when_worker_killed(py, policy):
     script = py.spawn(STUCK, env=_env(policy, None))
     rows = {row[0]: row for row in _listening(script, 2)}
     port = int(rows[1][3])
-    results: dict[int, str | BaseException] = {}
-
-    def client(i: int) -> None:
-        try:
-            results[i] = _ask(("127.0.0.1", port), timeout=15)
-        except BaseException as exc:  # noqa: BLE001 - asserted below
-            results[i] = exc
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(30)]
-    for t in threads:
-        t.start()
-        time.sleep(0.005)
+    results, threads = _clients(port, 30, spacing=0.005, timeout=15)
     # Worker 2's share is answered; worker 1's waits for it.
     assert wait_until(lambda: len(results) >= 5, 10), results
     time.sleep(0.3)
@@ -374,17 +382,7 @@ def test_a_stuck_worker_holds_at_most_its_window_then_gives_it_back(py):
     rows = {row[0]: row for row in _listening(script, 2)}
     port = int(rows[1][3])
     total = WINDOW + 100
-    results: dict[int, str | BaseException] = {}
-
-    def client(i: int) -> None:
-        try:
-            results[i] = _ask(("127.0.0.1", port), timeout=20)
-        except BaseException as exc:  # noqa: BLE001 - asserted below
-            results[i] = exc
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(total)]
-    for t in threads:
-        t.start()
+    results, threads = _clients(port, total)
     assert wait_until(lambda: len(results) >= total - WINDOW, 15), len(results)
     time.sleep(0.5)
     assert len(results) == total - WINDOW  # the stuck one holds exactly its window, no more
@@ -404,19 +402,7 @@ def test_least_conn_sends_nothing_more_to_a_worker_that_does_not_read(py):
     rows = {row[0]: row for row in _listening(script, 2)}
     port = int(rows[1][3])
     total = 100
-    results: dict[int, str | BaseException] = {}
-
-    def client(i: int) -> None:
-        try:
-            results[i] = _ask(("127.0.0.1", port), timeout=20)
-        except BaseException as exc:  # noqa: BLE001 - asserted below
-            results[i] = exc
-
-    threads = []
-    for i in range(total):  # a few at a time, as a client pool would
-        threads.append(threading.Thread(target=client, args=(i,)))
-        threads[-1].start()
-        time.sleep(0.002)
+    results, threads = _clients(port, total, spacing=0.002)  # a few at a time, as a client pool would
     assert wait_until(lambda: len(results) >= total - 3, 15), len(results)
     time.sleep(0.3)
     assert total - 3 <= len(results) < total  # at most 3 went to the stuck worker, and some did
