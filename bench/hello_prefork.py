@@ -178,6 +178,7 @@ def worker() -> None:
         listener.drainer = lambda: loop.call_soon_threadsafe(drain)
         listener.wait_drained = lambda timeout=None: drained.wait(timeout)  # type: ignore[method-assign]
         loop.add_reader(listener.fileno(), on_ready)
+        listener.set_eager()  # on_ready takes all that waits
         await done.wait()
 
     listener = cluster.listen(("127.0.0.1", int(os.environ.get("PORT", "8000"))))

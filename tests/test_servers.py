@@ -415,6 +415,67 @@ def test_least_conn_sends_nothing_more_to_a_worker_that_does_not_read(py):
     script.finish()
 
 
+# Worker 1's server is eager (set_eager). With both workers listening, the primary's loop is held
+# up for a moment: it then accepts the eight waiting connections at once, four for each worker,
+# worker 1's in one record. Worker 1 takes one and closes its listener holding the other three:
+# they go back to the primary, and on to worker 2.
+EAGER_CLOSE = r"""
+import select, time
+import prefork as cluster
+
+if cluster.is_primary:
+    listening = []
+    def on_listening(worker, address):
+        print("listening", worker.id, worker.process.pid, address.address, address.port, 4, flush=True)
+        listening.append(worker)
+        if len(listening) == 2:
+            cluster.workers[1].send("go")
+    cluster.on("listening", on_listening)
+    def on_message(worker, message, handle):
+        if message == "hold":
+            print("holding", flush=True)
+            time.sleep(1.0)  # on the primary's loop: connections pile up in the backlog
+        else:
+            print("worker", worker.id, message, flush=True)
+    cluster.on("message", on_message)
+    cluster.fork()
+    cluster.fork()
+else:
+    listener = cluster.listen(("127.0.0.1", 0))
+    if cluster.worker.id == 1:
+        listener.set_eager()
+        go = []
+        cluster.worker.on("message", lambda m, h: go.append(m))
+        while not go:
+            time.sleep(0.01)
+        cluster.worker.send("hold")
+        select.select([listener], [], [])
+        conn = listener.accept_socket()
+        conn.sendall(b"1")
+        conn.close()
+        cluster.worker.send(f"held {len(listener._queue)}")
+        listener.close()
+        time.sleep(60)
+    while True:
+        conn, _ = listener.accept()
+        conn.sendall(b"%d" % cluster.worker.id)
+        conn.close()
+"""
+
+
+def test_an_eager_listener_closing_gives_back_what_it_held(py):
+    script = py.spawn(EAGER_CLOSE, env={"PREFORK_SCHED_POLICY": "rr"})
+    port = int(_listening(script, 2)[0][3])
+    script.expect(r"^holding$")
+    results, threads = _clients(port, 8)
+    script.expect(r"^worker 1 held 3$")
+    for t in threads:
+        t.join(20)
+    assert sorted(results.values()) == ["1"] + ["2"] * 7, results
+    script.signal("SIGINT")
+    script.finish()
+
+
 # Worker 1 answers slowly over http.server, one request at a time, so connections queue in its
 # window; the primary then disconnects it. The request it serves finishes; the queued ones go to
 # worker 2. Every client gets its 200.

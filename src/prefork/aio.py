@@ -93,6 +93,7 @@ class Server:
             fd = listener.fileno()
             self._fds[listener] = fd
             self._loop.add_reader(fd, self._on_acceptable, listener)
+            listener.set_eager()  # _on_acceptable takes all that waits: batches are welcome
 
     async def serve_forever(self) -> None:
         """Serve until close() or the worker's disconnect; returns once every connection has ended."""

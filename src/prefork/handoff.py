@@ -5,9 +5,13 @@ primary both ends. The primary sends one record per accepted connection (one byt
 SCM_RIGHTS) and closes its copy at once. It keeps a reference to the worker's end, so the records the
 worker has not read stay in that end's queue whatever happens to the worker: when it dies or closes
 its listener, the primary reads them back (`reclaim`) and hands them to another worker. The queue's
-length (`waiting`, FIONREAD) is the worker's window: no acknowledgement travels back, so the primary
-wakes only for new connections. One descriptor per record, so that a worker never holds more than
-the one it is taking. The worker's only records are counts of closed connections, for least_conn.
+length (`waiting`, FIONREAD: one byte per connection) is the worker's window: no acknowledgement
+travels back, so the primary wakes only for new connections. One descriptor per record, so that a
+worker never holds more than the one it is taking; except for a listener whose server says it takes
+every waiting connection at once (an event loop's accept callback: `Listener.set_eager`), which gets
+one record per wake-up with all of its connections (one sendmsg, one wake-up of the worker). The
+worker's records: counts of closed connections (least_conn), EAGER, and connections a closing
+listener gives back.
 
 Keeping this off the main channel lets the worker's serving loop receive connections itself, in the
 thread that accepts them: no channel thread, no hand-over between threads.
@@ -23,7 +27,9 @@ import sys
 import termios
 
 MAX_FDS = 253  # SCM_MAX_FD
-FINISHED = b"d"
+FINISHED = b"d"  # n connections closed (least_conn)
+EAGER = b"e"  # this listener's server takes every waiting connection at once: batch them
+RETURNED = ord("r")  # a record of connections given back, one byte each (a closing listener's)
 _COUNT = struct.Struct("<cI")
 _ANC = socket.CMSG_SPACE(MAX_FDS * 4)
 _RECV_FLAGS = socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC
@@ -86,16 +92,33 @@ def send_count(sock: socket.socket, kind: bytes, count: int = 0) -> None:
     sock.send(_COUNT.pack(kind, count))
 
 
-def recv_records(sock: socket.socket) -> tuple[list[tuple[bytes, int]], bool]:
-    """Every record waiting from the worker as (kind, count), and whether its end has closed."""
+def send_back(sock: socket.socket, fds: list[int]) -> None:
+    """Give connections back to the primary (a closing listener held them, not yet taken)."""
+    for start in range(0, len(fds), MAX_FDS):
+        part = fds[start:start + MAX_FDS]
+        sock.sendmsg([bytes([RETURNED]) * len(part)],
+                     [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", part))])
+
+
+def recv_records(sock: socket.socket) -> tuple[list[tuple[bytes, int]], list[int], bool]:
+    """Every record waiting from the worker: (kind, count) reports, connections it gave back,
+    and whether its end has closed."""
     records: list[tuple[bytes, int]] = []
+    returned: list[int] = []
     while True:
         try:
-            data = sock.recv(_COUNT.size, socket.MSG_DONTWAIT)
+            data, anc, flags, _ = sock.recvmsg(MAX_FDS, _ANC, _RECV_FLAGS)
         except (BlockingIOError, InterruptedError):
-            return records, False
-        if not data:
-            return records, True
+            return records, returned, False
+        fds = array.array("i")
+        for level, kind, cdata in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
+        returned += fds
+        if not data and not fds:
+            return records, returned, True
+        if data[:1] == bytes([RETURNED]):
+            continue
         if len(data) != _COUNT.size:
             raise LinkError(f"bad hand-off record {data!r}")
         records.append(_COUNT.unpack(data))

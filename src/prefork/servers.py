@@ -98,6 +98,20 @@ class Listener:
             raise BlockingIOError(errno.EAGAIN, "no connection waiting")
         return sock
 
+    def set_eager(self) -> None:
+        """Say that this listener's server takes every waiting connection at once (an event
+        loop's accept callback that loops until BlockingIOError): under rr and least_conn the
+        primary then sends all of a wake-up's connections for this worker in one record, one
+        sendmsg and one wake-up instead of one each. The price: connections received in such a
+        record but not yet taken are lost if the worker is killed in between (microseconds for
+        such a server), as connections it had accepted itself would be."""
+        with self._lock:
+            if self._link is not None and not self._closed:
+                try:
+                    handoff.send_count(self._link, handoff.EAGER)
+                except OSError:
+                    pass
+
     def _try_accept(self) -> tuple[socket.socket, Any] | None:
         sock, addr = self._next(socket.socket)
         if sock is None:
@@ -194,9 +208,17 @@ class Listener:
             if self._closed:
                 return
             self._closed = True
-            if self._link is not None:
-                self._unlink()  # what waits in it, the primary gives to another worker
             queued, self._queue = list(self._queue), collections.deque()
+            if self._link is not None:
+                if queued:  # received in a batch, not taken: back to the primary, for the others
+                    try:
+                        handoff.send_back(self._link, queued)
+                        for fd in queued:
+                            os.close(fd)
+                        queued = []
+                    except OSError:
+                        pass
+                self._unlink()  # what waits in it, the primary gives to another worker
             sources, self._sources = list(self._sources.values()), {}
             os.eventfd_write(self._wake, 1)  # wake a blocked accept()
         for fd in queued:

@@ -170,6 +170,7 @@ class Server:
             listener.drainer = self.drain
             self.listeners.append(listener)
             self.loop.add_reader(listener.fileno(), self._on_readable, listener, protocol)
+            listener.set_eager()  # _on_readable takes all that waits: batches are welcome
         if self.child is not None:
             self.child.server_opened(self)
             # the heartbeat is answered from this loop: a stuck loop misses it and gets replaced

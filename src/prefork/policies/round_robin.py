@@ -12,6 +12,7 @@ worker able to take more, the primary stops accepting and the kernel's backlog h
 
 from __future__ import annotations
 
+import array
 import collections
 import errno
 import os
@@ -46,6 +47,7 @@ class RoundRobinHandle(Handle):
         self.ends: dict[int, socket.socket] = {}  # worker id -> the primary's copy of the worker's end
         self.room: dict[int, int] = {}  # worker id -> connections it may get before its link is looked at
         self.blocked: set[int] = set()  # workers whose link refused a record in this wake-up
+        self.eager: set[int] = set()  # workers whose server takes all waiting at once: batched
         self.pending: collections.deque[int] = collections.deque()  # waiting for a worker
         self.reading = False
         self.rechecking = False
@@ -83,6 +85,7 @@ class RoundRobinHandle(Handle):
         self.workers.pop(worker.id, None)
         self.room.pop(worker.id, None)
         self.blocked.discard(worker.id)
+        self.eager.discard(worker.id)
         self._deliver_pending()
 
     def handed(self, worker: Any) -> None:
@@ -101,12 +104,18 @@ class RoundRobinHandle(Handle):
         if link is None:
             return False
         try:
-            records, ended = handoff.recv_records(link)
+            records, returned, ended = handoff.recv_records(link)
         except OSError:
-            records, ended = [], True
+            records, returned, ended = [], [], True
         for kind, count in records:
             if kind == handoff.FINISHED:
                 self.finished(worker, count)
+            elif kind == handoff.EAGER:
+                self.eager.add(worker.id)
+        if returned:  # its listener closed holding these: first in line for the others
+            self.pause(worker)
+            self.pending.extendleft(reversed(returned))
+            self.loop.call_soon(self._deliver_pending)
         return ended
 
     def _drop_link(self, worker: Any) -> None:
@@ -175,6 +184,31 @@ class RoundRobinHandle(Handle):
             self.handed(worker)
         return True
 
+    def _give_many(self, worker: Any, fds: list[int]) -> list[int]:
+        """Hand `fds` to an eager worker in one record (per MAX_FDS); returns those sent, the
+        caller closes them. What its link did not take goes back in line for any worker."""
+        wid, sent = worker.id, 0
+        try:
+            link = self.links[wid]
+            while sent < len(fds):
+                part = fds[sent:sent + handoff.MAX_FDS]
+                link.sendmsg([b"c" * len(part)], [(_SOL, _RIGHTS, array.array("i", part))], _DONTWAIT)
+                sent += len(part)
+        except (BlockingIOError, InterruptedError):
+            self.room[wid] = 0
+            self.blocked.add(wid)
+        except (OSError, KeyError):
+            self.pending.extendleft(reversed(fds[sent:]))
+            self.remove(worker)
+            return fds[:sent]
+        if sent < len(fds):
+            self.pending.extendleft(reversed(fds[sent:]))
+            self.loop.call_soon(self._deliver_pending)
+        if self.counts:
+            for _ in range(sent):
+                self.handed(worker)
+        return fds[:sent]
+
     def stop_accepting(self) -> None:
         """The cluster stops: take what the backlog holds, then stop listening (new connects are
         refused, not reset); what was taken is handed over and served by the draining workers."""
@@ -212,12 +246,13 @@ class RoundRobinHandle(Handle):
             self.loop.remove_reader(self.sock.fileno())
 
     def _on_readable(self) -> None:
-        accept, pick, give = self._accept, self.pick, self._give
+        accept, pick, give, eager, room = self._accept, self.pick, self._give, self.eager, self.room
         if self.blocked:  # a new wake-up: their links may take records again
             self._unblock()
         if self.measure_each_wake:
-            self.room.clear()
+            room.clear()
         handed: list[int] = []
+        batches: dict[Any, list[int]] = {}
         for _ in range(ACCEPTS_PER_WAKE):
             try:
                 fd, _addr = accept()
@@ -226,6 +261,14 @@ class RoundRobinHandle(Handle):
             except OSError:  # ECONNABORTED, EMFILE...: try again on the next wake-up
                 break
             worker = pick()
+            if worker is not None and worker.id in eager:  # sent together, after the loop
+                room[worker.id] -= 1
+                batch = batches.get(worker)
+                if batch is None:
+                    batches[worker] = [fd]
+                else:
+                    batch.append(fd)
+                continue
             while worker is not None and not give(worker, fd):
                 worker = pick()  # that one's link was full or gone
             if worker is None:
@@ -233,6 +276,8 @@ class RoundRobinHandle(Handle):
                 self._full()
                 break
             handed.append(fd)
+        for worker, fds in batches.items():
+            handed += self._give_many(worker, fds)
         _close(handed)
 
     def _unblock(self) -> None:
