@@ -18,16 +18,17 @@
 With --rounds N every subject is measured once per round, interleaved, and medians are shown.
 Prints tables, then as the last stdout line the records (`emit_records`).
 
-Where the curves bend, and why (scripts/bench, 3 rounds, 2026-11-26; 2 cores shared by wrk and the
-cluster). prefork rr made 25.9k, 29.0k, 24.8k, 20.5k, 16.0k new connections/s with 1, 2, 4, 8, 16
-workers; none 20.4k, 34.9k, 20.2k, 12.5k, 10.8k; Node rr 10.8k, 9.8k, 6.1k, 4.2k, 4.2k. Both prefork
-curves peak at 2 workers, one per core, and fall once workers outnumber cores: each connection then
-costs more context switches and each wake-up carries fewer connections. none falls hardest: every
-idle worker wakes for each connection on the shared socket and all but one find nothing, so from 4
-workers on rr is the faster (1.2x at 4, 1.6x at 8). The primary's cost does not grow with workers:
-7.9 to 9.5 ms of CPU per 1,000 connections from 1 to 16 (one accept, one sendmsg and a share of one
-close_range per wake-up; Node's rr primary 30 to 41 ms). At 2 workers that primary share is what
-keeps rr at 0.83-0.85x of none. Memory: the primary is 13.5 MB RSS with 1 worker and 17.4 MB with 16
+Where the curves bend, and why (scripts/bench, 3 rounds, 2026-11-26 02:20; 2 cores shared by wrk and
+the cluster). prefork rr made 23.8k, 27.5k, 23.5k, 18.1k, 15.0k new connections/s with 1, 2, 4, 8,
+16 workers; none 19.7k, 31.9k, 19.1k, 13.1k, 10.2k; Node rr 8.6k, 8.2k, 5.8k, 4.3k, 4.0k. Both
+prefork curves peak at 2 workers, one per core, and fall once workers outnumber cores: each
+connection then costs more context switches and each wake-up carries fewer connections. none falls
+hardest: every worker waiting on the shared socket is woken for each connection and all but one
+find nothing, so from 4 workers on rr is the faster (1.2x at 4, 1.4x at 8). The primary's cost does
+not grow with workers: 8.0 to 10.5 ms of CPU per 1,000 connections from 1 to 16 (one accept, a share
+of one sendmsg and one close_range per wake-up; Node's rr primary 38 to 44 ms). At 2 workers that
+share keeps rr at 0.86x of none here (32 connections; 0.93x in bench/policies.py with 50, where
+wake-ups carry more). Memory: the primary is 13.5 MB RSS with 1 worker and 17.5 MB with 16
 (library; serve 17.0 to 21.0 MB), about 0.25 MB per worker (its channel, links and bookkeeping); a
 worker adds 12.3 MB USS (library) or 19.2 MB (serve, with uvicorn, uvloop and httptools).
 """
