@@ -99,7 +99,8 @@ class RoundRobinHandle(Handle):
             self.servers.close_if_unused(self)
 
     def _read_link(self, worker: Any) -> bool:
-        """Apply the worker's reports (connections closed); True if its end is gone."""
+        """Apply what the worker sent (connections closed, EAGER, connections a closing listener
+        gives back); True if its end is gone."""
         link = self.links.get(worker.id)
         if link is None:
             return False
