@@ -580,11 +580,7 @@ class Channel:
         return True
 
     def _take_fds(self, anc: list[tuple[int, int, bytes]]) -> None:
-        for level, ctype, cdata in anc:
-            if level == _SOL_SOCKET and ctype == _SCM_RIGHTS:
-                fds = array.array("i")
-                fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
-                self._fds.extend(fds)
+        self._fds.extend(fds_in(anc))
 
     def _parse(self, decode_them: bool) -> list[tuple[int, Any, list[int]]]:
         """Every whole frame in the buffer; keep the partial one and make room for the rest of it."""
@@ -705,6 +701,15 @@ def _skip(bufs: list[Any], n: int) -> list[Any]:
     if n:
         rest[0] = memoryview(rest[0])[n:]
     return rest
+
+
+def fds_in(anc: list[tuple[int, int, bytes]]) -> list[int]:
+    """The descriptors an SCM_RIGHTS message of recvmsg's ancillary data carries."""
+    fds = array.array("i")
+    for level, ctype, cdata in anc:
+        if level == _SOL_SOCKET and ctype == _SCM_RIGHTS:
+            fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
+    return list(fds)
 
 
 def close_fds(fds: list[int]) -> None:

@@ -23,8 +23,9 @@ import array
 import fcntl
 import socket
 import struct
-import sys
 import termios
+
+from .channel import close_fds, fds_in
 
 MAX_FDS = 253  # SCM_MAX_FD
 FINISHED = b"d"  # n connections closed (least_conn)
@@ -33,7 +34,8 @@ RETURNED = ord("r")  # a record of connections given back, one byte each (a clos
 _COUNT = struct.Struct("<cI")
 _ANC = socket.CMSG_SPACE(MAX_FDS * 4)
 _RECV_FLAGS = socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC
-RECORD = [b"c"]  # a connection's record: this byte, its descriptor as SCM_RIGHTS
+RECORD = [b"c"]  # a connection's record: this byte, its descriptor as SCM_RIGHTS (sent by the
+#                  round-robin policy itself, on its hot path)
 
 
 class LinkError(OSError):
@@ -45,25 +47,20 @@ def pair() -> tuple[socket.socket, socket.socket]:
     return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 
 
-def send_fd(sock: socket.socket, fd: int) -> None:
-    """One record carrying `fd`; BlockingIOError when the link is full. (The round-robin
-    policy inlines this on its hot path.)"""
-    sock.sendmsg(RECORD, [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fd.to_bytes(4, sys.byteorder))],
-                 socket.MSG_DONTWAIT)
-
-
 def recv_fds(sock: socket.socket) -> list[int] | None:
     """The descriptors of the next record ([] when none is waiting), None at end of stream."""
+    data, fds = _receive(sock)
+    return None if not data and not fds else fds
+
+
+def _receive(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """One record's bytes and descriptors (non-blocking); LinkError if descriptors were lost."""
     data, anc, flags, _ = sock.recvmsg(MAX_FDS, _ANC, _RECV_FLAGS)
-    fds = array.array("i")
-    for level, kind, cdata in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
+    fds = fds_in(anc)
     if flags & socket.MSG_CTRUNC:
+        close_fds(fds)
         raise LinkError("descriptors were lost in transit (MSG_CTRUNC)")
-    if not data and not fds:
-        return None
-    return list(fds)
+    return data, fds
 
 
 def reclaim(worker_end: socket.socket) -> list[int]:
@@ -107,13 +104,9 @@ def recv_records(sock: socket.socket) -> tuple[list[tuple[bytes, int]], list[int
     returned: list[int] = []
     while True:
         try:
-            data, anc, flags, _ = sock.recvmsg(MAX_FDS, _ANC, _RECV_FLAGS)
+            data, fds = _receive(sock)
         except (BlockingIOError, InterruptedError):
             return records, returned, False
-        fds = array.array("i")
-        for level, kind, cdata in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
         returned += fds
         if not data and not fds:
             return records, returned, True

@@ -112,8 +112,8 @@ class Listener:
                 except OSError:
                     pass
 
-    def _try_accept(self) -> tuple[socket.socket, Any] | None:
-        sock, addr = self._next(socket.socket)
+    def _try_accept(self, cls: type[socket.socket] = socket.socket) -> tuple[socket.socket, Any] | None:
+        sock, addr = self._next(cls)
         if sock is None:
             return None
         return sock, addr if addr is not None else _peer(sock)
@@ -243,12 +243,12 @@ class Listener:
         taken = []
         while not self._closed:
             try:
-                sock, addr = self._next(cls)
+                conn = self._try_accept(cls)
             except OSError:
                 break
-            if sock is None:
+            if conn is None:
                 break
-            taken.append((sock, addr if addr is not None else _peer(sock)))
+            taken.append(conn)
         return taken
 
     def drain(self) -> None:

@@ -25,7 +25,7 @@ from ..handles import bind_socket
 from .base import Handle, close_fds, wire_name
 
 WINDOW = 64
-_ONE = handoff.RECORD  # handoff.send_fd, inlined on the hot path
+_ONE = handoff.RECORD  # one connection's record (handoff.py)
 _SOL, _RIGHTS, _DONTWAIT, _ORDER = socket.SOL_SOCKET, socket.SCM_RIGHTS, socket.MSG_DONTWAIT, sys.byteorder
 ACCEPTS_PER_WAKE = 512
 RECHECK_S = 0.005  # every window full: how often to look again (no acknowledgement will wake us)
