@@ -7,9 +7,6 @@ worker's `listen()` as the OSError a plain bind raises. Each handle's scheduling
 
 from __future__ import annotations
 
-import errno
-import os
-import socket
 from typing import Any
 
 from .policies import make_handle
@@ -92,45 +89,3 @@ class Servers:
         self.by_id.clear()
         self.by_key.clear()
 
-
-def bind_socket(family: int, addr: Any, backlog: int, reuseport: bool = False) -> socket.socket:
-    """A listening socket as a plain server would make it (OSError as a plain bind raises it)."""
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        if family != socket.AF_UNIX:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuseport:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(tuple(addr))
-        else:
-            _bind_unix(sock, addr)
-        sock.listen(backlog)
-    except BaseException:
-        sock.close()
-        raise
-    sock.setblocking(False)
-    return sock
-
-
-def _bind_unix(sock: socket.socket, path: str) -> None:
-    """Replace a stale socket file (nobody answers on it), never a live server's or another file."""
-    try:
-        sock.bind(path)
-        return
-    except OSError as exc:
-        if exc.errno != errno.EADDRINUSE:
-            raise
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        os.unlink(path)
-        sock.bind(path)
-        return
-    except OSError:
-        pass
-    finally:
-        probe.close()
-    raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))

@@ -406,7 +406,7 @@ def _shared_listener(family: int, child: Any, reply: dict[str, Any], fds: list[i
 
 def _own_listener(family: int, addr: Any, backlog: int | None, child: Any, reuseport: bool) -> Listener:
     """A socket bound by this process itself (in the primary, or `exclusive=True` in a worker)."""
-    from .handles import bind_socket
+    from .binding import bind_socket
 
     sock = bind_socket(family, addr, backlog or 511, reuseport=reuseport)
     name = sock.getsockname()

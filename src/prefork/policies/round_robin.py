@@ -21,7 +21,7 @@ import sys
 from typing import Any
 
 from .. import handoff
-from ..handles import bind_socket
+from ..binding import bind_socket
 from .base import Handle, close_fds, wire_name
 
 WINDOW = 64

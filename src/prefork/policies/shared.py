@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..handles import bind_socket
+from ..binding import bind_socket
 from .base import Handle, close_fds, wire_name
 
 

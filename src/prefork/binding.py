@@ -1,0 +1,63 @@
+"""Making listening sockets as a plain server would: a leaf module (nothing of prefork's imported),
+so the registry (handles.py), the policies and servers.py can all use it without importing each
+other."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+from typing import Any
+
+
+def bind_socket(family: int, addr: Any, backlog: int, reuseport: bool = False) -> socket.socket:
+    """A listening socket as a plain server would make it (OSError as a plain bind raises it)."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if family != socket.AF_UNIX:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuseport:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(tuple(addr))
+        else:
+            _bind_unix(sock, addr)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+def _bind_unix(sock: socket.socket, path: str) -> None:
+    """Replace a stale socket file (a socket nobody answers on), never a live server's socket nor
+    anything that is not a socket: connect() to a regular file is refused too, so refusal alone
+    does not say the file is a stale socket."""
+    try:
+        sock.bind(path)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:  # removed meanwhile: the path is free now
+        sock.bind(path)
+        return
+    if not stat.S_ISSOCK(mode):
+        raise OSError(errno.EADDRINUSE, f"{path} exists and is not a socket (left as it is)")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)
+        sock.bind(path)
+        return
+    except OSError:
+        pass
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, f"{path}: another server is listening on this socket")
