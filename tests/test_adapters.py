@@ -24,6 +24,7 @@ APP = r"""
 import asyncio, os, signal, socket, ssl, sys, time
 from http.server import BaseHTTPRequestHandler
 import prefork as cluster
+from prefork import _role
 
 KIND = os.environ["T_KIND"]
 if os.environ.get("T_POLICY_ATTR"):
@@ -64,11 +65,11 @@ if cluster.is_primary:
     def print_load(signum, frame):
         def report():
             load = 0
-            for handle in cluster._primary.servers.by_id.values():
+            for handle in _role.primary.servers.by_id.values():
                 for wid in handle.workers:
                     load += handle.load(wid)
             print("load", load, flush=True)
-        cluster._primary.post(report)
+        _role.primary.post(report)
     signal.signal(signal.SIGUSR1, print_load)
 
     for _ in range(int(os.environ.get("T_WORKERS", "2"))):

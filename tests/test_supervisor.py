@@ -256,7 +256,8 @@ if cluster.is_primary:
 else:
     loop = asyncio.new_event_loop()
     loop.close()  # a serving loop that has ended, as at the end of a drain
-    cluster._child.heartbeat_responder = lambda pong: loop.call_soon_threadsafe(pong)
+    from prefork import _role
+    _role.child.heartbeat_responder = lambda pong: loop.call_soon_threadsafe(pong)
     listener = cluster.listen(("127.0.0.1", 0))
     import threading
     threading.Event().wait()

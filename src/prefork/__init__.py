@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os as _os
 
-from .events import EventEmitter as _EventEmitter
+from . import _role
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -23,24 +23,12 @@ SCHED_REUSEPORT = "reuseport"
 SCHED_LEAST_CONN = "least_conn"
 _POLICIES = (SCHED_RR, SCHED_NONE, SCHED_REUSEPORT, SCHED_LEAST_CONN)
 
-is_worker: bool = "PREFORK_WORKER_ID" in _os.environ
-is_primary: bool = not is_worker
-is_master: bool = is_primary
-
+# The one setting the face keeps: users assign it (`cluster.scheduling_policy = SCHED_NONE`).
 scheduling_policy: str = _os.environ.get("PREFORK_SCHED_POLICY", SCHED_RR) or SCHED_RR
 if scheduling_policy not in _POLICIES:
-    raise ValueError(f"PREFORK_SCHED_POLICY={scheduling_policy!r}: use one of {', '.join(_POLICIES)}")
+    from ._errors import config_error
 
-_cluster = _EventEmitter()
-on = _cluster.on
-once = _cluster.once
-off = _cluster.off
-emit = _cluster.emit
-add_listener = _cluster.on
-remove_listener = _cluster.off
-remove_all_listeners = _cluster.remove_all_listeners
-listeners = _cluster.listeners
-listener_count = _cluster.listener_count
+    config_error(f"PREFORK_SCHED_POLICY={scheduling_policy!r}: use one of {', '.join(_POLICIES)}")
 
 
 def _policy() -> str:
@@ -52,29 +40,62 @@ def _policy() -> str:
     return policy
 
 
-if is_primary:
-    from .primary import Primary as _Primary
+def _start() -> None:
+    """Pick the role once, as Node's cluster.js picks its primary or child module."""
+    if "PREFORK_WORKER_ID" in _os.environ:
+        from .child import bootstrap
 
-    _primary: _Any = _Primary(_cluster, _policy)
-    _child: _Any = None
-    workers: dict[int, _Any] = _primary.workers
-    settings: _Any = _primary.settings
-    worker: _Any = None
-else:
-    from .child import bootstrap as _bootstrap
+        _role.become_worker(bootstrap)
+    else:
+        from .primary import Primary
 
-    _primary = None
-    _child = _bootstrap()
-    workers = {}
-    settings = {}
-    worker = _child.worker
+        _role.become_primary(Primary(_role.emitter, _policy))
+
+
+_start()
+# Importing the submodules worker.py and settings.py made them attributes of this package, where
+# they would hide the role's `worker` and `settings` (read through __getattr__ below).
+for _name in ("worker", "settings"):
+    if type(globals().get(_name)) is type(_os):
+        del globals()[_name]
+
+
+def on(event: str, fn: _Any = None) -> _Any:
+    """Listen for a cluster event; with no `fn`, works as a decorator."""
+    return _role.emitter.on(event, fn)
+
+
+def once(event: str, fn: _Any = None) -> _Any:
+    return _role.emitter.once(event, fn)
+
+
+def off(event: str, fn: _Any = None) -> _Any:
+    return _role.emitter.off(event, fn)
+
+
+def emit(event: str, *args: _Any) -> bool:
+    return _role.emitter.emit(event, *args)
+
+
+def remove_all_listeners(event: str | None = None) -> _Any:
+    return _role.emitter.remove_all_listeners(event)
+
+
+def listeners(event: str) -> list[_Any]:
+    return _role.emitter.listeners(event)
+
+
+def listener_count(event: str) -> int:
+    return _role.emitter.listener_count(event)
+
+
+add_listener = on
+remove_listener = off
 
 
 def setup_primary(**opts: _Any) -> None:
     """Settings for later forks (`exec`, `args`, `exec_argv`, `cwd`, `silent`, `serialization`)."""
-    if _primary is None:
-        raise RuntimeError("setup_primary() is for the primary; this is a worker")
-    _primary.setup(opts)
+    _role.require_primary("setup_primary()").setup(opts)
 
 
 setup_master = setup_primary
@@ -82,16 +103,16 @@ setup_master = setup_primary
 
 def fork(env: dict[str, str] | None = None) -> _Any:
     """Start one worker running the primary's script from the top; returns its Worker."""
-    if _primary is None:
+    if _role.primary is None:
         raise RuntimeError("fork() can only be called in the primary")
-    return _primary.fork(env)
+    return _role.primary.fork(env)
 
 
 def disconnect(callback: _Any = None) -> None:
     """Disconnect every worker gracefully; `callback` once all have exited."""
-    if _primary is None:
+    if _role.primary is None:
         raise RuntimeError("disconnect() on the cluster is for the primary; use cluster.worker.disconnect()")
-    _primary.disconnect(callback)
+    _role.primary.disconnect(callback)
 
 
 def listen(address: _Any, *, backlog: int | None = None, exclusive: bool = False) -> _Any:
@@ -115,8 +136,22 @@ async def create_server(protocol_factory: _Any, host: _Any = None, port: _Any = 
     return await _create_server(protocol_factory, host, port, **kw)
 
 
+_ROLE_NAMES = {
+    "is_primary": lambda: not _role.is_worker(), "is_master": lambda: not _role.is_worker(),
+    "isPrimary": lambda: not _role.is_worker(), "isMaster": lambda: not _role.is_worker(),
+    "is_worker": _role.is_worker, "isWorker": _role.is_worker,
+    "worker": lambda: _role.child.worker if _role.child is not None else None,
+    "workers": lambda: _role.primary.workers if _role.primary is not None else {},
+    "settings": lambda: _role.primary.settings if _role.primary is not None else {},
+}
+
+
 def __getattr__(name: str) -> _Any:
-    """The http.server classes load on first use, so workers that don't need them start faster."""
+    """The role's names are read from the runtime (_role.py) each time; the http.server classes
+    load on first use, so workers that don't need them start faster."""
+    role = _ROLE_NAMES.get(name)
+    if role is not None:
+        return role()
     if name in ("HTTPServer", "ThreadingHTTPServer"):
         from . import httpserver
 
@@ -128,8 +163,5 @@ def __getattr__(name: str) -> _Any:
     raise AttributeError(f"module 'prefork' has no attribute {name!r}")
 
 
-isMaster = is_master  # noqa: N816 - Node's spellings
-isPrimary = is_primary  # noqa: N816
-isWorker = is_worker  # noqa: N816
-setupPrimary = setup_primary  # noqa: N816
+setupPrimary = setup_primary  # noqa: N816 - Node's spellings
 setupMaster = setup_primary  # noqa: N816

@@ -45,7 +45,9 @@ def exit_code(exc: SystemExit) -> int:
         return 0
     if isinstance(code, int):
         return code
-    print(code, file=sys.stderr)
+    from . import _stdio
+
+    _stdio.write(f"{code}\n")
     return 1
 
 

@@ -166,7 +166,7 @@ class Server:
             self._adopt(listener, sock)
 
     def _adopt(self, listener: Any, sock: _ConnSocket) -> None:
-        _stats["connections"] += 1
+        _worker_stats()["connections"] += 1
         sock._on_close = lambda listener=listener, sock=sock: self._conn_closed(listener, sock)
         self._active += 1
         self._socks.add(sock)
@@ -248,21 +248,22 @@ class Server:
 def _answer_heartbeats_from(loop: asyncio.AbstractEventLoop) -> None:
     """The primary's heartbeat is answered by this loop: a loop stuck in a callback stays silent
     and the supervisor replaces the worker (answering from the channel thread would hide it)."""
-    import prefork
+    from . import _role
 
-    child = prefork._child
+    child = _role.child
     if child is not None:
         child.heartbeat_responder = lambda pong: loop.call_soon_threadsafe(pong)
 
 
+_OWN_STATS = {"connections": 0, "requests": 0, "in_flight": 0}  # in the primary: counted, unreported
+
+
 def _worker_stats() -> dict[str, int]:
-    import prefork
+    """This worker's counters for `ctl status`, looked up when used (the role may change by fork)."""
+    from . import _role
 
-    child = prefork._child
-    return child.stats if child is not None else {"connections": 0, "requests": 0, "in_flight": 0}
-
-
-_stats = _worker_stats()
+    child = _role.child
+    return child.stats if child is not None else _OWN_STATS
 
 
 def _hosts(host: Any) -> list[Any]:

@@ -1,9 +1,10 @@
 """The worker's side: its end of the channel, `cluster.worker`, and how the worker process ends.
 
 A reader thread serves the channel while user code blocks (a `serve_forever()` still gets its
-messages) and runs message callbacks one at a time. The process stays alive after its script's
-top level while it has message listeners or open servers, and exits when the channel closes
-(Node's orphan rule) or the primary kills it.
+messages). It handles prefork's internal messages itself and hands user messages to one ordered
+dispatcher thread (dispatch.py), so a listener may call `listen()` and wait for the primary's
+answer. The process stays alive after its script's top level while it has message listeners or
+open servers, and exits when the channel closes (Node's orphan rule) or the primary kills it.
 """
 
 from __future__ import annotations
@@ -16,9 +17,16 @@ import threading
 from collections.abc import Callable
 
 from . import _proc
-from .channel import KIND_INTERNAL, Channel, ChannelClosed, ProtocolError
+from .channel import KIND_INTERNAL, Channel, ChannelClosed, ProtocolError, close_fds
+from .dispatch import Dispatcher
 from .events import report_callback_error
+from .replies import Requests
 from .worker import Worker
+
+# The variables a primary sets for its worker; cleared once read, so the worker's own children
+# (a prefork app started from a worker, say) start as primaries with a clean environment.
+INTERNAL_ENV = ("PREFORK_WORKER_ID", "PREFORK_CHANNEL_FD", "PREFORK_PRIMARY_PID", "PREFORK_SERIALIZATION",
+                "PREFORK_SUPERVISED", "PREFORK_SCHED_POLICY", "PREFORK_MAX_MESSAGE")
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -38,11 +46,13 @@ class OwnProcess:
 class Child:
     """The runtime of one worker process."""
 
-    def __init__(self, wid: int, channel: Channel) -> None:
+    def __init__(self, wid: int, channel: Channel, supervised: bool = False) -> None:
         self.channel = channel
         self.worker = Worker(wid, OwnProcess(), channel, self)
         self.worker.state = "online"
-        self._dispatch = threading.RLock()
+        self.requests = Requests()  # listen() calls waiting for the primary (servers.py)
+        self.listeners: dict[int, Any] = {}  # shared Listeners by the primary's handle id
+        self.dispatcher = Dispatcher(self._run, lambda: not self.requests.pending())
         self._held: collections.deque[tuple[Any, Any]] = collections.deque()
         self._leaving = False
         self._gone = False  # the channel closed and `disconnect` has been emitted
@@ -50,12 +60,12 @@ class Child:
         self._idle = threading.Condition()
         self.servers: list[Any] = []  # open Listeners (servers.py), which keep the process alive
         self.internal: dict[str, Callable[[Any, list[int]], None]] = {
-            "disconnect": self._on_disconnect, "p": self._on_ping,
+            "disconnect": self._on_disconnect, "p": self._on_ping, "L": self.requests.answer,
+            "+": self._on_slot_added, "-": self._on_slot_removed,
         }
         self.stats: dict[str, int] = {"connections": 0, "requests": 0, "in_flight": 0}
         self.heartbeat_responder: Callable[[Callable[[], None]], None] | None = None
-        self.supervised = os.environ.get("PREFORK_SUPERVISED") == "1"
-        self.replies: Any = None  # servers.Requests, set when the first listen() happens
+        self.supervised = supervised
 
     # -- start -----------------------------------------------------------------------------------
 
@@ -69,58 +79,53 @@ class Child:
     def _read_forever(self) -> None:
         read = self.channel.read_messages
         on_internal = self._on_internal
-        deliver = self._deliver
+        post = self.dispatcher.post_from_reader
         while True:
             try:
                 batch = read()
-                i, n = 0, len(batch)
-                while i < n:
-                    if batch[i][0] == KIND_INTERNAL:
-                        on_internal(batch[i][1], batch[i][2])
-                        i += 1
-                    else:  # a run of user messages: one lock for all of it
-                        i = deliver(batch, i, n)
             except (ChannelClosed, ProtocolError) as exc:
                 self._channel_closed(exc)
                 return
+            for kind, message, fds in batch:
+                if kind == KIND_INTERNAL:
+                    on_internal(message, fds)
+                else:
+                    post(self._deliver, message, self._handle(fds))
 
     def _on_internal(self, message: Any, fds: list[int]) -> None:
         """Internal messages are prefork's own: a failing handler is reported, never allowed to
         end the reader thread (the worker would stop hearing its primary)."""
-        name = message[0] if isinstance(message, list) else message["t"]
+        name = message[0] if isinstance(message, list) and message else \
+            message.get("t") if isinstance(message, dict) else None
+        handler = self.internal.get(name)  # type: ignore[arg-type]
+        if handler is None:
+            close_fds(fds)
+            return
         try:
-            self.internal[name](message, fds)
+            handler(message, fds)
         except Exception:
             report_callback_error(f"internal message {name!r}")
 
-    def _deliver(self, batch: list[tuple[int, Any, list[int]]], i: int, n: int) -> int:
-        """Deliver the user messages from batch[i] on, in order, up to the next internal one.
+    def _handle(self, fds: list[int]) -> socket.socket | None:
+        """A user message's handle as a socket; a descriptor that is no socket is closed."""
+        if not fds:
+            return None
+        close_fds(fds[1:])
+        try:
+            return socket.socket(fileno=fds[0])
+        except OSError:
+            close_fds(fds[:1])
+            return None
 
-        Messages are held until the script adds a `message` listener; returns where it stopped.
-        """
-        worker = self.worker
-        emit = worker.emit
+    def _deliver(self, message: Any, handle: Any) -> None:
+        """On the dispatcher: emit one user message, or hold it until the script adds a
+        `message` listener (as Node's event loop makes happen)."""
         held = self._held
-        with self._dispatch:
-            while i < n:
-                kind, message, fds = batch[i]
-                if kind == KIND_INTERNAL:
-                    break
-                i += 1
-                handle = None
-                if fds:
-                    handle = socket.socket(fileno=fds[0])
-                    for fd in fds[1:]:
-                        os.close(fd)
-                if held or not worker.listener_count("message"):
-                    held.append((message, handle))
-                    self._flush_held()
-                    continue
-                try:
-                    emit("message", message, handle)
-                except SystemExit as exc:
-                    self.exit(_proc.exit_code(exc))
-        return i
+        if held or not self.worker.listener_count("message"):
+            held.append((message, handle))
+            self._flush_held()
+            return
+        self.worker.emit("message", message, handle)
 
     def _flush_held(self) -> None:
         worker = self.worker
@@ -136,18 +141,30 @@ class Child:
         except BaseException:
             report_callback_error(getattr(fn, "__qualname__", repr(fn)))
 
+    # -- the primary's answers about shared servers (servers.py) ---------------------------------
+
+    def _on_slot_added(self, message: list[Any], fds: list[int]) -> None:
+        listener = self.listeners.get(message[1]) if len(message) == 3 and len(fds) == 1 else None
+        if listener is None:
+            close_fds(fds)
+            return
+        listener._add_source(message[2], socket.socket(fileno=fds[0]))
+
+    def _on_slot_removed(self, message: list[Any], fds: list[int]) -> None:
+        close_fds(fds)
+        listener = self.listeners.get(message[1]) if len(message) == 3 else None
+        if listener is not None:
+            listener._remove_source(message[2])
+
     # -- Side protocol for cluster.worker --------------------------------------------------------
 
     def post(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Run a callback soon, one at a time with the others. Not a daemon thread: a callback
-        posted as the script ends still runs (a daemon thread printing at exit aborts Python)."""
-        def call() -> None:
-            with self._dispatch:
-                self._run(fn, *args)
-        threading.Thread(target=call, name="prefork-callback").start()
+        """Run a callback soon on the dispatcher, in order with the others; one posted as the
+        script ends still runs (_keep_alive waits for the dispatcher)."""
+        self.dispatcher.post(fn, *args)
 
     def listener_added(self, worker: Worker, event: str) -> None:
-        if event == "message" and self._held:
+        if event == "message":
             self.post(self._flush_held)
 
     def kill_worker(self, worker: Worker, signum: int) -> None:
@@ -184,11 +201,20 @@ class Child:
         self.channel.shutdown()  # the reader thread sees EOF and emits `disconnect`
 
     def _channel_closed(self, exc: BaseException) -> None:
+        """On the reader: the channel is gone. `disconnect` is emitted on the dispatcher, after
+        the messages before it; then the worker ends (Node's orphan rule) unless it was leaving."""
         self.channel.close()
-        with self._dispatch:
-            if self.worker._emit_disconnect_once():
-                self.worker.state = "disconnected"
-                self._run(self.worker.emit, "disconnect")
+        self.requests.closed()
+        self.post(self._emit_disconnect)
+        if not self._leaving:  # a callback that never returns must not keep an orphan alive
+            timer = threading.Timer(2.0, self.exit, (0,))
+            timer.daemon = True
+            timer.start()
+
+    def _emit_disconnect(self) -> None:
+        if self.worker._emit_disconnect_once():
+            self.worker.state = "disconnected"
+            self._run(self.worker.emit, "disconnect")
         with self._idle:
             self._gone = True
             self._idle.notify_all()
@@ -253,31 +279,37 @@ class Child:
             while not self._main_raised and not self._gone and (
                     self.servers or self.worker.listener_count("message") or self._leaving):
                 self._idle.wait(0.5)
+        self.dispatcher.wait_idle(5.0)  # callbacks posted as the script ended still run
 
 
 def bootstrap() -> Child:
-    """Set up this process as worker PREFORK_WORKER_ID; clear the variables so children aren't."""
+    """Set up this process as worker PREFORK_WORKER_ID, then clear the primary's variables."""
+    from ._errors import config_error
+
     env = os.environ
     try:
-        wid = int(env.pop("PREFORK_WORKER_ID"))
-        fd = int(env.pop("PREFORK_CHANNEL_FD"))
+        wid = int(env["PREFORK_WORKER_ID"])
+        fd = int(env["PREFORK_CHANNEL_FD"])
         os.fstat(fd)
+        ppid = int(env.get("PREFORK_PRIMARY_PID", "0"))
     except (KeyError, ValueError, OSError) as exc:
-        raise RuntimeError("PREFORK_WORKER_ID is set, so this process is a prefork worker, but it has no "
-                           f"channel to a primary ({exc!r}); only a primary's fork() starts one") from None
-    ppid = int(env.pop("PREFORK_PRIMARY_PID", "0"))
-    serialization = env.pop("PREFORK_SERIALIZATION", "json")
+        config_error("PREFORK_WORKER_ID is set, so this process would be a prefork worker, but it has no "
+                     f"channel to a primary ({exc!r}); only a primary's fork() starts one: unset it")
+    serialization = env.get("PREFORK_SERIALIZATION", "json")
+    supervised = env.get("PREFORK_SUPERVISED") == "1"
+    for name in INTERNAL_ENV:
+        env.pop(name, None)
     _proc.set_parent_death_signal(signal.SIGTERM)
     if ppid and os.getppid() != ppid:
         _proc.exit_now(1)  # the primary died before we could ask to be told
     os.set_inheritable(fd, False)
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C ends workers quietly, as Node's
-    if env.get("PREFORK_SUPERVISED") == "1":
+    if supervised:
         import faulthandler
 
         faulthandler.enable()  # a worker killed with SIGABRT for a missed heartbeat dumps its stacks
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the primary drains us on Ctrl-C
-    child = Child(wid, Channel(socket.socket(fileno=fd), serialization, blocking=True))
+    child = Child(wid, Channel(socket.socket(fileno=fd), serialization, blocking=True), supervised)
     child.start()
     return child

@@ -113,9 +113,19 @@ class EventEmitter:
 
 
 def report_callback_error(what: str) -> None:
-    """Print the current exception as Python would, so a bad listener is visible but not fatal."""
-    import traceback
+    """Print the current exception as Python would, so a bad listener is visible but not fatal.
 
-    sys.stderr.write(f"prefork: exception in {what!r} listener (process lives on):\n")
-    traceback.print_exc()
-    sys.stderr.flush()
+    Never raises: the stream may be a closed pipe (then it is silenced, see _stdio.py), and the
+    caller is a loop that must go on."""
+    try:
+        import traceback
+
+        from . import _stdio
+
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):
+            _stdio.check()  # the callback's own write to a closed pipe: silence that stream
+        _stdio.write(f"prefork: exception in {what!r} listener (process lives on):\n"
+                     + traceback.format_exc())
+    except BaseException:  # noqa: BLE001 - reporting must not be what ends the loop
+        pass

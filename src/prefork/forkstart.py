@@ -21,7 +21,6 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-_PRIMARY_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGTTIN, signal.SIGTTOU)
 
 
 class ForkedProcess:
@@ -84,22 +83,16 @@ def fork_worker(env: dict[str, str], channel_fd: int, own_group: bool, target: C
 def _become_worker(env: dict[str, str], channel_fd: int, own_group: bool, keep_fds: set[int]) -> None:
     if own_group:
         os.setsid()
-    for signum in _PRIMARY_SIGNALS:
-        signal.signal(signum, signal.SIG_DFL)
+    from .signals import reset_in_child
+
+    reset_in_child()
     _close_inherited(keep_fds | {channel_fd})
     os.environ.clear()
     os.environ.update(env)
-    import prefork
-
+    from . import _role
     from .child import bootstrap
 
-    prefork._cluster.remove_all_listeners()
-    prefork._primary = None
-    prefork.is_primary = prefork.is_master = prefork.isPrimary = prefork.isMaster = False
-    prefork.is_worker = prefork.isWorker = True
-    prefork.workers, prefork.settings = {}, {}
-    prefork._child = bootstrap()
-    prefork.worker = prefork._child.worker
+    _role.become_worker(bootstrap)
 
 
 def _close_inherited(keep: set[int]) -> None:
@@ -115,9 +108,9 @@ def _close_inherited(keep: set[int]) -> None:
 
 def _run_target(target: Callable[[], Any]) -> int:
     """Run the worker's function as a script's top level runs: exit code, report, keep-alive."""
-    import prefork
+    from . import _role
 
-    child = prefork._child
+    child = _role.child
     try:
         target()
     except SystemExit as exc:

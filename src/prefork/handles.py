@@ -7,6 +7,7 @@ worker's `listen()` as the OSError a plain bind raises. Each handle's scheduling
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 from .policies import make_handle
@@ -24,16 +25,28 @@ class Servers:
         primary.internal.update({"listen": self._on_listen, "x": self._on_close})
 
     def _on_listen(self, worker: Any, msg: dict[str, Any], fds: list[int]) -> None:
+        """A worker's listen() (checked by protocol.py): always answered, with the handle or
+        with the error, whatever it is, so that the call never waits forever."""
         seq = msg["seq"]
         try:
             handle = self._handle_for(msg)
             reply, out_fds = handle.add(worker, fds)
-        except OSError as exc:
+        except Exception as exc:
             close_fds(fds)
-            worker._channel.send_internal({"t": "L", "seq": seq, "err": [exc.errno, exc.strerror]})
+            self.refuse(worker, seq, exc)
             return
         reply.update({"t": "L", "seq": seq, "h": handle.id, "name": handle.sockname})
         worker._channel.send_internal(reply, out_fds)
+
+    def refuse(self, worker: Any, seq: int, exc: Exception) -> None:
+        """Answer a listen() call with its error (an OSError's own errno, else EINVAL)."""
+        if isinstance(exc, OSError) and exc.errno:
+            err = [exc.errno, exc.strerror or str(exc)]
+        else:
+            err = [errno.EINVAL, f"{type(exc).__name__}: {exc}"]
+        channel = worker._channel
+        if channel is not None and not channel.closed:
+            channel.send_internal({"t": "L", "seq": seq, "err": err})
 
     def _handle_for(self, msg: dict[str, Any]) -> Handle:
         family, addr, policy = msg["family"], msg["addr"], msg["policy"]

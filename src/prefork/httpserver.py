@@ -132,7 +132,9 @@ class _PreforkServerMixin:
         listener.drainer = self.drain
         listener.wait_drained = self.wait_drained  # the listener is drained when our requests are
         self._report = listener.hid is not None and prefork.scheduling_policy == prefork.SCHED_LEAST_CONN
-        child = prefork._child
+        from . import _role
+
+        child = _role.child
         self._stats = child.stats if child is not None else dict(self._stats)
         if child is not None:
             child.heartbeat_responder = self._answer_heartbeat

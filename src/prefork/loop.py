@@ -159,7 +159,8 @@ class Loop:
                 self._guard(handle.fn, handle.args)
 
     def _guard(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
-        """Run one callback; a user's exception is reported, `sys.exit` ends the primary."""
+        """Run one callback; a user's exception is reported, `sys.exit` ends the primary. Nothing
+        raised here, by the callback or by the report of it, may end the loop."""
         try:
             fn(*args)
         except SystemExit as exc:

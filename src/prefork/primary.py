@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import _proc
+from . import _proc, _stdio, protocol
 from .channel import KIND_INTERNAL, Channel, ChannelClosed, ProtocolError, close_fds
 from .channel import SPIN as _SPIN
 from .events import EventEmitter
@@ -44,6 +44,7 @@ class Primary:
         self._lock = threading.Lock()
         self._fds_at_start: set[int] = set()
         self.servers: Any = None  # handles.Servers, created with the loop
+        self.signals: Any = None  # signals.Signals, created with the loop
         self.internal: dict[str, Callable[[Worker, Any, list[int]], None]] = {
             "online": self._on_online,
             "listening": self._on_listening,
@@ -84,12 +85,17 @@ class Primary:
                 from .handles import Servers
 
                 self._fds_at_start = self._fds_at_start or _open_fds()  # a forked worker keeps these
+                from .signals import Signals
+
                 self.loop = Loop(self._exit_request)
                 self.servers = Servers(self)
+                self.signals = Signals(self.loop)
                 thread = threading.Thread(target=self._run, name="prefork-primary", daemon=False)
                 self.loop.thread = thread
                 _proc.on_main_end(self._main_finished, self._main_raised)
-                _quiet_sigint(self)
+                if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                    # Ctrl-C ends the cluster quietly, as Node's does, unless the user handles it
+                    self.signals.handle({signal.SIGINT: self.handle_int})
                 thread.start()
             return self.loop
 
@@ -152,7 +158,7 @@ class Primary:
             except OSError:
                 self._pidfd_ok = False
             else:
-                worker._pidfd = pidfd  # type: ignore[attr-defined]
+                worker._pidfd = pidfd
                 loop.add_reader(pidfd, lambda: self._on_process_exit(worker))
                 return
         self._start_polling()
@@ -228,19 +234,39 @@ class Primary:
     def _on_message(self, worker: Worker, message: Any, fds: list[int]) -> None:
         handle = None
         if fds:
-            handle = socket.socket(fileno=fds[0])
             close_fds(fds[1:])
+            try:
+                handle = socket.socket(fileno=fds[0])
+            except OSError as exc:  # a descriptor that is no socket: dropped, and said once
+                close_fds(fds[:1])
+                self._bad_message(worker, "message", f"its handle is not a socket ({exc.strerror})")
         worker.emit("message", message, handle)
         self.cluster.emit("message", worker, message, handle)
 
     def _on_internal(self, worker: Worker, message: Any, fds: list[int]) -> None:
-        name = message[0] if isinstance(message, list) else message.get("t")
-        handler = self.internal.get(name)
-        if handler is None:
+        """Check an internal message at the boundary (protocol.py), then act on it. A bad one is
+        refused (a listen() call gets its error back) and never stops supervision."""
+        name = protocol.name_of(message)
+        handler = self.internal.get(name) if name is not None else None
+        try:
+            if handler is None:
+                raise protocol.Invalid(f"unknown internal message {name!r}")
+            protocol.check(name, message, fds)  # type: ignore[arg-type]
+        except protocol.Invalid as exc:
             close_fds(fds)
-            self._channel_failed(worker, ProtocolError(f"unknown internal message {name!r}"))
+            self._bad_message(worker, str(name), str(exc))
+            if name == "listen" and type(message) is dict and type(message.get("seq")) is int:
+                self.servers.refuse(worker, message["seq"], exc)
             return
         handler(worker, message, fds)
+
+    def _bad_message(self, worker: Worker, name: str, why: str) -> None:
+        """Say once per worker and kind what was wrong; the worker's `error` event gets each."""
+        worker.emit("error", ProtocolError(f"bad {name!r} message: {why}"))
+        if name not in worker.bad_messages:
+            worker.bad_messages.add(name)
+            _stdio.write(f"prefork: worker {worker.id} (pid {worker.process.pid}) sent a bad {name!r} "
+                         f"message, ignored: {why}\n")
 
     def _channel_failed(self, worker: Worker, exc: Exception) -> None:
         """A peer that writes garbage loses its channel; the primary lives on."""
@@ -286,20 +312,20 @@ class Primary:
 
     def _on_fatal(self, worker: Worker, message: Any, fds: list[int]) -> None:
         """The worker's script died of an uncaught exception: keep why, for the supervisor."""
-        worker.fatal = message  # type: ignore[attr-defined]
+        worker.fatal = {"error": message["error"], "traceback": message["traceback"]}
 
     def _on_pong(self, worker: Worker, message: Any, fds: list[int]) -> None:
-        worker.stats = message[1]  # type: ignore[attr-defined]
-        worker.last_beat = time.monotonic()  # type: ignore[attr-defined]
+        worker.stats = message[1]
+        worker.last_beat = time.monotonic()
 
     # -- exits -----------------------------------------------------------------------------------
 
     def _on_process_exit(self, worker: Worker) -> None:
-        pidfd = getattr(worker, "_pidfd", None)
+        pidfd = worker._pidfd
         if pidfd is not None:
             self.loop.remove_reader(pidfd)
             os.close(pidfd)
-            worker._pidfd = None  # type: ignore[attr-defined]
+            worker._pidfd = None
         if worker.process.poll() is None:  # pidfd readable means exited; wait for the status
             worker.process.wait()
         self._drain_channel(worker)
@@ -372,10 +398,26 @@ class Primary:
     # -- the end of the primary ------------------------------------------------------------------
 
     def _run(self) -> None:
+        """The loop thread. If the loop ends for any reason but a finished cluster, the primary
+        must not live on deaf (serving nothing, answering no signal): its workers are killed and
+        the process exits non-zero at once, so that an outside supervisor restarts it."""
         try:
             self.loop.run_forever()
+        except BaseException:
+            self._loop_died()
         finally:
             self.servers.close_all()
+
+    def _loop_died(self) -> None:
+        import traceback
+
+        _stdio.write("prefork: the primary's loop failed; stopping every worker\n" + traceback.format_exc())
+        for worker in list(self.workers.values()):
+            try:
+                worker.process.send_signal(signal.SIGKILL)
+            except OSError:
+                pass
+        _proc.exit_now(70)  # EX_SOFTWARE
 
     def _main_finished(self) -> None:
         """The main thread's script has ended (its exit hook): stop once no worker is left."""
@@ -418,17 +460,24 @@ class Primary:
 
     def _exit_request(self, code: int) -> None:
         """`sys.exit()` in a callback: end the primary with that code, its workers with it."""
-        for worker in list(self.workers.values()):
-            if worker._channel is not None:
-                worker._channel.close()
-            self.kill_worker(worker, signal.SIGTERM)
-        for worker in list(self.workers.values()):
-            try:
-                worker.process.wait(1.0)
-            except subprocess.TimeoutExpired:
-                worker.process.kill()
-                worker.process.wait()
-        _proc.exit_now(code)
+        try:
+            for worker in list(self.workers.values()):
+                if worker._channel is not None:
+                    worker._channel.close()
+                self.kill_worker(worker, signal.SIGTERM)
+            for worker in list(self.workers.values()):
+                try:
+                    worker.process.wait(1.0)
+                except subprocess.TimeoutExpired:
+                    worker.process.kill()
+                    worker.process.wait()
+        finally:
+            _proc.exit_now(code)
+
+    def handle_int(self) -> None:
+        """Ctrl-C in a library primary (no supervisor): end the cluster quietly, as Node's does."""
+        self._fatal = True
+        self._exit_request(128 + signal.SIGINT)
 
 
 def _open_fds() -> set[int]:
@@ -436,17 +485,3 @@ def _open_fds() -> set[int]:
         return {int(name) for name in os.listdir("/proc/self/fd")}
     except OSError:
         return {0, 1, 2}
-
-
-def _quiet_sigint(primary: Primary) -> None:
-    """Ctrl-C ends the cluster quietly (as Node's does) unless the user handles SIGINT."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        return
-
-    def on_sigint(signum: int, frame: Any) -> None:
-        primary._fatal = True
-        primary.loop.call_soon(primary._exit_request, 128 + signum)
-
-    signal.signal(signal.SIGINT, on_sigint)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import errno
-import itertools
 import os
 import select
 import socket
@@ -25,7 +24,6 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-_seq = itertools.count(1)
 
 
 class Listener:
@@ -309,68 +307,26 @@ def _peer(sock: socket.socket) -> Any:
 # -- listen() ------------------------------------------------------------------------------------
 
 
-class _Requests:
-    """listen() requests waiting for the primary's answer, by sequence number.
-
-    The answer is turned into its result on the channel's reader thread, before the next frame is
-    read: a listener must be registered before the connections the primary sends right after it.
-    """
-
-    def __init__(self) -> None:
-        self.waiting: dict[int, list[Any]] = {}
-        self.builders: dict[int, Any] = {}
-        self.cond = threading.Condition()
-
-    def answer(self, message: dict[str, Any], fds: list[int]) -> None:
-        with self.cond:
-            slot = self.waiting.get(message["seq"])
-            build = self.builders.pop(message["seq"], None)
-        if slot is None or build is None:
-            for fd in fds:
-                os.close(fd)
-            return
-        try:
-            result: Any = (build(message, fds), None)
-        except Exception as exc:
-            result = (None, exc)
-        with self.cond:
-            slot.append(result)
-            self.cond.notify_all()
-
-    def ask(self, channel: Any, request: dict[str, Any], build: Any, fds: list[int] | None = None) -> Any:
-        seq = request["seq"] = next(_seq)
-        with self.cond:
-            self.waiting[seq] = slot = []
-            self.builders[seq] = build
-        channel.send_internal(request, fds or ())
-        with self.cond:
-            while not slot:
-                if channel.closed:
-                    raise OSError(errno.ENOTCONN, "the channel to the primary is closed")
-                self.cond.wait(0.5)
-            del self.waiting[seq]
-        value, error = slot[0]
-        if error is not None:
-            raise error
-        return value
-
-
-_requests = _Requests()
-_listeners: dict[int, Listener] = {}
+MAX_BACKLOG = 65535
 
 
 def listen(address: Any, *, backlog: int | None = None, exclusive: bool = False) -> Listener:
     """A server socket shared through the primary (see the module's docstring)."""
     import prefork
 
+    from . import _role
+
     family, addr = normalize(address)
-    child = prefork._child
+    if backlog is not None and (not isinstance(backlog, int) or isinstance(backlog, bool)
+                                or not 0 <= backlog <= MAX_BACKLOG):
+        raise ValueError(f"backlog must be a whole number from 0 to {MAX_BACKLOG}, not {backlog!r}")
+    child = _role.child
     if child is None or exclusive:
         return _own_listener(family, addr, backlog, child, reuseport=False)
     policy = prefork.scheduling_policy
     ours, theirs = handoff.pair() if policy in ("rr", "least_conn") else (None, None)
     try:
-        listener = _requests.ask(child.channel, {
+        listener = child.requests.ask(child.channel, {
             "t": "listen", "family": int(family), "addr": addr, "backlog": backlog, "policy": policy,
         }, lambda reply, fds: _shared_listener(family, child, reply, fds, ours),
             [theirs.fileno(), ours.fileno()] if theirs is not None and ours is not None else None)
@@ -389,6 +345,8 @@ def _shared_listener(family: int, child: Any, reply: dict[str, Any], fds: list[i
                      link: socket.socket | None) -> Listener:
     """The primary's answer to listen(), on the reader thread: an OSError, or a registered Listener."""
     if reply.get("err"):
+        for fd in fds:
+            os.close(fd)
         code, message = reply["err"]
         raise OSError(code, message)
     name = reply["name"]
@@ -400,7 +358,7 @@ def _shared_listener(family: int, child: Any, reply: dict[str, Any], fds: list[i
     listener._report = bool(reply.get("report"))
     for sid, fd in zip(reply.get("slots", []), fds, strict=True):
         listener._add_source(sid, socket.socket(fileno=fd))
-    _listeners[reply["h"]] = listener
+    child.listeners[reply["h"]] = listener
     return listener
 
 
@@ -419,33 +377,5 @@ def _own_listener(family: int, addr: Any, backlog: int | None, child: Any, reuse
 
 def _opened(listener: Listener, child: Any) -> None:
     child.server_opened(listener)
-    listener.on_close.append(lambda: _listeners.pop(listener.hid, None) if listener.hid else None)
+    listener.on_close.append(lambda: child.listeners.pop(listener.hid, None) if listener.hid else None)
     child.channel.send_internal({"t": "listening", "address": listener.address.to_wire()})
-
-
-def _on_slot_added(message: list[Any], fds: list[int]) -> None:
-    listener = _listeners.get(message[1])
-    if listener is None:
-        for fd in fds:
-            os.close(fd)
-        return
-    listener._add_source(message[2], socket.socket(fileno=fds[0]))
-
-
-def _on_slot_removed(message: list[Any], fds: list[int]) -> None:
-    listener = _listeners.get(message[1])
-    if listener is not None:
-        listener._remove_source(message[2])
-
-
-def _install() -> None:
-    import prefork
-
-    child = prefork._child
-    if child is not None:
-        child.internal.update({
-            "L": _requests.answer, "+": _on_slot_added, "-": _on_slot_removed,
-        })
-
-
-_install()

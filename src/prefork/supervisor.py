@@ -1,11 +1,20 @@
 """Supervision in the primary: keep N workers, back off crash loops, roll reloads, scale, liveness.
 
 Node leaves all of this to its users. One `Supervisor` owns the pool; all its state is touched on
-the primary's loop thread only (cluster events and timers run there), and its public methods hand
-work over to that thread, so they may be called from any thread or a signal handler.
+the primary's loop thread only (cluster events, timers and signals run there: signals.py), and its
+public methods post work to that thread, so they may be called from any thread.
 
-A pool is a list of slots; a slot's worker is replaced in place (on a crash, a reload, recycling),
-so "restarts" is counted per slot, as a person reading `status` expects.
+The pool is a list of slots. Each slot has at most one worker of its own (`current`) and at most
+one replacement booting beside it (`incoming`, during a reload or a recycling); every change of
+either happens in one of the methods below, on the loop thread:
+- empty -> booting: `_fill` forks a worker (at start, and after a death, possibly after a backoff);
+- booting -> ready: the worker listens (or is online, or says "ready");
+- ready -> replacing: `_replace` forks the incoming worker; once it is ready it becomes current
+  and the old one drains; if it fails, the old one keeps serving;
+- a current worker that dies while its replacement boots hands the slot to the replacement (no
+  third worker); one that dies otherwise leaves the slot empty until `_fill`;
+- a slot removed by scaling down gets nothing started again.
+"restarts" is counted per slot, as a person reading `status` expects.
 """
 
 from __future__ import annotations
@@ -13,34 +22,43 @@ from __future__ import annotations
 import os
 import random
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import prefork
+from . import _role, _stdio
+from .health import Health
 
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 10.0
 MIN_UPTIME = 1.0  # a worker that dies sooner after it was ready counts as a crash loop
 GIVE_UP_AFTER = 5  # boot failures in a row, with no worker ever ready, before giving up
 BEAT_EVERY = 1.0
-KILL_AFTER_ABORT = 1.0
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
-_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-@dataclass
+@dataclass(eq=False)
 class Slot:
     index: int
     restarts: int = 0
-    failures: int = 0  # early deaths in a row
-    member: Member | None = None
-    timer: Any = None  # a pending delayed respawn
+    failures: int = 0  # early deaths (or failed starts) in a row
+    current: Member | None = None
+    incoming: Member | None = None
+    timer: Any = None  # a pending `_fill`
+    removed: bool = False
+
+    @property
+    def state(self) -> str:
+        if self.removed:
+            return "removed"
+        if self.incoming is not None:
+            return "replacing"
+        if self.current is None:
+            return "empty"
+        return "booting" if self.current.state == "starting" else self.current.state
 
 
-@dataclass
+@dataclass(eq=False)
 class Member:
     """One worker the supervisor manages."""
 
@@ -48,14 +66,13 @@ class Member:
     slot: Slot
     started: float = field(default_factory=time.monotonic)
     ready_at: float = 0.0
-    state: str = "starting"  # starting, ready, draining
+    state: str = "starting"  # starting, ready, draining, hung
     max_requests: int = 0
     why_leaving: str = ""
     waiters: list[Callable[[bool, str], None]] = field(default_factory=list)
     cpu: tuple[float, float] = (0.0, 0.0)
     cpu_percent: float = 0.0
     rss: int = 0
-    replacing: bool = False
 
 
 class Supervisor:
@@ -64,11 +81,12 @@ class Supervisor:
     def __init__(self, workers: int, *, timeout: float | None = None, graceful_timeout: float = 30.0,
                  max_requests: int = 0, max_requests_jitter: int = 0, max_memory: int | None = None,
                  ready: str = "listening", ready_timeout: float = 30.0, reload_batch: int = 1,
-                 on_log: Callable[[str], None] | None = None) -> None:
-        if workers < 1:
-            raise ValueError(f"workers must be at least 1, not {workers}")
+                 on_log: Callable[[str], None] | None = None, primary: Any = None) -> None:
+        if not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be at least 1, not {workers!r}")
         if ready not in ("listening", "online", "message"):
             raise ValueError(f"ready must be 'listening', 'online' or 'message', not {ready!r}")
+        self.primary = primary if primary is not None else _role.require_primary("a Supervisor")
         self.count = workers
         self.timeout = timeout
         self.graceful_timeout = graceful_timeout
@@ -76,38 +94,40 @@ class Supervisor:
         self.max_memory = max_memory
         self.ready_mode, self.ready_timeout = ready, ready_timeout
         # several beats per timeout, so one late answer is not taken for a hung worker
-        self._beat_every = min(BEAT_EVERY, timeout / 4) if timeout else BEAT_EVERY
+        self.beat_every = min(BEAT_EVERY, timeout / 4) if timeout else BEAT_EVERY
         self.reload_batch = max(1, reload_batch)
         self.log = on_log or _default_log
+        self.health = Health(self)
         self.slots: list[Slot] = []
         self.members: dict[int, Member] = {}
         self.stopping = False
         self.exit_code = 0
         self.ever_ready = False
+        self.last_error: str | None = None
+        self.reload_status: dict[str, Any] = {"state": "none"}
         self._done = threading.Event()
         self._reloading = False
         self._reload_again = False
         self._sigints = 0
-        self._primary = prefork._primary
-        if self._primary is None:
-            raise RuntimeError("a Supervisor runs in the primary")
 
     # -- public: any thread ----------------------------------------------------------------------
 
     def start(self) -> None:
-        """Fork the workers; in the main thread also take HUP, TERM, INT, TTIN and TTOU."""
-        loop = self._primary.start()
+        """Fork the workers; from the main thread, also take HUP, TERM, INT, TTIN and TTOU."""
+        loop = self.primary.start()
         for event in ("listening", "online", "message", "exit"):
-            prefork.on(event, getattr(self, f"_on_{event}"))
-        if threading.current_thread() is threading.main_thread():
-            self._install_signals()
+            self.primary.cluster.on(event, getattr(self, f"_on_{event}"))
+        self.primary.signals.handle({
+            signal.SIGHUP: self.handle_hup, signal.SIGTERM: self.handle_term, signal.SIGINT: self.handle_int,
+            signal.SIGTTIN: self.handle_ttin, signal.SIGTTOU: self.handle_ttou,
+        })
         loop.run_sync(self._start)
 
     def reload(self) -> None:
         self._post(self._reload)
 
     def scale(self, n: int) -> None:
-        if not isinstance(n, int) or n < 1:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"cannot scale to {n!r}: need a whole number of workers, at least 1")
         self._post(self._scale, n)
 
@@ -115,7 +135,7 @@ class Supervisor:
         self._post(self._stop, graceful)
 
     def status(self) -> dict[str, Any]:
-        return self._primary.loop.run_sync(self._status, timeout=5.0)
+        return self.primary.loop.run_sync(self._status, timeout=5.0)
 
     def wait(self) -> int:
         """Block until the pool has stopped; the exit code (0 after a graceful stop)."""
@@ -123,34 +143,68 @@ class Supervisor:
             pass
         return self.exit_code
 
-    # -- loop thread -----------------------------------------------------------------------------
+    def finished(self) -> bool:
+        return self._done.is_set()
+
+    # -- signals: run on the loop (signals.py) ---------------------------------------------------
+
+    def handle_hup(self) -> None:
+        self._reload()
+
+    def handle_term(self) -> None:
+        self._stop(True)
+
+    def handle_int(self) -> None:
+        """First Ctrl-C drains; a second one stops at once."""
+        self._sigints += 1
+        if self._sigints == 1:
+            self.log("stopping gracefully (Ctrl-C again to stop at once)")
+            self._stop(True)
+        else:
+            self.exit_code = 130
+            self._stop(False)
+
+    def handle_ttin(self) -> None:
+        self._scale(len(self.slots) + 1)
+
+    def handle_ttou(self) -> None:
+        self._scale(max(1, len(self.slots) - 1))
+
+    # -- loop thread: starting workers -----------------------------------------------------------
 
     def _post(self, fn: Callable[..., Any], *args: Any) -> None:
-        self._primary.loop.call_soon(fn, *args)
+        self.primary.loop.call_soon(fn, *args)
 
     def _start(self) -> None:
         self.slots = [Slot(i) for i in range(self.count)]
         for slot in self.slots:
-            self._spawn(slot)
-        self._primary.loop.call_later(self._beat_every, self._beat)
+            self._fill(slot)
+        self.primary.loop.call_later(self.beat_every, self.health.beat)
 
-    def _spawn(self, slot: Slot, replacing: Member | None = None) -> Member | None:
-        """Fork a worker for `slot` (beside `replacing`, which keeps serving until this one is ready)."""
+    def _fill(self, slot: Slot) -> None:
+        """Start the slot's own worker, if it still has none (a timer may come late)."""
         slot.timer = None
-        if self.stopping:
-            return None
+        if self.stopping or slot.removed or slot.current is not None or slot.incoming is not None:
+            return
+        member, error = self._fork(slot)
+        if member is None:
+            self._boot_failed(slot, error)
+            return
+        slot.current = member
+
+    def _fork(self, slot: Slot) -> tuple[Member | None, str]:
+        """A new worker for `slot`, or why it could not be started (this start fails alone)."""
         try:
-            worker = self._primary.fork({"PREFORK_SUPERVISED": "1"}, own_group=True)
+            worker = self.primary.fork({"PREFORK_SUPERVISED": "1"}, own_group=True)
         except Exception as exc:
-            self.log(f"cannot start a worker: {exc}")
-            self._give_up(f"cannot start a worker: {exc}")
-            return None
+            why = f"cannot start a worker: {type(exc).__name__}: {exc}"
+            self.log(why)
+            self.last_error = why
+            return None, why
         member = Member(worker, slot, max_requests=self._request_limit())
         self.members[worker.id] = member
-        if replacing is None:
-            slot.member = member
-        self._primary.loop.call_later(self.ready_timeout, self._ready_timed_out, member)
-        return member
+        self.primary.loop.call_later(self.ready_timeout, self._ready_timed_out, member)
+        return member, ""
 
     def _request_limit(self) -> int:
         if not self.max_requests:
@@ -200,37 +254,52 @@ class Supervisor:
         if member is None:
             return
         how = f"signal {signame}" if signame else f"code {code}"
-        fatal = getattr(worker, "fatal", None)
+        fatal = worker.fatal
         if member.state == "starting":
             self._settle(member, False, fatal["error"] if fatal else f"exited with {how}")
         slot = member.slot
-        if member.state == "draining" or self.stopping:
-            self.log(f"worker {worker.id} (pid {worker.process.pid}) stopped ({member.why_leaving or how})")
-            self._check_done()
-            return
-        if slot.member is not member:  # a replacement that failed: the reload reports it
-            return
-        self._respawn_later(member, how, fatal)
+        if slot.incoming is member:  # a replacement that failed: the old worker keeps the slot
+            slot.incoming = None
+        elif slot.current is member:
+            slot.current = None
+            if not (self.stopping or slot.removed):
+                if slot.incoming is not None:  # no third worker: the replacement takes the slot
+                    slot.current, slot.incoming = slot.incoming, None
+                    self.log(f"worker {worker.id} (pid {worker.process.pid}) died ({how}) while being "
+                             f"replaced; worker {slot.current.worker.id} takes its place")
+                    slot.restarts += 1
+                else:
+                    self._respawn_later(member, how, fatal)
+                self._check_done()
+                return
+        self.log(f"worker {worker.id} (pid {worker.process.pid}) stopped ({member.why_leaving or how})")
+        self._check_done()
 
     def _respawn_later(self, member: Member, how: str, fatal: dict[str, str] | None) -> None:
-        slot = member.slot
-        worker = member.worker
-        early = member.state == "starting" or time.monotonic() - member.ready_at < MIN_UPTIME
-        slot.failures = slot.failures + 1 if early else 0
+        slot, worker = member.slot, member.worker
+        early = not member.ready_at or time.monotonic() - member.ready_at < MIN_UPTIME
         slot.restarts += 1
-        slot.member = None
         if fatal is not None:
-            if slot.failures <= 1 or not early:
-                sys.stderr.write(fatal["traceback"])
+            if slot.failures < 1 or not early:
+                _stdio.write(fatal["traceback"])
             how = f"{how}: {fatal['error']}"
-        if early and not self.ever_ready and slot.failures >= GIVE_UP_AFTER:
-            self._give_up(f"workers cannot boot ({slot.failures} attempts); last: {how}")
+        if not early:
+            slot.failures = 0
+        self._boot_failed(slot, f"worker {worker.id} (pid {worker.process.pid}) died ({how})", counts=early)
+
+    def _boot_failed(self, slot: Slot, why: str, counts: bool = True) -> None:
+        """Start the slot again: at once after a first failure, then backing off 0.1 s, 0.2 s, ...
+        up to 10 s. Give up only while no worker was ever ready and boots keep failing."""
+        if counts:
+            slot.failures += 1
+        self.last_error = why
+        if counts and not self.ever_ready and slot.failures >= GIVE_UP_AFTER:
+            self._give_up(f"workers cannot boot ({slot.failures} attempts); last: {why}")
             return
-        # The first crash restarts at once; a crash loop backs off 0.1 s, 0.2 s, ... up to 10 s.
         delay = 0.0 if slot.failures <= 1 else min(BACKOFF_MAX, BACKOFF_MIN * 2 ** (slot.failures - 2))
-        self.log(f"worker {worker.id} (pid {worker.process.pid}) died ({how}); "
-                 f"starting a new one{f' in {delay:g} s' if delay else ''}")
-        slot.timer = self._primary.loop.call_later(delay, self._spawn, slot)
+        self.log(f"{why}; starting a new one{f' in {delay:g} s' if delay else ''}")
+        if slot.timer is None:
+            slot.timer = self.primary.loop.call_later(delay, self._fill, slot)
 
     def _give_up(self, why: str) -> None:
         if self.stopping:
@@ -250,10 +319,10 @@ class Supervisor:
         worker = member.worker
         if graceful and worker.is_connected():
             worker.disconnect()
-            self._primary.loop.call_later(self.graceful_timeout, self._force, member)
+            self.primary.loop.call_later(self.graceful_timeout, self._force, member)
         else:
             worker.kill("SIGTERM")
-            self._primary.loop.call_later(min(5.0, self.graceful_timeout), self._force, member)
+            self.primary.loop.call_later(min(5.0, self.graceful_timeout), self._force, member)
 
     def _force(self, member: Member) -> None:
         if member.worker.id in self.members and not member.worker.is_dead():
@@ -265,29 +334,56 @@ class Supervisor:
     # -- replacing: reload, recycling ------------------------------------------------------------
 
     def _replace(self, slot: Slot, why: str, done: Callable[[bool, str], None]) -> None:
-        """Start a new worker for `slot`; once it is ready, drain the old one. Else keep the old."""
-        old = slot.member
-        if old is not None:
-            old.replacing = True
-        new = self._spawn(slot, replacing=old)
-        if new is None:
-            done(False, "could not fork")
+        """Give `slot` a new worker; once it is ready, drain the old one. If it fails, the old one
+        keeps serving and only this replacement fails."""
+        if self.stopping or slot.removed:
+            done(False, "stopping")
             return
+        if slot.incoming is not None:  # one replacement at a time: this one follows it
+            slot.incoming.waiters.append(lambda ok, r: self._replace(slot, why, done))
+            return
+        current = slot.current
+        if current is None:  # empty: start it now, with the new code
+            if slot.timer is not None:
+                slot.timer.cancel()
+            self._fill(slot)
+            if slot.current is None:
+                done(False, self.last_error or "could not start a worker")
+            else:
+                slot.current.waiters.append(done)
+            return
+        if current.state == "starting":  # it may run the old code: replace it once it is ready
+            current.waiters.append(lambda ok, r: self._replace(slot, why, done) if ok else done(False, r))
+            return
+        new, error = self._fork(slot)
+        if new is None:
+            done(False, error)
+            return
+        slot.incoming = new
 
         def settled(ok: bool, reason: str) -> None:
-            if old is not None:
-                old.replacing = False
-            if not ok:
-                if new.worker.id in self.members:
-                    self._retire(new, "failed to become ready", graceful=False)
-                done(False, reason)
-                return
-            slot.member = new
-            if old is not None and old.worker.id in self.members:
-                self._retire(old, why)
-            done(True, "")
+            if slot.incoming is new:
+                if not ok:
+                    slot.incoming = None
+                    if new.worker.id in self.members:
+                        self._retire(new, "failed to become ready", graceful=False)
+                    done(False, reason)
+                    return
+                old, slot.current, slot.incoming = slot.current, new, None
+                if old is not None and old.worker.id in self.members:
+                    self._retire(old, why)
+            done(ok, reason)  # else the old one died meanwhile and `new` took the slot already
 
         new.waiters.append(settled)
+
+    def recycle(self, member: Member, why: str) -> None:
+        """max_requests, max_memory (health.py): replace a ready worker gracefully, once."""
+        slot = member.slot
+        if slot.current is not member or slot.incoming is not None or self._reloading:
+            return
+        self.log(f"worker {member.worker.id} (pid {member.worker.process.pid}) {why}: replacing it")
+        self._replace(slot, why, lambda ok, reason: None if ok else self.log(
+            f"could not replace worker {member.worker.id}: {reason}"))
 
     def _reload(self) -> None:
         if self.stopping:
@@ -296,10 +392,12 @@ class Supervisor:
             self._reload_again = True
             return
         self._reloading = True
+        self.reload_status = {"state": "running", "started": time.time()}
         self.log(f"reloading {len(self.slots)} worker(s), {self.reload_batch} at a time")
         self._reload_step(list(self.slots))
 
     def _reload_step(self, todo: list[Slot]) -> None:
+        todo = [slot for slot in todo if not slot.removed]
         if not todo or self.stopping:
             self._reload_finished(True, "")
             return
@@ -322,41 +420,43 @@ class Supervisor:
 
     def _reload_finished(self, ok: bool, why: str) -> None:
         self._reloading = False
+        self.reload_status.update(state="done" if ok else "failed", finished=time.time())
         if ok:
             self.log("reload done")
         else:
+            self.reload_status["error"] = why
+            self.last_error = f"reload failed: {why}"
             self.log(f"reload failed, the old workers keep serving: {why}")
         if self._reload_again:
             self._reload_again = False
             self._reload()
 
-    # -- scaling ---------------------------------------------------------------------------------
+    # -- scaling and stopping --------------------------------------------------------------------
 
     def _scale(self, n: int) -> None:
-        if self.stopping:
+        if self.stopping or n == len(self.slots):
             return
-        current = len(self.slots)
-        self.log(f"scaling from {current} to {n} worker(s)")
-        for index in range(current, n):
+        self.log(f"scaling from {len(self.slots)} to {n} worker(s)")
+        for index in range(len(self.slots), n):
             slot = Slot(index)
             self.slots.append(slot)
-            self._spawn(slot)
+            self._fill(slot)
         while len(self.slots) > n:
             slot = self.slots.pop()
+            slot.removed = True
             if slot.timer is not None:
                 slot.timer.cancel()
-            if slot.member is not None:
-                self._retire(slot.member, "scaled down")
+            for member in (slot.incoming, slot.current):
+                if member is not None:
+                    self._retire(member, "scaled down")
         self.count = n
-
-    # -- stopping --------------------------------------------------------------------------------
 
     def _stop(self, graceful: bool) -> None:
         if self.stopping and graceful:
             return
         self.stopping = True
         if graceful:
-            self._primary.servers.stop_accepting()
+            self.primary.servers.stop_accepting()
         for slot in self.slots:
             if slot.timer is not None:
                 slot.timer.cancel()
@@ -373,118 +473,29 @@ class Supervisor:
         if self.stopping and not self.members:
             self._done.set()
 
-    # -- liveness, recycling and figures ---------------------------------------------------------
-
-    def _beat(self) -> None:
-        if self._done.is_set():
-            return
-        now = time.monotonic()
-        for member in list(self.members.values()):
-            worker = member.worker
-            if worker.is_connected():
-                worker._channel.send_internal(["p"])
-            self._sample(member, now)
-            self._check_health(member, now)
-        self._primary.loop.call_later(self._beat_every, self._beat)
-
-    def _check_health(self, member: Member, now: float) -> None:
-        worker = member.worker
-        if member.state != "ready" or member.replacing:
-            return
-        last = getattr(worker, "last_beat", None) or member.started
-        if self.timeout and now - last > self.timeout:
-            self.log(f"worker {worker.id} (pid {worker.process.pid}) did not answer for {now - last:.1f} s "
-                     f"(timeout {self.timeout:g} s): SIGABRT, then SIGKILL")
-            member.state = "hung"
-            worker.kill("SIGABRT")
-            self._primary.loop.call_later(KILL_AFTER_ABORT, self._kill_hung, member)
-            return
-        stats = getattr(worker, "stats", None) or {}
-        if member.max_requests and stats.get("requests", 0) >= member.max_requests:
-            self._recycle(member, f"served {stats['requests']} requests (max {member.max_requests})")
-        elif self.max_memory and member.rss > self.max_memory:
-            self._recycle(member, f"uses {member.rss >> 20} MiB (max {self.max_memory >> 20} MiB)")
-
-    def _kill_hung(self, member: Member) -> None:
-        if not member.worker.is_dead():
-            member.worker.kill("SIGKILL")
-
-    def _recycle(self, member: Member, why: str) -> None:
-        self.log(f"worker {member.worker.id} (pid {member.worker.process.pid}) {why}: replacing it")
-        self._replace(member.slot, why, lambda ok, reason: None if ok else self.log(
-            f"could not replace worker {member.worker.id}: {reason}"))
-
-    def _sample(self, member: Member, now: float) -> None:
-        """RSS and CPU% from /proc (no dependency); CPU% over the last beat."""
-        pid = member.worker.process.pid
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-            with open(f"/proc/{pid}/statm", "rb") as f:
-                member.rss = int(f.read().split()[1]) * _PAGE
-        except (OSError, IndexError, ValueError):
-            return
-        ticks = (int(fields[11]) + int(fields[12])) / _CLK_TCK
-        then, before = member.cpu
-        if then:
-            member.cpu_percent = max(0.0, (ticks - before) / max(1e-6, now - then) * 100)
-        member.cpu = (now, ticks)
+    # -- figures ---------------------------------------------------------------------------------
 
     def _status(self) -> dict[str, Any]:
-        now = time.monotonic()
-        rows = []
-        for member in sorted(self.members.values(), key=lambda m: m.worker.id):
-            stats = getattr(member.worker, "stats", None) or {}
-            rows.append({
-                "id": member.worker.id, "pid": member.worker.process.pid, "state": member.state,
-                "uptime": round(now - member.started, 3), "restarts": member.slot.restarts,
-                "connections": stats.get("connections", 0), "requests": stats.get("requests", 0),
-                "in_flight": stats.get("in_flight", 0), "rss": member.rss,
-                "cpu": round(member.cpu_percent, 1),
-            })
+        import prefork
+
         return {"pid": os.getpid(), "version": prefork.__version__, "policy": prefork.scheduling_policy,
-                "workers": rows, "target": len(self.slots), "stopping": self.stopping,
-                "addresses": self._addresses()}
+                "workers": self.health.rows(), "target": len(self.slots), "stopping": self.stopping,
+                "slots": [slot.state for slot in self.slots], "reload": dict(self.reload_status),
+                "last_error": self.last_error, "addresses": self._addresses()}
 
     def _addresses(self) -> list[str]:
         from .address import Address
 
-        servers = self._primary.servers
         out = []
-        for handle in servers.by_id.values():
+        for handle in self.primary.servers.by_id.values():
             name = handle.sockname
             name = name if isinstance(name, str) else tuple(name)
             out.append(str(Address.from_sockname(handle.family, name)))
         return out
 
-    # -- signals ---------------------------------------------------------------------------------
-
-    def _install_signals(self) -> None:
-        """Handlers only hand the work to the loop (FACTS: Python handlers run between bytecodes)."""
-        handlers = {
-            signal.SIGHUP: lambda: self._post(self._reload),
-            signal.SIGTERM: lambda: self._post(self._stop, True),
-            signal.SIGINT: self._on_sigint,
-            signal.SIGTTIN: lambda: self._post(self._scale, len(self.slots) + 1),
-            signal.SIGTTOU: lambda: self._post(self._scale, max(1, len(self.slots) - 1)),
-        }
-        for signum, fn in handlers.items():
-            signal.signal(signum, lambda s, f, fn=fn: fn())
-
-    def _on_sigint(self) -> None:
-        """First Ctrl-C drains; a second one stops at once."""
-        self._sigints += 1
-        if self._sigints == 1:
-            self.log("stopping gracefully (Ctrl-C again to stop at once)")
-            self._post(self._stop, True)
-        else:
-            self.exit_code = 130
-            self._post(self._stop, False)
-
 
 def _default_log(line: str) -> None:
-    sys.stderr.write(f"[prefork] {line}\n")
-    sys.stderr.flush()
+    _stdio.write(f"[prefork] {line}\n")
 
 
 def supervise(workers: int | None = None, **options: Any) -> Supervisor:
@@ -492,4 +503,3 @@ def supervise(workers: int | None = None, **options: Any) -> Supervisor:
     supervisor = Supervisor(workers or os.cpu_count() or 1, **options)
     supervisor.start()
     return supervisor
-

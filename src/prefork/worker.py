@@ -37,6 +37,13 @@ class Worker(EventEmitter):
         self._channel = channel
         self._side = side
         self._disconnect_emitted = False
+        # the primary's bookkeeping (primary.py): its exit watch, its last heartbeat and counters,
+        # why its script died, and which bad messages were already reported
+        self._pidfd: int | None = None
+        self.last_beat: float | None = None
+        self.stats: dict[str, int] = {}
+        self.fatal: dict[str, str] | None = None
+        self.bad_messages: set[str] = set()
 
     def __repr__(self) -> str:
         pid = getattr(self.process, "pid", None)

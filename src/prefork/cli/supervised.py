@@ -76,7 +76,7 @@ def run_supervised(opts: dict[str, Any], *, title: str, rows: list[tuple[str, st
         max_memory=opts["max_memory"], ready=ready, ready_timeout=opts["ready_timeout"] or 30.0,
         on_log=output.log)
     boot = BootWatch(supervisor)
-    prefork._primary.internal["boot_error"] = boot
+    supervisor.primary.internal["boot_error"] = boot
     control = ControlServer(opts.get("control"), lambda r: {"ok": False, "error": "starting"})
     try:
         control.start()

@@ -1,0 +1,85 @@
+"""The supervisor's view of each worker's health: heartbeats, figures from /proc, and `status`.
+
+Runs on the primary's loop thread (a timer every beat), as everything of the supervisor does.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+KILL_AFTER_ABORT = 1.0
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+class Health:
+    def __init__(self, supervisor: Any) -> None:
+        self.sup = supervisor
+
+    def beat(self) -> None:
+        """Ping every worker, sample its figures, and act on what they say; then again."""
+        sup = self.sup
+        if sup.finished():
+            return
+        now = time.monotonic()
+        for member in list(sup.members.values()):
+            worker = member.worker
+            if worker.is_connected():
+                worker._channel.send_internal(["p"])
+            self.sample(member, now)
+            self.check(member, now)
+        sup.primary.loop.call_later(sup.beat_every, self.beat)
+
+    def check(self, member: Any, now: float) -> None:
+        sup, worker = self.sup, member.worker
+        if member.state != "ready" or member.slot.incoming is not None:
+            return
+        last = worker.last_beat or member.started
+        if sup.timeout and now - last > sup.timeout:
+            sup.log(f"worker {worker.id} (pid {worker.process.pid}) did not answer for {now - last:.1f} s "
+                    f"(timeout {sup.timeout:g} s): SIGABRT, then SIGKILL")
+            member.state = "hung"
+            worker.kill("SIGABRT")
+            sup.primary.loop.call_later(KILL_AFTER_ABORT, self._kill_hung, member)
+            return
+        requests = worker.stats.get("requests", 0)
+        if member.max_requests and requests >= member.max_requests:
+            sup.recycle(member, f"served {requests} requests (max {member.max_requests})")
+        elif sup.max_memory and member.rss > sup.max_memory:
+            sup.recycle(member, f"uses {member.rss >> 20} MiB (max {sup.max_memory >> 20} MiB)")
+
+    def _kill_hung(self, member: Any) -> None:
+        if not member.worker.is_dead():
+            member.worker.kill("SIGKILL")
+
+    def sample(self, member: Any, now: float) -> None:
+        """RSS and CPU% from /proc (no dependency); CPU% over the last beat."""
+        pid = member.worker.process.pid
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            with open(f"/proc/{pid}/statm", "rb") as f:
+                member.rss = int(f.read().split()[1]) * _PAGE
+        except (OSError, IndexError, ValueError):
+            return
+        ticks = (int(fields[11]) + int(fields[12])) / _CLK_TCK
+        then, before = member.cpu
+        if then:
+            member.cpu_percent = max(0.0, (ticks - before) / max(1e-6, now - then) * 100)
+        member.cpu = (now, ticks)
+
+    def rows(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        rows = []
+        for member in sorted(self.sup.members.values(), key=lambda m: m.worker.id):
+            stats = member.worker.stats
+            rows.append({
+                "id": member.worker.id, "pid": member.worker.process.pid, "state": member.state,
+                "slot": member.slot.index, "uptime": round(now - member.started, 3),
+                "restarts": member.slot.restarts, "connections": stats.get("connections", 0),
+                "requests": stats.get("requests", 0), "in_flight": stats.get("in_flight", 0),
+                "rss": member.rss, "cpu": round(member.cpu_percent, 1),
+            })
+        return rows
