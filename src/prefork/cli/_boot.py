@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 import prefork
+from prefork import _stdio
 
 
 class Prefixed(io.TextIOBase):
@@ -35,15 +36,13 @@ class Prefixed(io.TextIOBase):
         head, sep, self._partial = pending.rpartition("\n")
         if sep:
             lines = (head + sep).splitlines(keepends=True)
-            self.target.write("".join(self.prefix + line for line in lines))
-            self.target.flush()
+            _stdio.write("".join(self.prefix + line for line in lines), self.target)
         return len(text)
 
     def flush(self) -> None:
-        if self._partial:
-            partial, self._partial = self._partial, ""
-            self.target.write(self.prefix + partial)
-        self.target.flush()
+        """A closed pipe behind it is silenced (prefork/_stdio.py): the app's print() never fails."""
+        partial, self._partial = self._partial, ""
+        _stdio.write(self.prefix + partial if partial else "", self.target)
 
     def fileno(self) -> int:
         return self.target.fileno()

@@ -2,28 +2,26 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import Any, TextIO
 
+from prefork import _stdio
+
 
 def log(line: str, stream: TextIO | None = None) -> None:
-    """One line from the primary (worker started, stopped, replaced and why)."""
-    out = stream or sys.stderr
-    out.write(f"[prefork] {line}\n")
-    out.flush()
+    """One line from the primary (worker started, stopped, replaced and why); a closed log pipe
+    is silenced, never fatal (prefork/_stdio.py)."""
+    _stdio.write(f"[prefork] {line}\n", stream)
 
 
 def error(message: str) -> None:
-    sys.stderr.write(f"prefork: error: {message}\n")
-    sys.stderr.flush()
+    _stdio.write(f"prefork: error: {message}\n")
 
 
 def banner(rows: list[tuple[str, str]], title: str) -> None:
     width = max(len(k) for k, _ in rows)
     lines = [title] + [f"  {k.ljust(width)}  {v}" for k, v in rows]
-    sys.stderr.write("\n".join(lines) + "\n")
-    sys.stderr.flush()
+    _stdio.write("\n".join(lines) + "\n")
 
 
 def human_bytes(n: int | None) -> str:

@@ -83,8 +83,9 @@ def _build_config(opts: dict[str, Any], app: Any, interface: str, out: Any = Non
         out = out or sys.stdout
 
         def write(line: str) -> None:
-            out.write(line)
-            out.flush()
+            from prefork import _stdio
+
+            _stdio.write(line, out)  # a closed log pipe is silenced, never an error in a request
 
         app = AccessLog(app, write)
     try:
@@ -113,13 +114,14 @@ def _build_config(opts: dict[str, Any], app: Any, interface: str, out: Any = Non
         timeout_graceful_shutdown=None,
         loop="none",
         server_header=True,
+        workers=1,  # else uvicorn reads WEB_CONCURRENCY itself (and crashes on a bad value); cli/config.py does
     )
     config.load()
     return config
 
 
 class Server:
-    """The serving loop of one worker; also what `prefork._child` waits on while draining."""
+    """The serving loop of one worker; also what the worker's runtime waits on while draining."""
 
     def __init__(self, opts: dict[str, Any], config: Any, child: Any) -> None:
         from uvicorn.server import ServerState
@@ -423,9 +425,9 @@ def _report_boot_error(child: Any, message: str) -> None:
 
 def run(opts: dict[str, Any], app: Any = None) -> int:
     """Serve until drained; the exit code. `app` is given when the primary preloaded it."""
-    import prefork
+    from prefork import _role
 
-    child = prefork._child
+    child = _role.child
     wid = child.worker.id if child is not None else 0
     debug = opts.get("log_level") in ("debug", "trace")
     _configure_logging(wid, opts.get("log_level", "info"))
