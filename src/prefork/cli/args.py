@@ -25,6 +25,36 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
+MAX_SECONDS = 365 * 24 * 3600.0  # larger waits overflow the kernel's and Python's timers (OverflowError)
+
+
+def _seconds(text: str, zero_ok: bool = False) -> float:
+    """A finite number of seconds, above 0 (argparse makes the ValueError a one-line usage error)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, not {text!r}") from None
+    low_ok = seconds >= 0 if zero_ok else seconds > 0
+    if not (low_ok and seconds <= MAX_SECONDS):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, {'0' if zero_ok else 'above 0'} to "
+                                         f"{MAX_SECONDS:.0f} (a year), not {text!r}")
+    return seconds
+
+
+def _interval(text: str) -> float:
+    return _seconds(text, zero_ok=True)
+
+
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number (0 or more), not {text!r}")
+    return n
+
+
 def _add_options(parser: argparse.ArgumentParser, command: str) -> None:
     for option in OPTIONS:
         if command not in option.commands or option.name == "app":
@@ -70,14 +100,14 @@ def build() -> Parser:
                          description="Talk to a running primary through its control socket.")
     ctl.add_argument("--control", metavar="PATH", default=None,
                      help="control socket (default: the per-user default of serve/run)")
-    ctl.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+    ctl.add_argument("--timeout", type=_seconds, default=10.0, metavar="SECONDS",
                      help="how long to wait for the primary's answer")
     actions = ctl.add_subparsers(dest="action", metavar="ACTION", parser_class=Parser)
     status = actions.add_parser("status", help="a table of the workers")
     status.add_argument("--json", action="store_true", help="print JSON for machines")
     status.add_argument("--watch", action="store_true", help="refresh the table live (Ctrl-C to quit)")
-    status.add_argument("--interval", type=float, default=1.0, metavar="SECONDS", help="refresh period")
-    status.add_argument("--count", type=int, default=0, metavar="N", help="with --watch: stop after N "
+    status.add_argument("--interval", type=_interval, default=1.0, metavar="SECONDS", help="refresh period")
+    status.add_argument("--count", type=_count, default=0, metavar="N", help="with --watch: stop after N "
                                                                           "refreshes (0: never)")
     actions.add_parser("reload", help="rolling reload with no dropped connection")
     scale = actions.add_parser("scale", help="change the number of workers")

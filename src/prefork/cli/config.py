@@ -28,12 +28,16 @@ READY = ("listening", "online", "message")
 # -- converters: value (str from flags/env, or a TOML value) -> checked value ---------------------
 
 
+MAX_WORKERS = 1024  # far above any core count prefork is run on; a typo such as 10**20 must not fork
+MAX_BACKLOG = 65535  # the kernel caps listen() at net.core.somaxconn anyway (a u32 sysctl, 4096 by default)
+
+
 def to_workers(value: Any) -> int:
     if isinstance(value, str) and value.strip().lower() == "auto":
         return os.cpu_count() or 1
     n = _int(value)
-    if n is None or n < 1:
-        raise ValueError(f"expected a whole number of workers (1 or more) or 'auto', not {value!r}")
+    if n is None or not 1 <= n <= MAX_WORKERS:
+        raise ValueError(f"expected a whole number of workers (1 to {MAX_WORKERS}) or 'auto', not {value!r}")
     return n
 
 
@@ -58,6 +62,13 @@ def to_positive(value: Any) -> int:
     n = _int(value)
     if n is None or n < 1:
         raise ValueError(f"expected a whole number (1 or more), not {value!r}")
+    return n
+
+
+def to_backlog(value: Any) -> int:
+    n = _int(value)
+    if n is None or not 1 <= n <= MAX_BACKLOG:
+        raise ValueError(f"expected a whole number from 1 to {MAX_BACKLOG}, not {value!r}")
     return n
 
 
@@ -180,7 +191,9 @@ class Option:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("workers", to_workers, "auto", "number of worker processes, or 'auto' for one per core",
+    Option("workers", to_workers, "auto", f"number of worker processes (1 to {MAX_WORKERS}), or 'auto' for "
+           "one per core; WEB_CONCURRENCY is used when neither this, PREFORK_WORKERS nor the config file "
+           "sets it",
            metavar="N|auto"),
     Option("bind", to_binds, ["127.0.0.1:8000"], "address to serve, HOST:PORT or unix:PATH; repeat for more "
            "(default 127.0.0.1:8000)", ("serve",), "ADDRESS", repeat=True),
@@ -220,7 +233,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("threads", to_positive, 8, "threads per worker for a WSGI app", ("serve",), "N"),
     Option("keep_alive", to_positive, 5, "seconds an idle keep-alive connection stays open", ("serve",),
            "SECONDS"),
-    Option("backlog", to_positive, None, "listen backlog", ("serve",), "N"),
+    Option("backlog", to_backlog, None, f"listen backlog (1 to {MAX_BACKLOG})", ("serve",), "N"),
     Option("ready", choice(READY), "listening", "when a new worker counts as ready (for reloads): when "
            "it listens, when it is online, or when it sends 'ready'", ("run",), "|".join(READY)),
     Option("control", to_str, None, "control socket path (default: $XDG_RUNTIME_DIR/prefork/prefork.sock "
@@ -241,16 +254,8 @@ def read_config_file(path: str, explicit: bool) -> dict[str, Any]:
     """The [tool.prefork] table of a pyproject.toml, or a whole prefork.toml (its top level or its
     [tool.prefork] table); {} when the default pyproject.toml does not exist."""
     try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        try:
-            import tomli as tomllib  # type: ignore[no-redef]
-        except ImportError:
-            raise UsageError(f"config file {path}: reading TOML needs Python 3.11+ or `pip install tomli`") \
-                from None
-    try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            raw = f.read()
     except FileNotFoundError:
         if explicit:
             raise UsageError(f"config file {path}: no such file") from None
@@ -261,15 +266,37 @@ def read_config_file(path: str, explicit: bool) -> dict[str, Any]:
         raise UsageError(f"config file {path}: permission denied (cannot read it)") from None
     except OSError as exc:
         raise UsageError(f"config file {path}: cannot read it: {exc.strerror}") from None
+    tomllib = _toml_reader(path)  # only once a file exists: Python 3.10 without tomli runs fine without one
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"config file {path}: not UTF-8 text (byte {exc.start})") from None
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"config file {path}: invalid TOML: {exc}") from None
-    table = data.get("tool", {}).get("prefork")
+    tool = data.get("tool", {})
+    if not isinstance(tool, dict):
+        raise UsageError(f"config file {path}: 'tool' must be a table, not {type(tool).__name__}")
+    table = tool.get("prefork")
     if table is None:
         is_pyproject = os.path.basename(path) == "pyproject.toml"
         table = {} if is_pyproject else {k: v for k, v in data.items() if k != "tool"}
     if not isinstance(table, dict):
         raise UsageError(f"config file {path}: [tool.prefork] must be a table")
     return table
+
+
+def _toml_reader(path: str) -> Any:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: the tomli backport, a dependency there (pyproject.toml)
+        try:
+            import tomli as tomllib  # type: ignore[no-redef]
+        except ImportError:
+            raise UsageError(f"config file {path}: reading TOML needs Python 3.11+ or `pip install tomli`") \
+                from None
+    return tomllib
 
 
 def resolve(command: str, flags: dict[str, Any], config_path: str | None,
@@ -296,6 +323,12 @@ def resolve(command: str, flags: dict[str, Any], config_path: str | None,
                 raise UsageError(f"config file {path}: unknown setting {key!r}")
             continue  # a setting for the other command
         out[name] = _convert(option, value, f"{where_file} [tool.prefork] {key}")
+    if "WEB_CONCURRENCY" in environ:
+        # gunicorn's and uvicorn's variable (set by PaaS hosts): checked even when unused, as PREFORK_*
+        # are, and the weakest source of the worker count
+        workers = _convert(BY_NAME["workers"], environ["WEB_CONCURRENCY"], "WEB_CONCURRENCY")
+        if "workers" not in table and "PREFORK_WORKERS" not in environ:
+            out["workers"] = workers
     for option in OPTIONS:
         if command not in option.commands or option.name in ("app",):
             continue

@@ -114,7 +114,7 @@ def _build_config(opts: dict[str, Any], app: Any, interface: str, out: Any = Non
         timeout_graceful_shutdown=None,
         loop="none",
         server_header=True,
-        workers=1,  # else uvicorn reads WEB_CONCURRENCY itself (and crashes on a bad value); cli/config.py does
+        workers=1,  # else uvicorn parses WEB_CONCURRENCY (a bad value crashed it); cli/config.py reads it
     )
     config.load()
     return config
