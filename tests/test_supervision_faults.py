@@ -1,0 +1,148 @@
+"""Faults an operator meets, against the real `prefork` command (issue: fault tolerance).
+
+- a closed log pipe must not stop the primary (it silences that stream and keeps serving);
+- a worker killed while its replacement boots must not leave two workers in its slot;
+- a reload whose worker cannot even be started fails alone: the ready workers keep serving.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import httpx
+from cli_helpers import PREFORK, clean_env, ctl_json, free_port, pid_alive, prefork_cmd, run_prefork  # noqa: F401
+from conftest import wait_until
+
+HELLO = os.path.join(os.path.dirname(__file__), "apps", "hello.py")
+
+SLOW_BOOT = """
+import sys, time
+import prefork
+from http.server import BaseHTTPRequestHandler
+
+class Hello(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b"hi\\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+time.sleep(float(sys.argv[2]))  # a worker that takes a while to boot
+prefork.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Hello).serve_forever()
+"""
+
+
+def children(pid: int) -> set[int]:
+    """The live (non-zombie) child processes of `pid`, from /proc."""
+    out = set()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                data = f.read()
+        except OSError:
+            continue
+        fields = data[data.rindex(")") + 2:].split()
+        if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
+            out.add(int(name))
+    return out
+
+
+def status_settled(control: str, n: int) -> bool:
+    status = ctl_json(control)
+    ready = [w for w in status["workers"] if w["state"] == "ready"]
+    return len(status["workers"]) == n and len(ready) == n and status["reload"]["state"] != "running"
+
+
+def test_closed_log_pipe_neither_hangs_nor_stops_the_primary(tmp_path):
+    """`prefork serve app 2>&1 | head -5`, then a worker crash (which logs): the primary keeps
+    serving and answering `ctl`, replaces the worker, and stops on SIGTERM."""
+    port, control = free_port(), str(tmp_path / "c.sock")
+    proc = subprocess.Popen([PREFORK, "serve", "hello:asgi", "--bind", f"127.0.0.1:{port}", "--workers", "2",
+                             "--control", control], cwd=os.path.dirname(HELLO), env=clean_env(),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    pids: list[int] = []
+    try:
+        assert proc.stdout is not None
+        for _ in range(40):  # as `head` does: read the first lines, then go away
+            if b"ready:" in proc.stdout.readline():
+                break
+        proc.stdout.close()
+        pids = [w["pid"] for w in ctl_json(control)["workers"]]
+        os.kill(pids[0], signal.SIGKILL)  # the primary logs this: its first write to a closed pipe
+        assert wait_until(lambda: status_settled(control, 2) and pids[0] not in
+                          {w["pid"] for w in ctl_json(control)["workers"]}, 15)
+        pids += [w["pid"] for w in ctl_json(control)["workers"]]
+        for _ in range(20):
+            assert httpx.get(f"http://127.0.0.1:{port}/", timeout=5).text == "hello world\n"
+        started = time.monotonic()
+        assert run_prefork(["ctl", "--control", control, "status"], timeout=5).returncode == 0
+        assert time.monotonic() - started < 3
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        assert not any(pid_alive(p) for p in pids)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_worker_killed_while_its_replacement_boots_leaves_one_worker(prefork_cmd, tmp_path):  # noqa: F811
+    script = tmp_path / "slow.py"
+    script.write_text(SLOW_BOOT)
+    port, control = free_port(), str(tmp_path / "c.sock")
+    cmd = prefork_cmd("run", "--workers", "1", "--control", control, str(script), str(port), "3.0")
+    cmd.wait_ready(30)
+    old = cmd.track_workers(control)[0]
+    assert run_prefork(["ctl", "--control", control, "reload"]).returncode == 0
+    assert wait_until(lambda: len(ctl_json(control)["workers"]) == 2, 10)  # the replacement boots
+    cmd.track_workers(control)
+    os.kill(old, signal.SIGKILL)
+    assert wait_until(lambda: status_settled(control, 1), 20), ctl_json(control)
+    time.sleep(3.5)  # a respawn would have booted by now
+    assert len(children(cmd.proc.pid)) == 1, (children(cmd.proc.pid), ctl_json(control))
+    first = cmd.track_workers(control)[0]
+    assert run_prefork(["ctl", "--control", control, "reload"]).returncode == 0  # the slot reloads again
+    assert wait_until(lambda: status_settled(control, 1) and cmd.track_workers(control)[0] != first, 20)
+    assert wait_until(lambda: len(children(cmd.proc.pid)) == 1, 10), children(cmd.proc.pid)
+    assert httpx.get(f"http://127.0.0.1:{port}/", timeout=5).text == "hi\n"
+
+
+def test_reload_that_cannot_start_a_worker_keeps_the_old_ones(prefork_cmd, tmp_path):  # noqa: F811
+    """A deploy tool removes the release folder serve runs from, then `ctl reload`: the reload
+    fails, once, and says so in `ctl status`; the ready workers go on serving."""
+    release = tmp_path / "release"
+    release.mkdir()
+    shutil.copy(HELLO, release / "hello.py")
+    port, control = free_port(), str(tmp_path / "c.sock")
+    cmd = prefork_cmd("serve", "hello:asgi", "--bind", f"127.0.0.1:{port}", "--workers", "2",
+                      "--control", control, cwd=release)
+    cmd.wait_ready(30)
+    pids = cmd.track_workers(control)
+    release.rename(tmp_path / "gone")
+    assert run_prefork(["ctl", "--control", control, "reload"]).returncode == 0
+    assert wait_until(lambda: ctl_json(control)["reload"]["state"] == "failed", 15), ctl_json(control)
+    time.sleep(1.0)
+    status = ctl_json(control)
+    assert cmd.proc.poll() is None, cmd.output
+    assert sorted(w["pid"] for w in status["workers"]) == sorted(pids), status
+    assert all(w["state"] == "ready" for w in status["workers"])
+    assert status["last_error"], status
+    for _ in range(10):
+        assert httpx.get(f"http://127.0.0.1:{port}/", timeout=5).text == "hello world\n"
+    assert cmd.output.count("reload failed") == 1, cmd.output
