@@ -39,7 +39,11 @@ RECORD = [b"c"]  # a connection's record: this byte, its descriptor as SCM_RIGHT
 
 
 class LinkError(OSError):
-    """The peer sent what a link never carries (descriptors lost, or a record of unknown type)."""
+    """The peer sent what a link never carries (a record of unknown type), or a record's
+    descriptors were cut (MSG_CTRUNC: the receiver is out of descriptors); `lost` is then how many
+    connections that record held, all dropped."""
+
+    lost = 0
 
 
 def pair() -> tuple[socket.socket, socket.socket]:
@@ -48,7 +52,8 @@ def pair() -> tuple[socket.socket, socket.socket]:
 
 
 def recv_fds(sock: socket.socket) -> list[int] | None:
-    """The descriptors of the next record ([] when none is waiting), None at end of stream."""
+    """The descriptors of the next record ([] when none is waiting), None at end of stream;
+    LinkError when the record arrived cut (its connections are closed, the link stays usable)."""
     data, fds = _receive(sock)
     return None if not data and not fds else fds
 
@@ -58,8 +63,10 @@ def _receive(sock: socket.socket) -> tuple[bytes, list[int]]:
     data, anc, flags, _ = sock.recvmsg(MAX_FDS, _ANC, _RECV_FLAGS)
     fds = fds_in(anc)
     if flags & socket.MSG_CTRUNC:
-        close_fds(fds)
-        raise LinkError("descriptors were lost in transit (MSG_CTRUNC)")
+        close_fds(fds)  # which of its connections arrived is unknown: drop the whole record
+        exc = LinkError("descriptors were lost in transit (MSG_CTRUNC)")
+        exc.lost = len(data)  # one byte per connection
+        raise exc
     return data, fds
 
 

@@ -15,6 +15,7 @@ import errno
 import os
 import select
 import socket
+import sys
 import threading
 
 from . import handoff
@@ -45,6 +46,7 @@ class Listener:
         self._signaled = False  # the wake eventfd is set: descriptors wait in _queue
         self._link = link  # round robin: connections from the primary arrive here
         self._report = False  # the primary wants to know when connections close (least_conn)
+        self._cut_logged = False  # a record arrived cut (out of descriptors): logged once
         if link is not None:
             self._epoll.register(link.fileno(), select.EPOLLIN)
         self._timeout: float | None = None
@@ -161,6 +163,11 @@ class Listener:
             fds = handoff.recv_fds(self._link)  # type: ignore[arg-type]
         except (BlockingIOError, InterruptedError):
             return
+        except handoff.LinkError as exc:
+            # Out of descriptors (the record arrived cut): its connections are dropped, but the link
+            # is whole. Unlinking here would leave the primary handing us connections nobody reads.
+            self._dropped(exc.lost)
+            return
         except OSError:
             fds = None
         if fds is None:  # the primary's end closed: it has gone
@@ -170,6 +177,19 @@ class Listener:
         if len(self._queue) > 1 and not self._signaled:
             self._signaled = True  # the rest stay readable through fileno() until taken
             os.eventfd_write(self._wake, 1)
+
+    def _dropped(self, count: int) -> None:
+        """A record's connections were lost to the descriptor limit: say so once, and tell a
+        load-aware primary they are closed (it counted them as open here)."""
+        if not self._cut_logged:
+            self._cut_logged = True
+            sys.stderr.write(f"prefork: worker pid {os.getpid()} is out of file descriptors: "
+                             f"connections handed to {self.address} were dropped (logged once)\n")
+        if self._report and count and self._link is not None:
+            try:
+                handoff.send_count(self._link, handoff.FINISHED, count)
+            except OSError:
+                pass
 
     def _unlink(self) -> None:
         link, self._link = self._link, None
