@@ -37,9 +37,11 @@ def pair() -> Any:
     """(primary-style end, worker-style end) of a fresh socketpair; both closed afterwards."""
     made: list[Channel] = []
 
-    def make(serialization: str = "json", **kw: Any) -> tuple[Channel, Channel]:
+    def make(serialization: str = "json", max_message: int | None = None,
+             **kw: Any) -> tuple[Channel, Channel]:
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        ends = (Channel(a, serialization), Channel(b, serialization, blocking=True, **kw))
+        ends = (Channel(a, serialization, max_message=max_message),
+                Channel(b, serialization, blocking=True, max_message=max_message, **kw))
         made.extend(ends)
         return ends
 
@@ -90,8 +92,9 @@ def test_order_kept_over_many_messages(pair: Any, serialization: str) -> None:
 
     # and the other way, through the non-blocking end's queue
     stop = threading.Event()
-    for i in range(n):
-        assert primary.send_message([i, "q" * sizes[i % len(sizes)]]) is True
+    sent = [primary.send_message([i, "q" * sizes[i % len(sizes)]]) for i in range(n)]
+    backed_up = sent.index(False)  # nobody reads yet: past HIGH_WATER queued bytes, False (yet queued)
+    assert backed_up > 0 and all(sent[:backed_up]) and not any(sent[backed_up:])
     flusher = threading.Thread(target=pump, args=(primary, stop))
     flusher.start()
     got = []
@@ -125,7 +128,7 @@ def test_pickle_values_round_trip(pair: Any) -> None:
 
 @pytest.mark.timeout(60)
 def test_64_mib_messages_both_ways(pair: Any) -> None:
-    primary, worker = pair("json")
+    primary, worker = pair("json", max_message=65 * MIB)
     down = "d" * (64 * MIB)
     up = "u" * (64 * MIB)
     stop = threading.Event()
@@ -142,8 +145,8 @@ def test_64_mib_messages_both_ways(pair: Any) -> None:
 
     t = threading.Thread(target=worker_side)
     t.start()
-    assert primary.send_message({"down": down}) is True
-    assert primary.has_backlog()  # 64 MiB cannot fit the socket: the rest is queued
+    assert primary.send_message({"down": down}) is False  # backed up: the rest is queued
+    assert primary.has_backlog()
     flusher = threading.Thread(target=pump, args=(primary, stop))
     flusher.start()
     got = read_n(primary, 1, timeout=40)
@@ -312,10 +315,10 @@ def test_lost_descriptors_are_detected(pair: Any) -> None:
     HEADER.pack(5, KIND_JSON, 7, 0) + b"hello",  # unknown flags
     HEADER.pack(5, KIND_JSON, 0, 0) + b"{{{{{",  # not JSON
     HEADER.pack(2, KIND_INTERNAL, 0, 0) + b"\xc3\x28",  # not UTF-8
-    HEADER.pack(4, KIND_PICKLE, 0, 0) + b"junk",  # not a pickle
+    HEADER.pack(4, KIND_PICKLE, 0, 0) + b"junk",  # not a pickle (on a pickle channel)
 ])
 def test_garbage_from_the_peer_raises_protocol_error(pair: Any, garbage: bytes) -> None:
-    primary, worker = pair()
+    primary, worker = pair("pickle" if garbage[4] == KIND_PICKLE else "json")
     worker.sock.sendall(garbage)
     with pytest.raises(ProtocolError):
         read_n(primary, 1)
@@ -392,8 +395,9 @@ def test_queued_writes_flush_in_order_and_call_back_once_after_the_write() -> No
     try:
         n = 3000
         payload = "z" * 3000
-        for i in range(n):
-            assert ch.send_message([i, payload], (), callback_for(i)) is True
+        sent = [ch.send_message([i, payload], (), callback_for(i)) for i in range(n)]
+        backed_up = sent.index(False)  # past HIGH_WATER queued bytes (yet queued)
+        assert backed_up > 0 and all(sent[:backed_up]) and not any(sent[backed_up:])
         assert ch.has_backlog()
         assert len(calls) < n
         deadline = time.monotonic() + 20

@@ -122,6 +122,10 @@ class Loop:
         except BlockingIOError:
             pass
 
+    def has_pending(self) -> bool:
+        """Whether calls wait to run (a callback that would rather go on polling yields to them)."""
+        return bool(self._calls)
+
     def _timeout(self) -> float | None:
         if self._calls:
             return 0

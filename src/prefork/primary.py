@@ -135,6 +135,7 @@ class Primary:
         child_env.update({
             ENV_ID: str(wid), ENV_FD: str(fd), ENV_PPID: str(os.getpid()),
             ENV_POLICY: self.policy(), ENV_SERIALIZATION: self.settings["serialization"],
+            "PREFORK_MAX_MESSAGE": str(self.settings["max_message_size"]),  # the worker's channel limit
         })
         return child_env
 
@@ -192,9 +193,9 @@ class Primary:
     def _on_readable(self, worker: Worker) -> None:
         """Read and dispatch what the worker sent.
 
-        When a message handler answered with a user message, keep polling this channel for up to
-        channel.SPIN seconds (1 ms in all) before going back to the loop: the worker's reply then
-        comes without a wake-up, which on a VM costs more than the round trip itself.
+        When a message handler answered with a user message, keep polling this channel while it
+        awaits the reply (channel.SPIN after each send, 1 ms in all) before going back to the loop:
+        the worker's reply then comes without a wake-up, which on a VM costs more than the round trip.
         """
         channel = worker._channel
         read = channel.read_messages
@@ -214,16 +215,13 @@ class Primary:
                     self._on_internal(worker, message, fds)
                 else:
                     on_message(worker, message, fds)
-            if channel._error is not None:  # garbage after the good frames
-                self._channel_failed(worker, channel._error)
+            if channel.error is not None:  # garbage after the good frames
+                self._channel_failed(worker, channel.error)
                 return
-            if not _SPIN or channel.closed or self.loop._calls:
+            if self.loop.has_pending() or not channel.awaiting_reply():
                 return
-            if channel._out and not channel._blocked:
-                channel.flush()  # what the handlers queued goes out before we wait for the answer
+            channel.flush_queued()  # what the handlers queued goes out before we wait for the answer
             now = time.monotonic()
-            if now >= channel._sent_user + _SPIN:
-                return
             if not give_up:
                 give_up = now + 20 * _SPIN
             elif now >= give_up:

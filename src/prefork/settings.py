@@ -8,6 +8,8 @@ import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from .channel import DEFAULT_MAX_MESSAGE, MAX_PAYLOAD, MIN_MESSAGE, set_max_message
+
 KNOWN = {
     "exec": "script the workers run (default: the primary's own main script)",
     "args": "arguments given to that script (default: the primary's sys.argv[1:])",
@@ -18,6 +20,7 @@ KNOWN = {
     "module": "run `python -m MODULE` instead of a script",
     "start": "'spawn' (default: a fresh interpreter runs the script) or 'fork' (os.fork, then `target`)",
     "target": "with start='fork': the function a forked worker runs (the app is already imported)",
+    "max_message_size": "largest message in bytes either side of a channel accepts (default: 64 MiB)",
 }
 
 
@@ -48,6 +51,8 @@ class Settings(Mapping[str, Any]):
             merged.pop("module", None)
         _validate(merged)
         self._values = _with_defaults(merged)
+        # primary.fork() makes the primary's channels without a limit: they take this one
+        set_max_message(self._values["max_message_size"])
 
     def argv(self) -> list[str]:
         """The command that starts one worker."""
@@ -63,6 +68,11 @@ def _validate(v: dict[str, Any]) -> None:
         raise TypeError("start='fork' needs target=<a function the forked worker runs>")
     if v.get("serialization", "json") not in ("json", "pickle"):
         raise ValueError(f"serialization must be 'json' or 'pickle', not {v['serialization']!r}")
+    size = v.get("max_message_size", DEFAULT_MAX_MESSAGE)
+    if not isinstance(size, int) or isinstance(size, bool):
+        raise TypeError(f"max_message_size must be a number of bytes (an int), not {size!r}")
+    if not MIN_MESSAGE <= size <= MAX_PAYLOAD:
+        raise ValueError(f"max_message_size must be from {MIN_MESSAGE} to {MAX_PAYLOAD} bytes, not {size}")
     for key in ("args", "exec_argv"):
         if key in v and (isinstance(v[key], str) or not all(isinstance(a, str) for a in v[key])):
             raise TypeError(f"setting {key!r} must be a list of strings")
@@ -85,6 +95,7 @@ def _with_defaults(v: dict[str, Any]) -> dict[str, Any]:
     out.setdefault("cwd", None)
     out["silent"] = bool(out.get("silent", False))
     out.setdefault("serialization", "json")
+    out.setdefault("max_message_size", DEFAULT_MAX_MESSAGE)
     out.setdefault("start", "spawn")
     out.setdefault("target", None)
     return out

@@ -50,15 +50,17 @@ class Worker(EventEmitter):
         return f"<Worker id={self.id} pid={pid} state={self.state}>"
 
     def send(self, message: Any, handle: Any = None, callback: Callable[[], Any] | None = None) -> bool:
-        """Send a message (and optionally a socket) to the other side; False once disconnected."""
+        """Send a message (and optionally a socket) to the other side. False once disconnected (and
+        'error' is emitted), or while the channel is backed up (the message is queued all the same)."""
         fds = () if handle is None else (_fileno(handle),)
         channel = self._channel
         if channel is not None and not channel.closed:
             try:
-                if channel.send_message(message, fds, callback):
-                    return True
+                sent = channel.send_message(message, fds, callback)
             except ChannelClosed:
-                pass
+                sent = False
+            if sent or not channel.closed:  # False on an open channel: backed up, yet queued
+                return sent
         self._side.post(self.emit, "error", ChannelClosed(f"worker {self.id}: channel is closed"))
         return False
 
