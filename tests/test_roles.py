@@ -62,5 +62,6 @@ def test_env_variable_without_channel_fails_clearly(py, fd):
         print("is_worker", prefork.is_worker)
     """, env={"PREFORK_WORKER_ID": "7", "PREFORK_CHANNEL_FD": fd}, timeout=10)
     assert "is_worker" not in result.stdout
-    assert result.returncode != 0, result
-    assert "RuntimeError" in result.stderr and "fork()" in result.stderr, result.stderr
+    assert result.returncode == 2, result
+    assert "Traceback" not in result.stderr and "fork()" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr

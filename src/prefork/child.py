@@ -13,6 +13,7 @@ import collections
 import os
 import signal
 import socket
+import stat
 import threading
 from collections.abc import Callable
 
@@ -290,7 +291,8 @@ def bootstrap() -> Child:
     try:
         wid = int(env["PREFORK_WORKER_ID"])
         fd = int(env["PREFORK_CHANNEL_FD"])
-        os.fstat(fd)
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise ValueError(f"descriptor {fd} is not a socket")
         ppid = int(env.get("PREFORK_PRIMARY_PID", "0"))
     except (KeyError, ValueError, OSError) as exc:
         config_error("PREFORK_WORKER_ID is set, so this process would be a prefork worker, but it has no "
