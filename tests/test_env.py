@@ -23,7 +23,8 @@ def test_a_workers_children_inherit_no_internal_variable(py):
                                                                    sup.stop()))
             sys.exit(sup.wait())
         else:
-            code = "import json, os; print(json.dumps(sorted(k for k in os.environ if k.startswith('PREFORK_'))))"
+            code = ("import json, os; "
+                    "print(json.dumps(sorted(k for k in os.environ if k.startswith('PREFORK_'))))")
             out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
             cluster.worker.send(out.strip())
             cluster.listen(("127.0.0.1", 0))
