@@ -12,6 +12,7 @@ import socket
 import time
 
 import pytest
+from cli_helpers import ctl_json, free_port, prefork_cmd  # noqa: F401
 from conftest import wait_until
 
 HEADROOM = 12  # descriptors left to the worker above those it holds once listening
@@ -89,7 +90,7 @@ def _get(port: int, timeout: float = 5.0) -> bool:
             data = b""
             while chunk := conn.recv(4096):
                 data += chunk
-        return data.startswith(b"HTTP/1.") and data.endswith(b"hello\n")
+        return data.startswith((b"HTTP/1.0 200 ", b"HTTP/1.1 200 ")) and b"hello" in data
     except OSError:
         return False
 
@@ -140,3 +141,124 @@ def test_handed_over_worker_out_of_descriptors_stays_in_the_pool(py, policy, kin
     _serves_again(port)
     lines = [line for line in script.stderr.splitlines() if "out of file descriptors" in line]
     assert len(lines) == 1, script.stderr
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("policy", ["none", "reuseport"])
+@pytest.mark.parametrize("kind", ["thread", "aio"])
+def test_worker_at_its_limit_backs_off(py, policy, kind):
+    script = py.spawn(WORKER, env=_env(policy, kind))
+    m = script.expect(r"^listening (\d+) (\d+)")
+    pid, port = int(m[1]), int(m[2])
+    script.track(pid)
+    assert _get(port)
+    base = _open_fds(pid)
+    clients = _idle_clients(port, HEADROOM * 3)  # more than it can accept: the rest stay queued
+    try:
+        assert wait_until(lambda: _open_fds(pid) >= base + HEADROOM - 2, timeout=15)
+        time.sleep(0.3)
+        start_cpu, start = _cpu_seconds(pid), time.monotonic()
+        time.sleep(2.0)
+        share = (_cpu_seconds(pid) - start_cpu) / (time.monotonic() - start)
+        assert share < 0.3, f"the worker spins at its descriptor limit: {share:.0%} of a core"
+    finally:
+        for client in clients:
+            client.close()
+    _serves_again(port)
+
+
+# The primary, under rr, at its own limit: it lowers it once its worker listens, holds every
+# descriptor left, and gives them back after T_HOLD seconds.
+PRIMARY = r"""
+import os, resource, threading
+import prefork as cluster
+
+if cluster.is_primary:
+    def starve(worker, address):
+        top = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (top + 1, hard))
+        held = []
+        while True:
+            try:
+                held.append(os.open("/dev/null", os.O_RDONLY))
+            except OSError:
+                break
+
+        def release():
+            for fd in held:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            print("released", flush=True)
+
+        threading.Timer(float(os.environ["T_HOLD"]), release).start()
+        print("starved", address.port, flush=True)
+
+    cluster.once("listening", starve)
+    cluster.fork()
+else:
+    from http.server import BaseHTTPRequestHandler
+
+    class Hello(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "6")
+            self.end_headers()
+            self.wfile.write(b"hello\n")
+
+    cluster.ThreadingHTTPServer(("127.0.0.1", 0), Hello).serve_forever()
+"""
+
+
+@pytest.mark.timeout(60)
+def test_rr_primary_at_its_limit_backs_off(py):
+    script = py.spawn(PRIMARY, env={"PREFORK_SCHED_POLICY": "rr", "T_HOLD": "4"})
+    port = int(script.expect(r"^starved (\d+)")[1])
+    waiting = socket.create_connection(("127.0.0.1", port), timeout=10)  # queued: nothing to accept with
+    try:
+        time.sleep(0.3)
+        start_cpu, start = _cpu_seconds(script.pid), time.monotonic()
+        time.sleep(2.0)
+        share = (_cpu_seconds(script.pid) - start_cpu) / (time.monotonic() - start)
+        assert share < 0.3, f"the primary spins at its descriptor limit: {share:.0%} of a core"
+        script.expect(r"^released", timeout=15)
+        waiting.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        assert waiting.recv(100).startswith(b"HTTP/1.")  # the queued one is served after all
+    finally:
+        waiting.close()
+    _serves_again(port)
+
+
+SERVE_LIMIT = 96  # the whole `prefork serve` command's soft limit: a worker uses some 40 when idle
+
+
+def _serve_limit() -> None:
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (SERVE_LIMIT, hard))
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("policy", ["none", "reuseport"])
+def test_serve_worker_at_its_limit_backs_off(prefork_cmd, tmp_path, policy):  # noqa: F811
+    port = free_port()
+    control = str(tmp_path / "ctl.sock")
+    cmd = prefork_cmd("serve", "tests.apps.hello:asgi", "--workers", "1", "--bind", f"127.0.0.1:{port}",
+                      "--policy", policy, "--control", control, preexec_fn=_serve_limit)
+    cmd.wait_ready()
+    (pid,) = cmd.track_workers(control)
+    assert _get(port)
+    clients = _idle_clients(port, SERVE_LIMIT + 20)  # more than it can accept: the rest stay queued
+    try:
+        assert wait_until(lambda: _open_fds(pid) >= SERVE_LIMIT - 2, timeout=15), _open_fds(pid)
+        time.sleep(0.3)
+        start_cpu, start = _cpu_seconds(pid), time.monotonic()
+        time.sleep(2.0)
+        share = (_cpu_seconds(pid) - start_cpu) / (time.monotonic() - start)
+        assert share < 0.3, f"the worker spins at its descriptor limit: {share:.0%} of a core"
+    finally:
+        for client in clients:
+            client.close()
+    _serves_again(port)
+    assert ctl_json(control)["workers"][0]["pid"] == pid

@@ -18,6 +18,8 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from .binding import ACCEPT_RETRY_S, OUT_OF_RESOURCES
+
 __all__ = ["Server", "create_server", "start_server"]
 
 
@@ -161,9 +163,24 @@ class Server:
                 sock = listener.accept_socket(_ConnSocket)
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:  # closed meanwhile, or EMFILE: the next wake-up tries again
+            except OSError as exc:  # closed meanwhile, or out of descriptors
+                if exc.errno in OUT_OF_RESOURCES:
+                    self._back_off(listener)
                 return
             self._adopt(listener, sock)
+
+    def _back_off(self, listener: Any) -> None:
+        """Out of descriptors: what waits stays readable, so stop watching it for a while."""
+        fd = self._fds.get(listener)
+        if fd is None:
+            return
+        self._loop.remove_reader(fd)
+
+        def resume() -> None:
+            if self._serving and self._fds.get(listener) == fd:
+                self._loop.add_reader(fd, self._on_acceptable, listener)
+
+        self._loop.call_later(ACCEPT_RETRY_S, resume)
 
     def _adopt(self, listener: Any, sock: _ConnSocket) -> None:
         _worker_stats()["connections"] += 1

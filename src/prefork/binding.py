@@ -61,3 +61,10 @@ def _bind_unix(sock: socket.socket, path: str) -> None:
     finally:
         probe.close()
     raise OSError(errno.EADDRINUSE, f"{path}: another server is listening on this socket")
+
+
+# An accept that fails for want of descriptors or memory leaves the connection queued, so the
+# listener stays readable: retrying at once spins. Servers stop watching it this long, then resume
+# (as asyncio's and uvicorn's accept loops do, with 1 s).
+ACCEPT_RETRY_S = 0.5
+OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})

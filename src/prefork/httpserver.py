@@ -20,7 +20,10 @@ import socket
 import socketserver
 import ssl
 import threading
+import time
 from typing import Any
+
+from .binding import ACCEPT_RETRY_S, OUT_OF_RESOURCES
 
 __all__ = ["HTTPServer", "ThreadingHTTPServer"]
 
@@ -172,7 +175,13 @@ class _PreforkServerMixin:
         return self.socket.fileno()
 
     def get_request(self) -> tuple[Any, Any]:
-        conn, addr = self.socket.accept()
+        try:
+            conn, addr = self.socket.accept()
+        except OSError as exc:
+            if exc.errno in OUT_OF_RESOURCES and not self._draining:
+                # what waits stays readable: serve_forever() would call again at once and spin
+                time.sleep(ACCEPT_RETRY_S)
+            raise
         return self._prepare(conn), addr
 
     def _prepare(self, conn: Any) -> Any:

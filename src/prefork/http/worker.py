@@ -26,6 +26,8 @@ import traceback
 from email.utils import formatdate
 from typing import Any
 
+from ..binding import ACCEPT_RETRY_S, OUT_OF_RESOURCES
+
 ENV_OPTIONS = "PREFORK_SERVE"
 BOOT_ERROR = 3  # exit code of a worker whose app could not start (as gunicorn's)
 
@@ -239,9 +241,17 @@ class Server:
                 sock, _addr = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:
-                return  # the listener closed under us (drain) or a slot moved to another worker
+            except OSError as exc:  # the listener closed under us (drain), a slot moved away...
+                if exc.errno in OUT_OF_RESOURCES:  # ...or out of descriptors: what waits stays
+                    fd = listener.fileno()  # readable, so stop watching it for a while
+                    self.loop.remove_reader(fd)
+                    self.loop.call_later(ACCEPT_RETRY_S, self._resume_accepting, fd, listener, protocol)
+                return
             self._serve_socket(factory, sock, listener)
+
+    def _resume_accepting(self, fd: int, listener: Any, protocol: Any) -> None:
+        if not self.stopping and listener.fileno() == fd:
+            self.loop.add_reader(fd, self._on_readable, listener, protocol)
 
     def _serve_socket(self, factory: Any, sock: Any, listener: Any) -> None:
         if not self._uvloop:  # libuv makes the socket non-blocking and sets TCP_NODELAY itself

@@ -21,7 +21,7 @@ import sys
 from typing import Any
 
 from .. import handoff
-from ..binding import bind_socket
+from ..binding import ACCEPT_RETRY_S, OUT_OF_RESOURCES, bind_socket
 from .base import Handle, close_fds, wire_name
 
 WINDOW = 64
@@ -51,6 +51,7 @@ class RoundRobinHandle(Handle):
         self.pending: collections.deque[int] = collections.deque()  # waiting for a worker
         self.reading = False
         self.rechecking = False
+        self.resting = False  # out of descriptors: not watching the listener until ACCEPT_RETRY_S
 
     # -- membership ------------------------------------------------------------------------------
 
@@ -237,7 +238,8 @@ class RoundRobinHandle(Handle):
             os.close(fd)
 
     def _resume(self) -> None:
-        if not self.reading and not self.closed and self.order and self.sock.fileno() >= 0:
+        if (not self.reading and not self.resting and not self.closed and self.order
+                and self.sock.fileno() >= 0):
             self.reading = True
             self.loop.add_reader(self.sock.fileno(), self._on_readable)
 
@@ -259,8 +261,13 @@ class RoundRobinHandle(Handle):
                 fd, _addr = accept()
             except (BlockingIOError, InterruptedError):
                 break
-            except OSError:  # ECONNABORTED, EMFILE...: try again on the next wake-up
-                break
+            except OSError as exc:
+                if exc.errno in OUT_OF_RESOURCES:
+                    self._rest()
+                    break
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                    continue  # that one connection failed, not the listener
+                break  # anything else: try again on the next wake-up
             worker = pick()
             if worker is not None and worker.id in eager:  # sent together, after the loop
                 room[worker.id] -= 1
@@ -280,6 +287,18 @@ class RoundRobinHandle(Handle):
         for worker, fds in batches.items():
             handed += self._give_many(worker, fds)
         _close(handed)
+
+    def _rest(self) -> None:
+        """Out of descriptors: the connection stays queued and the socket readable, so watching
+        it would spin. Stop for a while, then look again."""
+        self._pause_accepting()
+        if not self.resting:
+            self.resting = True
+            self.loop.call_later(ACCEPT_RETRY_S, self._wake_up)
+
+    def _wake_up(self) -> None:
+        self.resting = False
+        self._resume()
 
     def _unblock(self) -> None:
         for wid in self.blocked:
