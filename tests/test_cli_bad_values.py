@@ -142,3 +142,9 @@ def test_python310_without_tomli_and_without_config_file(tmp_path):
 def test_python310_without_tomli_with_a_config_file(tmp_path):
     (tmp_path / "pyproject.toml").write_text("[tool.prefork]\nworkers = 2\n")
     _check(_py310(tmp_path, "run", "x.py"), "reading TOML needs Python 3.11+ or `pip install tomli`")
+
+
+@pytest.mark.parametrize("n", ["1025", "+5000", "99999999999999999999", "٣"])
+def test_ctl_scale_past_the_cap(n):
+    _check(run_prefork(["ctl", "--control", "/nonexistent/c.sock", "scale", n]),
+           "scale: expected a number of workers (1 to 1024)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import sys
 import tempfile
 from pathlib import Path
 
@@ -137,21 +138,28 @@ class _Result:
         self.returncode, self.stdout, self.stderr = returncode, "", stderr
 
 
-def _main_as_nobody(argv: list[str]) -> _Result:
-    """`prefork.cli.main(argv)` in a forked child that dropped to uid nobody (this interpreter lives
-    under /root, which nobody may not exec, so the child runs the CLI's code in-process)."""
+def _run_as_nobody(fn) -> _Result:
+    """`fn()` (an exit code) in a forked child that dropped to uid nobody, its stderr collected.
+
+    The child runs code this interpreter has already imported: nobody may not exec it (it lives under
+    /root) nor read the checkout when it was cloned into a folder only its owner may enter (mktemp -d).
+    For the same reason the child works in a world-readable temporary folder, not in the checkout."""
     import encodings.idna  # noqa: F401 - imported before the fork: nobody cannot read the stdlib here
     import ssl  # noqa: F401
+    import traceback
 
-    import tomllib  # noqa: F401
     import uvicorn  # noqa: F401
 
     import prefork.cli
     import prefork.cli.args
     import prefork.cli.config
+    import prefork.cli.ctl
     import prefork.cli.run
     import prefork.cli.serve  # noqa: F401
+    import prefork.control  # noqa: F401
 
+    prefork.cli.config._toml_reader("")  # tomllib, or tomli on Python 3.10
+    workdir = _open_dir()
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -159,12 +167,13 @@ def _main_as_nobody(argv: list[str]) -> _Result:
         try:
             os.close(r)
             os.dup2(w, 2)
-            import sys
-
             sys.stderr = os.fdopen(2, "w")
-            os.chdir(str(Path(__file__).resolve().parent.parent))
+            os.chdir(workdir)
             _as_nobody()
-            code = prefork.cli.main(argv)
+            code = fn()
+            sys.stderr.flush()
+        except BaseException:
+            traceback.print_exc()  # say why, rather than a bare exit 99
             sys.stderr.flush()
         finally:
             os._exit(code)
@@ -172,7 +181,15 @@ def _main_as_nobody(argv: list[str]) -> _Result:
     with os.fdopen(r) as f:
         err = f.read()
     _, status = os.waitpid(pid, 0)
+    os.rmdir(workdir)
     return _Result(os.waitstatus_to_exitcode(status), err)
+
+
+def _main_as_nobody(argv: list[str]) -> _Result:
+    """`prefork.cli.main(argv)` run as uid nobody (see _run_as_nobody)."""
+    import prefork.cli
+
+    return _run_as_nobody(lambda: prefork.cli.main(argv))
 
 
 @ROOT_ONLY
@@ -241,6 +258,7 @@ def test_ctl_without_primary(tmp_path):
 
 def test_control_socket_is_private_and_refuses_other_uids(prefork_cmd):  # noqa: F811
     folder = _open_dir()
+    os.chmod(folder, 0o1777)  # as /tmp: everyone may enter and create, only the owner may replace
     control = os.path.join(folder, "c.sock")
     cmd = prefork_cmd(
         "serve",
@@ -258,12 +276,23 @@ def test_control_socket_is_private_and_refuses_other_uids(prefork_cmd):  # noqa:
     if os.geteuid() != 0:
         pytest.skip("needs root to run the client as another uid")
 
-    def as_nobody(*args: str) -> _Result:
-        return _main_as_nobody(["ctl", "--control", control, *args])
-
-    _check(as_nobody("status"), 1, "permission denied connecting to control socket")
+    # the client refuses, before connecting, a socket that another user owns
+    _check(_main_as_nobody(["ctl", "--control", control, "status"]), 1,
+           f"control socket {control} belongs to uid 0")
     os.chmod(control, 0o666)  # even with the file opened up, the primary checks the peer's uid
-    _check(as_nobody("stop"), 1, f"permission denied: uid {NOBODY} may not control this primary")
+
+    def raw_stop() -> int:
+        import json
+
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(control)
+            s.sendall(b'{"cmd": "stop"}\n')
+            reply = json.loads(s.makefile("rb").readline())
+        print(f"prefork: error: {reply['error']}", file=sys.stderr)
+        return 1
+
+    _check(_run_as_nobody(raw_stop), 1, f"permission denied: uid {NOBODY} may not control this primary")
     assert cmd.proc.poll() is None  # the refused stop did nothing
     assert run_prefork(["ctl", "--control", control, "stop"]).returncode == 0
     assert cmd.finish() == 0

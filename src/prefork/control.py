@@ -1,9 +1,11 @@
 """The control socket: how `prefork ctl` talks to a running primary.
 
 A unix stream socket, mode 0600, in a per-user folder (mode 0700) by default. Each connection
-carries one JSON request line and gets one JSON reply line. The primary checks the peer's uid
-with SO_PEERCRED and refuses any other user, even if the file's mode was loosened. Standard
-library only: the primary of `prefork run` needs no extra.
+carries one JSON request line and gets one JSON reply line, whatever it sent. Both ends check the
+other: the primary refuses a peer of another uid (SO_PEERCRED), even if the file's mode was
+loosened; the client refuses, before it sends anything, a folder another user could write to or
+owns, a socket file another user owns, and a server process of another uid. Standard library only:
+the primary of `prefork run` needs no extra.
 """
 
 from __future__ import annotations
@@ -15,11 +17,16 @@ import socket
 import stat
 import struct
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 DEFAULT_NAME = "prefork.sock"
-_MAX_REQUEST = 64 * 1024
+MAX_REQUEST = 64 * 1024
+MAX_REPLY = 16 * 1024 * 1024  # a status of 1024 workers is well under 1 MiB
+MAX_CONNECTIONS = 32  # concurrent control connections; more are refused with an error reply
+READ_TIMEOUT = 10.0  # a client gets this long, in all, to send its request line
+_MAX_DRAIN = 4 * 1024 * 1024  # after an oversized request, read at most this much more before closing
 
 
 class ControlError(Exception):
@@ -27,10 +34,16 @@ class ControlError(Exception):
 
 
 def default_dir() -> str:
-    """$XDG_RUNTIME_DIR/prefork, else /tmp/prefork-UID (created 0700 by the primary)."""
+    """$XDG_RUNTIME_DIR/prefork when that folder is ours, else /tmp/prefork-UID (made 0700 by the primary)."""
     runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime and os.path.isdir(runtime):
-        return os.path.join(runtime, "prefork")
+    if runtime:
+        try:
+            st = os.stat(runtime)
+        except OSError:
+            st = None
+        # after `su` or `sudo` the variable may still name the first user's folder
+        if st is not None and stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
+            return os.path.join(runtime, "prefork")
     return os.path.join("/tmp", f"prefork-{os.getuid()}")
 
 
@@ -38,12 +51,27 @@ def default_path() -> str:
     return os.path.join(default_dir(), DEFAULT_NAME)
 
 
+def _owner_problem(path: str, st: os.stat_result, what: str) -> str:
+    return (f"{what} {path} belongs to uid {st.st_uid}, not to you (uid {os.getuid()}): another user "
+            "made it")
+
+
 def _private_dir(path: str) -> None:
-    """Make the per-user folder, and refuse one that another user owns or others can write."""
-    os.makedirs(path, mode=0o700, exist_ok=True)
+    """Make the per-user folder, and refuse one that another user owns (chmod 0700 one of ours)."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise ControlError(f"cannot make the control folder {path}: {exc.strerror}; pass --control PATH") \
+            from None
     st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
-        raise ControlError(f"control folder {path} is not a folder owned by you; pass --control PATH")
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise ControlError(f"control folder {path} is not a folder (a symlink or a file is in the way); "
+                           "remove it or pass --control PATH")
+    if st.st_uid != os.getuid():
+        raise ControlError(_owner_problem(path, st, "control folder") + "; remove it (as that user or "
+                           "root) or pass --control PATH")
     if st.st_mode & 0o077:
         os.chmod(path, 0o700)
 
@@ -64,6 +92,7 @@ class ControlServer:
         self.sock: socket.socket | None = None
         self._inode: int | None = None
         self._closed = False
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
 
     def start(self) -> None:
         """Bind (0600 from the start: no window where others could connect) and serve."""
@@ -83,7 +112,7 @@ class ControlServer:
         finally:
             os.umask(old)
         os.chmod(self.path, 0o600)
-        sock.listen(16)
+        sock.listen(64)
         self.sock = sock
         self._inode = os.stat(self.path).st_ino
         threading.Thread(target=self._serve, name="prefork-control", daemon=True).start()
@@ -109,34 +138,84 @@ class ControlServer:
                            "pass --control PATH to run a second one")
 
     def _serve(self) -> None:
-        sock = self.sock
-        assert sock is not None
         while not self._closed:
+            sock = self.sock
+            if sock is None:
+                return
             try:
                 conn, _ = sock.accept()
-            except OSError:
-                return
+            except OSError as exc:
+                if self._closed or exc.errno in (errno.EBADF, errno.EINVAL):  # closed under us
+                    return
+                time.sleep(0.1)  # EMFILE and the like: wait for descriptors rather than spin
+                continue
+            try:
+                self._dispatch(conn)
+            except Exception:  # nothing may end this thread: close the one connection and go on
+                conn.close()
+
+    def _dispatch(self, conn: socket.socket) -> None:
+        if not self._slots.acquire(blocking=False):
+            _refuse_busy(conn)
+            return
+        try:
             threading.Thread(target=self._one, args=(conn,), name="prefork-control-conn",
                              daemon=True).start()
+        except BaseException:
+            self._slots.release()
+            raise
 
     def _one(self, conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(10.0)
-            try:
-                uid = peer_uid(conn)
-                request = _recv(conn)  # read first even when refusing: closing on unread data would
-                # reset the connection, and the client would see a broken pipe instead of the reason
-                if uid != os.getuid():
-                    _send(conn, {"ok": False, "error": f"permission denied: uid {uid} may not control "
-                                                      f"this primary (owner uid {os.getuid()})"})
-                    return
-                try:
-                    reply = self.handler(request)
-                except Exception as exc:  # a bad request must not take the primary down
-                    reply = {"ok": False, "error": str(exc) or type(exc).__name__}
-                _send(conn, reply)
-            except (OSError, ValueError):
-                return
+        try:
+            with conn:
+                self._answer(conn)
+        except Exception:
+            pass  # the client went away, or sent nothing in time: nothing to answer
+        finally:
+            self._slots.release()
+
+    def _answer(self, conn: socket.socket) -> None:
+        deadline = time.monotonic() + READ_TIMEOUT
+        uid = peer_uid(conn)
+        # read first even when refusing: closing on unread data would reset the connection, and the
+        # client would see a broken pipe instead of the reason
+        try:
+            data, ended = _read_line(conn, deadline)
+        except TimeoutError:
+            _send(conn, _error(f"no request line within {READ_TIMEOUT:g} s"))
+            return
+        if uid != os.getuid():
+            reply: dict[str, Any] = _error(f"permission denied: uid {uid} may not control this primary "
+                                           f"(owner uid {os.getuid()})")
+        elif len(data) > MAX_REQUEST:
+            _send(conn, _error(f"request too large (over {MAX_REQUEST // 1024} KiB)"))
+            if not ended:
+                _drain(conn, deadline)
+            return
+        else:
+            reply = self._reply(data)
+        _send(conn, reply)
+
+    def _reply(self, data: bytes) -> dict[str, Any]:
+        if not data.strip():
+            return _error("empty request: expected one JSON object such as {\"cmd\": \"status\"}")
+        try:
+            request = json.loads(data)
+        except RecursionError:
+            return _error("bad request: JSON nested too deeply")
+        except ValueError as exc:  # also UnicodeDecodeError
+            return _error(f"bad request: not JSON ({exc})")
+        if not isinstance(request, dict):
+            return _error(f"bad request: expected a JSON object, not {type(request).__name__}")
+        try:
+            reply = self.handler(request)
+        except Exception as exc:  # a bad request must not take the primary down
+            return _error(str(exc) or type(exc).__name__)
+        if not isinstance(reply, dict):
+            return _error("the primary gave no answer")
+        if isinstance(reply.get("error"), str):
+            reply = {**reply, "error": _error(reply["error"])["error"]}  # it may quote the request
+        return reply
 
     def close(self) -> None:
         """Stop serving and remove the socket file, unless another primary has replaced it."""
@@ -151,64 +230,165 @@ class ControlServer:
             pass
 
 
+def _error(message: str) -> dict[str, Any]:
+    if len(message) > 500:  # messages may quote the request: keep the reply small
+        message = message[:500] + "..."
+    return {"ok": False, "error": message}
+
+
+def _encode(message: dict[str, Any]) -> bytes:
+    try:
+        data = json.dumps(message).encode()
+    except (TypeError, ValueError, RecursionError) as exc:
+        data = json.dumps(_error(f"the primary could not encode its answer: {exc}")).encode()
+    if len(data) > MAX_REPLY:
+        data = json.dumps(_error(f"the answer is too large ({len(data)} bytes)")).encode()
+    return data + b"\n"
+
+
 def _send(conn: socket.socket, message: dict[str, Any]) -> None:
-    conn.sendall(json.dumps(message).encode() + b"\n")
+    conn.sendall(_encode(message))
 
 
-def _recv(conn: socket.socket) -> dict[str, Any]:
+def _refuse_busy(conn: socket.socket) -> None:
+    """Too many control connections at once: an error line, written without blocking the accept loop."""
+    with conn:
+        conn.setblocking(False)
+        try:
+            conn.send(_encode(_error(f"too many control connections (more than {MAX_CONNECTIONS} at "
+                                     "once); try again")))
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+
+def _read_line(conn: socket.socket, deadline: float) -> tuple[bytes, bool]:
+    """The request line (without its newline), read until a newline or EOF but stopping once it is over
+    MAX_REQUEST; also whether the client's input ended (False: more may follow)."""
     data = b""
-    while not data.endswith(b"\n"):
+    while b"\n" not in data and len(data) <= MAX_REQUEST:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        conn.settimeout(left)
         chunk = conn.recv(65536)
         if not chunk:
-            break
+            return data, True
         data += chunk
-        if len(data) > _MAX_REQUEST:
-            raise ValueError("request too large")
-    message = json.loads(data or b"{}")
-    if not isinstance(message, dict):
-        raise ValueError("request must be a JSON object")
-    return message
+    line, newline, _ = data.partition(b"\n")
+    return line, bool(newline)
+
+
+def _drain(conn: socket.socket, deadline: float) -> None:
+    """Read (and drop) the rest of an oversized request, so the client's send does not fail."""
+    seen = 0
+    try:
+        conn.shutdown(socket.SHUT_WR)
+        while seen < _MAX_DRAIN:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            conn.settimeout(left)
+            chunk = conn.recv(65536)
+            if not chunk or b"\n" in chunk:
+                return
+            seen += len(chunk)
+    except OSError:
+        pass
+
+
+# -- the client --------------------------------------------------------------------------------------
+
+
+def _check_folder(folder: str, default: bool) -> None:
+    """Refuse a folder where another user could have put the socket, before connecting to it."""
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return  # connect() says what is missing
+    mode = stat.S_IMODE(st.st_mode)
+    if default:
+        if st.st_uid != os.getuid():
+            raise ControlError(_owner_problem(folder, st, "control folder") + "; not talking to what "
+                               "listens there (remove the folder, or pass --control PATH)")
+        if mode & 0o022:
+            raise ControlError(f"control folder {folder} is writable by other users (mode {mode:04o}, "
+                               "0700 expected); not talking to what listens there")
+    elif mode & 0o002 and not mode & stat.S_ISVTX:
+        raise ControlError(f"control folder {folder} is writable by every user (mode {mode:04o}) and "
+                           "not sticky: anyone could have replaced the socket; not talking to it")
+
+
+def _check_socket_file(path: str) -> None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return  # connect() says what is missing
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ControlError(f"{path} is not a prefork control socket (not a socket)")
+    if st.st_uid != os.getuid():
+        raise ControlError(_owner_problem(path, st, "control socket") + "; not talking to it")
+
+
+def _connect(path: str, sock: socket.socket) -> None:
+    try:
+        sock.connect(path)
+    except FileNotFoundError:
+        raise ControlError(f"no primary: control socket {path} does not exist "
+                           "(is prefork serve/run running? pass --control PATH)") from None
+    except ConnectionRefusedError:
+        raise ControlError(f"no primary is listening on control socket {path} (it has stopped)") from None
+    except PermissionError:
+        raise ControlError(f"permission denied connecting to control socket {path} "
+                           "(it belongs to another user)") from None
+    except TimeoutError:
+        raise ControlError(f"control socket {path}: the primary did not accept the connection in time") \
+            from None
+    except OSError as exc:
+        raise ControlError(f"control socket {path}: {exc.strerror or exc}") from None
+    uid = peer_uid(sock)
+    if uid != os.getuid():
+        raise ControlError(f"the process behind control socket {path} runs as uid {uid}, not as you "
+                           f"(uid {os.getuid()}); not talking to it")
 
 
 def request(path: str | None, message: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
-    """Send one request to the primary behind `path` and return its reply; ControlError if none."""
-    path = path or default_path()
+    """Send one request to the primary behind `path` and return its reply; ControlError if none.
+
+    Nothing is sent before the folder, the socket file and the server's uid have been checked."""
+    default = not path or os.path.abspath(path) == default_path()
+    path = os.path.abspath(path) if path else default_path()
+    _check_folder(os.path.dirname(path), default)
+    _check_socket_file(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
+    data = b""
     try:
+        _connect(path, sock)
         try:
-            sock.connect(path)
-        except FileNotFoundError:
-            raise ControlError(f"no primary: control socket {path} does not exist "
-                               "(is prefork serve/run running? pass --control PATH)") from None
-        except ConnectionRefusedError:
-            raise ControlError(f"no primary is listening on control socket {path} (it has stopped)") from None
-        except PermissionError:
-            raise ControlError(f"permission denied connecting to control socket {path} "
-                               "(it belongs to another user)") from None
-        except OSError as exc:
-            if exc.errno == errno.ENOTSOCK or exc.errno == errno.ECONNREFUSED:
-                raise ControlError(f"{path} is not a prefork control socket") from None
-            raise ControlError(f"control socket {path}: {exc.strerror or exc}") from None
+            sock.sendall(_encode(message))
+        except OSError:
+            pass  # refused early (busy, too large): the reason may be waiting to be read
         try:
-            _send(sock, message)
-            data = b""
             while not data.endswith(b"\n"):
                 chunk = sock.recv(65536)
                 if not chunk:
                     break
                 data += chunk
+                if len(data) > MAX_REPLY + 1:
+                    raise ControlError(f"{path}: the reply is too large; not a prefork control socket?")
         except TimeoutError:
             raise ControlError(f"the primary behind {path} did not answer within {timeout:g} s") from None
         except OSError as exc:
-            raise ControlError(f"control socket {path}: {exc.strerror or exc}") from None
+            if not data:
+                raise ControlError(f"control socket {path}: {exc.strerror or exc}") from None
     finally:
         sock.close()
     if not data:
         raise ControlError(f"the primary behind {path} closed the connection without answering")
     try:
         reply = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ControlError(f"{path}: not a prefork control socket (bad reply)") from None
     if not isinstance(reply, dict):
         raise ControlError(f"{path}: not a prefork control socket (bad reply)")

@@ -9,7 +9,7 @@ from typing import Any
 
 from prefork.control import ControlError, request
 
-from .config import UsageError
+from .config import MAX_WORKERS, UsageError
 from .output import status_table
 
 
@@ -20,8 +20,11 @@ def ctl(ns: Any) -> int:
         return _status(path, timeout, ns)
     if action == "scale":
         n = ns.n.strip()
-        if not (n.isdigit() or (n[:1] in "+-" and n[1:].isdigit())) or (n.isdigit() and int(n) < 1):
-            raise UsageError(f"scale: expected a number of workers (1 or more) or +K/-K, not {ns.n!r}")
+        digits = n[1:] if n[:1] in "+-" else n
+        ok = digits.isascii() and digits.isdigit() and int(digits) <= MAX_WORKERS
+        if not ok or (digits == n and int(n) < 1):
+            raise UsageError(f"scale: expected a number of workers (1 to {MAX_WORKERS}) or +K/-K, "
+                             f"not {ns.n!r}")
         message: dict[str, Any] = {"cmd": "scale", "n": int(n) if n.isdigit() else n}
     else:
         message = {"cmd": action}
