@@ -146,3 +146,31 @@ def test_reload_that_cannot_start_a_worker_keeps_the_old_ones(prefork_cmd, tmp_p
     for _ in range(10):
         assert httpx.get(f"http://127.0.0.1:{port}/", timeout=5).text == "hello world\n"
     assert cmd.output.count("reload failed") == 1, cmd.output
+
+
+def test_a_primary_whose_loop_dies_exits_at_once_with_its_workers(py):
+    """Whatever ends the loop thread, the primary must not live on deaf: it kills its workers
+    and exits non-zero (an outside supervisor then restarts it)."""
+    script = py.spawn("""
+        import threading, time
+        import prefork as cluster
+        if cluster.is_primary:
+            worker = cluster.fork()
+            print("worker", worker.process.pid, flush=True)
+            try:
+                from prefork import _role
+                primary = _role.primary
+            except ImportError:  # the layout before _role.py
+                primary = cluster._primary
+            time.sleep(0.5)
+            primary.post(primary.loop.selector.close)  # its next select() raises
+            threading.Event().wait()
+        else:
+            cluster.listen(("127.0.0.1", 0))
+            threading.Event().wait()
+    """)
+    pid = int(script.expect(r"worker (\d+)")[1])
+    script.track(pid)
+    result = script.finish(timeout=10)
+    assert result.returncode == 70, result
+    assert wait_until(lambda: not pid_alive(pid), 5)

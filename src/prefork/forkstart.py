@@ -3,8 +3,16 @@
 A fresh interpreter costs tens of milliseconds before the app is even imported; a fork costs about
 one (FACTS.md). The forked child drops everything the primary's runtime opened (its loop, the other
 workers' channels, listening sockets, the control socket), turns itself into a worker and runs the
-`target` function, then ends as a worker script would. Forking happens on the primary's loop thread,
-whose other thread (the main one) is idle in the primary's wait, so no lock is left held.
+`target` function, then ends as a worker script would.
+
+Forking from a process with threads is safe only when no other thread holds a lock the child will
+need (stdio buffers, logging, the import lock is reset by CPython itself). The fork happens on the
+primary's loop thread, so no loop callback is half-way through a write. prefork's own other threads
+touch no such lock: the main thread of `prefork serve`/`run` only waits for the pool to stop
+(Supervisor.wait), the ready announcement and every log line of the supervisor run on the loop
+itself (cli/supervised.py), and the control socket's threads (control.py) only read and write their
+own sockets and hand requests to the loop. A library user's own threads are theirs to mind, as with
+`os.fork`. Python 3.12+ warns about any fork with threads; the warning is not silenced here.
 """
 
 from __future__ import annotations
@@ -12,7 +20,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import warnings
 from collections.abc import Callable
 
 from . import _proc
@@ -67,9 +74,7 @@ class ForkedProcess:
 def fork_worker(env: dict[str, str], channel_fd: int, own_group: bool, target: Callable[[], Any],
                 keep_fds: set[int]) -> ForkedProcess:
     """Fork; the child becomes a worker and never returns from here."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # 3.12 warns about forking with threads
-        pid = os.fork()
+    pid = os.fork()
     if pid:
         return ForkedProcess(pid)
     code = 1

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -89,8 +87,7 @@ def run_supervised(opts: dict[str, Any], *, title: str, rows: list[tuple[str, st
                        ("workers", str(workers)), ("control", f"{control.path}  (prefork ctl --control "
                                                               f"{control.path} status)")], title)
         supervisor.start()
-        threading.Thread(target=_announce_ready, args=(supervisor, workers, addresses, boot),
-                         daemon=True).start()
+        supervisor.primary.loop.call_soon(_announce_ready, supervisor, workers, addresses, boot)
         code = supervisor.wait()
     finally:
         control.close()
@@ -102,18 +99,16 @@ def run_supervised(opts: dict[str, Any], *, title: str, rows: list[tuple[str, st
 
 
 def _announce_ready(supervisor: Any, workers: int, addresses: list[str] | None, boot: BootWatch) -> None:
-    """One line once every first worker is ready: what a person (and a script) waits for."""
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and boot.message is None:
-        try:
-            status = supervisor.status()
-        except Exception:
-            return
-        if status.get("stopping"):
-            return
-        ready = [w for w in status["workers"] if w["state"] == "ready"]
-        if len(ready) >= workers:
-            where = ", ".join(addresses or status.get("addresses") or [])
-            output.log(f"ready: {len(ready)} worker(s)" + (f" serving on {where}" if where else ""))
-            return
-        time.sleep(0.05)
+    """One line once every first worker is ready: what a person (and a script) waits for. On the
+    primary's loop, looking again every 50 ms (no thread of its own: see prefork/forkstart.py)."""
+    if boot.message is not None:
+        return
+    status = supervisor.status()
+    if status.get("stopping"):
+        return
+    ready = [w for w in status["workers"] if w["state"] == "ready"]
+    if len(ready) < workers:
+        supervisor.primary.loop.call_later(0.05, _announce_ready, supervisor, workers, addresses, boot)
+        return
+    where = ", ".join(addresses or status.get("addresses") or [])
+    output.log(f"ready: {len(ready)} worker(s)" + (f" serving on {where}" if where else ""))
