@@ -46,9 +46,9 @@ class Health:
             return
         requests = worker.stats.get("requests", 0)
         if member.max_requests and requests >= member.max_requests:
-            sup.recycle(member, f"served {requests} requests (max {member.max_requests})")
+            sup.rolling.recycle(member, f"served {requests} requests (max {member.max_requests})")
         elif sup.max_memory and member.rss > sup.max_memory:
-            sup.recycle(member, f"uses {member.rss >> 20} MiB (max {sup.max_memory >> 20} MiB)")
+            sup.rolling.recycle(member, f"uses {member.rss >> 20} MiB (max {sup.max_memory >> 20} MiB)")
 
     def _kill_hung(self, member: Any) -> None:
         if not member.worker.is_dead():

@@ -7,12 +7,12 @@ public methods post work to that thread, so they may be called from any thread.
 The pool is a list of slots. Each slot has at most one worker of its own (`current`) and at most
 one replacement booting beside it (`incoming`, during a reload or a recycling); every change of
 either happens in one of the methods below, on the loop thread:
-- empty -> booting: `_fill` forks a worker (at start, and after a death, possibly after a backoff);
+- empty -> booting: `fill` forks a worker (at start, and after a death, possibly after a backoff);
 - booting -> ready: the worker listens (or is online, or says "ready");
-- ready -> replacing: `_replace` forks the incoming worker; once it is ready it becomes current
+- ready -> replacing: `Rolling.replace` (rolling.py) forks the incoming worker; once it is ready it becomes current
   and the old one drains; if it fails, the old one keeps serving;
 - a current worker that dies while its replacement boots hands the slot to the replacement (no
-  third worker); one that dies otherwise leaves the slot empty until `_fill`;
+  third worker); one that dies otherwise leaves the slot empty until `fill`;
 - a slot removed by scaling down gets nothing started again.
 "restarts" is counted per slot, as a person reading `status` expects.
 """
@@ -30,6 +30,7 @@ from typing import Any
 
 from . import _role, _stdio
 from .health import Health
+from .rolling import Rolling
 
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 10.0
 MIN_UPTIME = 1.0  # a worker that dies sooner after it was ready counts as a crash loop
@@ -44,7 +45,7 @@ class Slot:
     failures: int = 0  # early deaths (or failed starts) in a row
     current: Member | None = None
     incoming: Member | None = None
-    timer: Any = None  # a pending `_fill`
+    timer: Any = None  # a pending `fill`
     removed: bool = False
 
     @property
@@ -104,10 +105,8 @@ class Supervisor:
         self.exit_code = 0
         self.ever_ready = False
         self.last_error: str | None = None
-        self.reload_status: dict[str, Any] = {"state": "none"}
+        self.rolling = Rolling(self)
         self._done = threading.Event()
-        self._reloading = False
-        self._reload_again = False
         self._sigints = 0
 
     # -- public: any thread ----------------------------------------------------------------------
@@ -124,7 +123,7 @@ class Supervisor:
         loop.run_sync(self._start)
 
     def reload(self) -> None:
-        self._post(self._reload)
+        self._post(self.rolling.reload)
 
     def scale(self, n: int) -> None:
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
@@ -149,7 +148,7 @@ class Supervisor:
     # -- signals: run on the loop (signals.py) ---------------------------------------------------
 
     def handle_hup(self) -> None:
-        self._reload()
+        self.rolling.reload()
 
     def handle_term(self) -> None:
         self._stop(True)
@@ -178,21 +177,21 @@ class Supervisor:
     def _start(self) -> None:
         self.slots = [Slot(i) for i in range(self.count)]
         for slot in self.slots:
-            self._fill(slot)
+            self.fill(slot)
         self.primary.loop.call_later(self.beat_every, self.health.beat)
 
-    def _fill(self, slot: Slot) -> None:
+    def fill(self, slot: Slot) -> None:
         """Start the slot's own worker, if it still has none (a timer may come late)."""
         slot.timer = None
         if self.stopping or slot.removed or slot.current is not None or slot.incoming is not None:
             return
-        member, error = self._fork(slot)
+        member, error = self.fork_for(slot)
         if member is None:
             self._boot_failed(slot, error)
             return
         slot.current = member
 
-    def _fork(self, slot: Slot) -> tuple[Member | None, str]:
+    def fork_for(self, slot: Slot) -> tuple[Member | None, str]:
         """A new worker for `slot`, or why it could not be started (this start fails alone)."""
         try:
             worker = self.primary.fork({"PREFORK_SUPERVISED": "1"}, own_group=True)
@@ -245,7 +244,7 @@ class Supervisor:
             why = f"not ready after {self.ready_timeout:g} s"
             self.log(f"worker {member.worker.id} (pid {member.worker.process.pid}) is {why}: stopping it")
             self._settle(member, False, why)
-            self._retire(member, why, graceful=False)
+            self.retire(member, why, graceful=False)
 
     # -- exits and respawn -----------------------------------------------------------------------
 
@@ -299,7 +298,7 @@ class Supervisor:
         delay = 0.0 if slot.failures <= 1 else min(BACKOFF_MAX, BACKOFF_MIN * 2 ** (slot.failures - 2))
         self.log(f"{why}; starting a new one{f' in {delay:g} s' if delay else ''}")
         if slot.timer is None:
-            slot.timer = self.primary.loop.call_later(delay, self._fill, slot)
+            slot.timer = self.primary.loop.call_later(delay, self.fill, slot)
 
     def _give_up(self, why: str) -> None:
         if self.stopping:
@@ -310,7 +309,7 @@ class Supervisor:
 
     # -- draining one worker ---------------------------------------------------------------------
 
-    def _retire(self, member: Member, why: str, graceful: bool = True) -> None:
+    def retire(self, member: Member, why: str, graceful: bool = True) -> None:
         """Drain a worker (graceful) or kill it; kill it anyway after graceful_timeout."""
         if member.state == "draining":
             return
@@ -331,106 +330,6 @@ class Supervisor:
             member.why_leaving += ", killed after the graceful timeout"
             member.worker.kill("SIGKILL")
 
-    # -- replacing: reload, recycling ------------------------------------------------------------
-
-    def _replace(self, slot: Slot, why: str, done: Callable[[bool, str], None]) -> None:
-        """Give `slot` a new worker; once it is ready, drain the old one. If it fails, the old one
-        keeps serving and only this replacement fails."""
-        if self.stopping or slot.removed:
-            done(False, "stopping")
-            return
-        if slot.incoming is not None:  # one replacement at a time: this one follows it
-            slot.incoming.waiters.append(lambda ok, r: self._replace(slot, why, done))
-            return
-        current = slot.current
-        if current is None:  # empty: start it now, with the new code
-            if slot.timer is not None:
-                slot.timer.cancel()
-            self._fill(slot)
-            if slot.current is None:
-                done(False, self.last_error or "could not start a worker")
-            else:
-                slot.current.waiters.append(done)
-            return
-        if current.state == "starting":  # it may run the old code: replace it once it is ready
-            current.waiters.append(lambda ok, r: self._replace(slot, why, done) if ok else done(False, r))
-            return
-        new, error = self._fork(slot)
-        if new is None:
-            done(False, error)
-            return
-        slot.incoming = new
-
-        def settled(ok: bool, reason: str) -> None:
-            if slot.incoming is new:
-                if not ok:
-                    slot.incoming = None
-                    if new.worker.id in self.members:
-                        self._retire(new, "failed to become ready", graceful=False)
-                    done(False, reason)
-                    return
-                old, slot.current, slot.incoming = slot.current, new, None
-                if old is not None and old.worker.id in self.members:
-                    self._retire(old, why)
-            done(ok, reason)  # else the old one died meanwhile and `new` took the slot already
-
-        new.waiters.append(settled)
-
-    def recycle(self, member: Member, why: str) -> None:
-        """max_requests, max_memory (health.py): replace a ready worker gracefully, once."""
-        slot = member.slot
-        if slot.current is not member or slot.incoming is not None or self._reloading:
-            return
-        self.log(f"worker {member.worker.id} (pid {member.worker.process.pid}) {why}: replacing it")
-        self._replace(slot, why, lambda ok, reason: None if ok else self.log(
-            f"could not replace worker {member.worker.id}: {reason}"))
-
-    def _reload(self) -> None:
-        if self.stopping:
-            return
-        if self._reloading:
-            self._reload_again = True
-            return
-        self._reloading = True
-        self.reload_status = {"state": "running", "started": time.time()}
-        self.log(f"reloading {len(self.slots)} worker(s), {self.reload_batch} at a time")
-        self._reload_step(list(self.slots))
-
-    def _reload_step(self, todo: list[Slot]) -> None:
-        todo = [slot for slot in todo if not slot.removed]
-        if not todo or self.stopping:
-            self._reload_finished(True, "")
-            return
-        batch, rest = todo[: self.reload_batch], todo[self.reload_batch:]
-        remaining = [len(batch)]
-        failures: list[str] = []
-
-        def one_done(ok: bool, why: str) -> None:
-            if not ok:
-                failures.append(why)
-            remaining[0] -= 1
-            if remaining[0] == 0:
-                if failures:
-                    self._reload_finished(False, failures[0])
-                else:
-                    self._reload_step(rest)
-
-        for slot in batch:
-            self._replace(slot, "reload", one_done)
-
-    def _reload_finished(self, ok: bool, why: str) -> None:
-        self._reloading = False
-        self.reload_status.update(state="done" if ok else "failed", finished=time.time())
-        if ok:
-            self.log("reload done")
-        else:
-            self.reload_status["error"] = why
-            self.last_error = f"reload failed: {why}"
-            self.log(f"reload failed, the old workers keep serving: {why}")
-        if self._reload_again:
-            self._reload_again = False
-            self._reload()
-
     # -- scaling and stopping --------------------------------------------------------------------
 
     def _scale(self, n: int) -> None:
@@ -440,7 +339,7 @@ class Supervisor:
         for index in range(len(self.slots), n):
             slot = Slot(index)
             self.slots.append(slot)
-            self._fill(slot)
+            self.fill(slot)
         while len(self.slots) > n:
             slot = self.slots.pop()
             slot.removed = True
@@ -448,7 +347,7 @@ class Supervisor:
                 slot.timer.cancel()
             for member in (slot.incoming, slot.current):
                 if member is not None:
-                    self._retire(member, "scaled down")
+                    self.retire(member, "scaled down")
         self.count = n
 
     def _stop(self, graceful: bool) -> None:
@@ -462,7 +361,7 @@ class Supervisor:
                 slot.timer.cancel()
         for member in list(self.members.values()):
             if graceful:
-                self._retire(member, "stopping")
+                self.retire(member, "stopping")
             else:
                 member.state = "draining"
                 member.why_leaving = member.why_leaving or "stopped at once"
@@ -480,7 +379,7 @@ class Supervisor:
 
         return {"pid": os.getpid(), "version": prefork.__version__, "policy": prefork.scheduling_policy,
                 "workers": self.health.rows(), "target": len(self.slots), "stopping": self.stopping,
-                "slots": [slot.state for slot in self.slots], "reload": dict(self.reload_status),
+                "slots": [slot.state for slot in self.slots], "reload": dict(self.rolling.status),
                 "last_error": self.last_error, "addresses": self._addresses()}
 
     def _addresses(self) -> list[str]:
