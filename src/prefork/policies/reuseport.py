@@ -5,6 +5,11 @@ net.ipv4.tcp_migrate_req=1). So the primary owns every slot and gives each worke
 when a worker stops, its copy closes but the slot stays open in the primary, and the slot (with
 its queue intact) is passed at once to a live worker, or to the next worker that listens. A slot
 is closed only when no worker listens on the address any more, i.e. when the server shuts down.
+
+The kernel keeps hashing new connections to every slot of the group, owned or not: a slot nobody
+accepts from holds its share of them until their clients give up. So no slot may stay without an
+owner while a worker listens: one that listens takes every slot left orphaned (after a scale-down
+and a crash the slots outnumber the workers), in its listen() reply.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ class ReusePortHandle(Handle):
         super().__init__(servers, hid, family, addr, backlog)
         self.slots: dict[int, Any] = {}  # slot id -> socket
         self.owner: dict[int, int | None] = {}  # slot id -> worker id
+        self.leaving: set[int] = set()  # draining workers: heirs only when nobody else is left
         self._next_slot = 0
         self._new_slot()  # binds now, so a bind error reaches the first worker's listen()
 
@@ -42,13 +48,18 @@ class ReusePortHandle(Handle):
     def add(self, worker: Any, link: list[int]) -> tuple[dict[str, Any], list[int]]:
         close_fds(link)
         self.workers[worker.id] = worker
+        self.leaving.discard(worker.id)
         sid = self._free_slot()
         if sid is None:
             sid = self._spare_slot()
         if sid is None:
             sid = self._new_slot()
         self.owner[sid] = worker.id
-        return {"mode": "s", "slots": [sid]}, [self.slots[sid].fileno()]
+        mine = [sid]
+        while (orphan := self._free_slot()) is not None:  # nobody accepts there: this one will
+            self.owner[orphan] = worker.id
+            mine.append(orphan)
+        return {"mode": "s", "slots": mine}, [self.slots[s].fileno() for s in mine]
 
     def _free_slot(self) -> int | None:
         return next((sid for sid, owner in self.owner.items() if owner is None), None)
@@ -64,20 +75,27 @@ class ReusePortHandle(Handle):
                 return sid
         return None
 
+    def pause(self, worker: Any) -> None:
+        self.leaving.add(worker.id)
+
     def remove(self, worker: Any) -> None:
         super().remove(worker)
+        self.leaving.discard(worker.id)
         for sid in self._slots_of(worker.id):
             self.owner[sid] = None
-            self._adopt(sid)
+        for sid in [sid for sid, owner in self.owner.items() if owner is None]:
+            self._adopt(sid)  # its own, and any an earlier adoption could not place
 
     def _adopt(self, sid: int) -> None:
-        """Give an orphaned slot to the live worker with the fewest, so its queue keeps moving."""
+        """Give an orphaned slot to the live worker with the fewest, so its queue keeps moving
+        (one still serving before one draining, which would soon hand it on again). With none,
+        it waits for the next worker that listens (add)."""
         live = [w for w in self.workers.values() if w.is_connected()]
-        if not live:
-            return
-        heir = min(live, key=lambda w: len(self._slots_of(w.id)))
-        if heir._channel.send_internal(["+", self.id, sid], [self.slots[sid].fileno()]):
-            self.owner[sid] = heir.id
+        live.sort(key=lambda w: (w.id in self.leaving, len(self._slots_of(w.id))))
+        for heir in live:
+            if heir._channel.send_internal(["+", self.id, sid], [self.slots[sid].fileno()]):
+                self.owner[sid] = heir.id
+                return
 
     def close(self) -> None:
         if not self.closed:
