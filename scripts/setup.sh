@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
   PY=${PYTHON:-}
   if [ -z "$PY" ]; then
-    for c in python3 python3.12 python3.11 python3.10; do
+    for c in python3 python3.13 python3.12 python3.11 python3.10; do
       if "$c" -c 'import sys; sys.exit(sys.version_info < (3, 10))' >/dev/null 2>&1; then PY=$c; break; fi
     done
   fi

@@ -8,6 +8,7 @@ import socket
 import stat
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import pytest
@@ -161,7 +162,9 @@ def _run_as_nobody(fn) -> _Result:
     prefork.cli.config._toml_reader("")  # tomllib, or tomli on Python 3.10
     workdir = _open_dir()
     r, w = os.pipe()
-    pid = os.fork()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: the child runs no other thread's code
+        pid = os.fork()
     if pid == 0:
         code = 99
         try:
