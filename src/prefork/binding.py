@@ -1,6 +1,6 @@
-"""Making listening sockets as a plain server would: a leaf module (nothing of prefork's imported),
-so the registry (handles.py), the policies and servers.py can all use it without importing each
-other."""
+"""Listening sockets as a plain server makes them, and how accept loops treat running out of
+descriptors: a leaf module (nothing of prefork's imported), so the registry (handles.py), the
+policies, servers.py and the servers' accept loops can all use it without importing each other."""
 
 from __future__ import annotations
 
