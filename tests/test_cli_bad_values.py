@@ -48,6 +48,10 @@ def test_config_file_shapes(tmp_path, content, pattern):
     _check(run_prefork(_serve_args("--config", str(config))), pattern)
 
 
+def test_config_file_that_never_ends():
+    _check(run_prefork(_serve_args("--config", "/dev/zero")), "larger than 4 MiB")
+
+
 @pytest.mark.parametrize("value", ["-1", "nan", "inf", "-inf", "0", "1e300", "soon"])
 def test_ctl_timeout(value):
     _check(run_prefork(["ctl", f"--timeout={value}", "status"]), "--timeout: expected a number of seconds")

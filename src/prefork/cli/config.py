@@ -250,12 +250,15 @@ def _convert(option: Option, value: Any, where: str) -> Any:
         raise UsageError(f"{where}: {exc}") from None
 
 
+_MAX_CONFIG = 4 << 20
+
+
 def read_config_file(path: str, explicit: bool) -> dict[str, Any]:
     """The [tool.prefork] table of a pyproject.toml, or a whole prefork.toml (its top level or its
     [tool.prefork] table); {} when the default pyproject.toml does not exist."""
     try:
         with open(path, "rb") as f:
-            raw = f.read()
+            raw = f.read(_MAX_CONFIG + 1)  # bounded: --config /dev/zero must not fill the memory
     except FileNotFoundError:
         if explicit:
             raise UsageError(f"config file {path}: no such file") from None
@@ -266,6 +269,8 @@ def read_config_file(path: str, explicit: bool) -> dict[str, Any]:
         raise UsageError(f"config file {path}: permission denied (cannot read it)") from None
     except OSError as exc:
         raise UsageError(f"config file {path}: cannot read it: {exc.strerror}") from None
+    if len(raw) > _MAX_CONFIG:
+        raise UsageError(f"config file {path}: larger than {_MAX_CONFIG >> 20} MiB, not a config file")
     tomllib = _toml_reader(path)  # only once a file exists: Python 3.10 without tomli runs fine without one
     try:
         text = raw.decode("utf-8")
