@@ -247,6 +247,7 @@ def _encode(message: dict[str, Any]) -> bytes:
 
 
 def _send(conn: socket.socket, message: dict[str, Any]) -> None:
+    conn.settimeout(READ_TIMEOUT)  # a client that does not read its reply holds a slot this long at most
     conn.sendall(_encode(message))
 
 
