@@ -23,14 +23,15 @@ class Rolling:
         self.again = False
         self.status: dict[str, Any] = {"state": "none"}
 
-    def replace(self, slot: Slot, why: str, done: Callable[[bool, str], None]) -> None:
-        """Give `slot` a new worker; once it is ready, drain the old one. If it fails, the old one
-        keeps serving and only this replacement fails."""
+    def replace(self, slot: Slot, why: str, done: Callable[[bool, str], None],
+                held: list[Member] | None = None) -> None:
+        """Give `slot` a new worker; once it is ready, drain the old one (or put it in `held`, for
+        the caller to drain). If it fails, the old one keeps serving and only this replacement fails."""
         if self.sup.stopping or slot.removed:
             done(False, "stopping")
             return
         if slot.incoming is not None:  # one replacement at a time: this one follows it
-            slot.incoming.waiters.append(lambda ok, r: self.replace(slot, why, done))
+            slot.incoming.waiters.append(lambda ok, r: self.replace(slot, why, done, held))
             return
         current = slot.current
         if current is None:  # empty: start it now, with the new code
@@ -43,7 +44,8 @@ class Rolling:
                 slot.current.waiters.append(done)
             return
         if current.state == "starting":  # it may run the old code: replace it once it is ready
-            current.waiters.append(lambda ok, r: self.replace(slot, why, done) if ok else done(False, r))
+            current.waiters.append(
+                lambda ok, r: self.replace(slot, why, done, held) if ok else done(False, r))
             return
         new, error = self.sup.fork_for(slot)
         if new is None:
@@ -61,7 +63,10 @@ class Rolling:
                     return
                 old, slot.current, slot.incoming = slot.current, new, None
                 if old is not None and old.worker.id in self.sup.members:
-                    self.sup.retire(old, why)
+                    if held is not None:
+                        held.append(old)
+                    else:
+                        self.sup.retire(old, why)
             done(ok, reason)  # else the old one died meanwhile and `new` took the slot already
 
         new.waiters.append(settled)
@@ -94,19 +99,23 @@ class Rolling:
         batch, rest = todo[: self.sup.reload_batch], todo[self.sup.reload_batch:]
         remaining = [len(batch)]
         failures: list[str] = []
+        held: list[Member] = []  # the batch's old workers drain once all its new ones are ready
 
         def one_done(ok: bool, why: str) -> None:
             if not ok:
                 failures.append(why)
             remaining[0] -= 1
             if remaining[0] == 0:
+                for old in held:
+                    if old.worker.id in self.sup.members:
+                        self.sup.retire(old, "reload")
                 if failures:
                     self._reload_finished(False, failures[0])
                 else:
                     self._reload_step(rest)
 
         for slot in batch:
-            self.replace(slot, "reload", one_done)
+            self.replace(slot, "reload", one_done, held)
 
     def _reload_finished(self, ok: bool, why: str) -> None:
         self.running = False
