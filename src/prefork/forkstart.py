@@ -1,9 +1,10 @@
 """Fork-based worker start: for apps preloaded in the primary, a worker is an `os.fork()` away.
 
 A fresh interpreter costs tens of milliseconds before the app is even imported; a fork costs about
-one (FACTS.md). The forked child drops everything the primary's runtime opened (its loop, the other
-workers' channels, listening sockets, the control socket), turns itself into a worker and runs the
-`target` function, then ends as a worker script would.
+one (tests/test_fork.py prints the fork-to-online time). The forked child drops everything the
+primary's runtime opened (its loop, the other workers' channels, listening sockets, the control
+socket), turns itself into a worker and runs the `target` function, then ends as a worker script
+would.
 
 Forking from a process with threads is safe only when no other thread holds a lock the child will
 need (stdio buffers, logging, the import lock is reset by CPython itself). The fork happens on the

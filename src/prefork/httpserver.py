@@ -7,7 +7,8 @@ classes, `serve_forever()`, `server_close()`, the context manager.
 What they add is the graceful stop a worker performs on `disconnect()`: stop accepting at once (so
 the primary sends new connections to other workers), let requests in flight finish, close keep-alive
 connections once their current response is written or at once when idle (otherwise an idle client
-would hold the worker forever: nodejs/node#2642), and make `serve_forever()` return promptly.
+would hold the worker forever, as it holds Node's disconnect()), and make `serve_forever()` return
+promptly.
 For TLS pass `ssl_context=`: each connection is wrapped server-side, its handshake done in the
 thread that serves it (the listener is not a socket that `SSLContext.wrap_socket()` could wrap).
 """

@@ -1,7 +1,7 @@
 """SCHED_NONE: the primary binds once and passes the listening socket; each worker accepts itself.
 
-The kernel then wakes whichever worker it likes (measured uneven, see FACTS.md); this policy
-trades balance for a primary that does no work per connection.
+The kernel then wakes whichever worker it likes (measured uneven: bench/policies.py, the Jain
+index); this policy trades balance for a primary that does no work per connection.
 """
 
 from __future__ import annotations
