@@ -9,8 +9,8 @@ one replacement booting beside it (`incoming`, during a reload or a recycling); 
 either happens in one of the methods below, on the loop thread:
 - empty -> booting: `fill` forks a worker (at start, and after a death, possibly after a backoff);
 - booting -> ready: the worker listens (or is online, or says "ready");
-- ready -> replacing: `Rolling.replace` (rolling.py) forks the incoming worker; once it is ready it becomes current
-  and the old one drains; if it fails, the old one keeps serving;
+- ready -> replacing: `Rolling.replace` (rolling.py) forks the incoming worker; once it is ready
+  it becomes current and the old one drains; if it fails, the old one keeps serving;
 - a current worker that dies while its replacement boots hands the slot to the replacement (no
   third worker); one that dies otherwise leaves the slot empty until `fill`;
 - a slot removed by scaling down gets nothing started again.
