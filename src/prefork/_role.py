@@ -8,9 +8,11 @@ import), so a worker forked from a primary (forkstart.py) changes role by callin
 
 from __future__ import annotations
 
-from typing import Any
-
 from .events import EventEmitter
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 emitter: EventEmitter = EventEmitter()  # the `cluster` object's events (`prefork.on(...)`)
 primary: Any = None  # primary.Primary in the primary

@@ -11,9 +11,12 @@ import errno
 import itertools
 import threading
 from collections.abc import Callable
-from typing import Any
 
 from .channel import close_fds
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class Requests:
