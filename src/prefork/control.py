@@ -36,14 +36,12 @@ class ControlError(Exception):
 def default_dir() -> str:
     """$XDG_RUNTIME_DIR/prefork when that folder is ours, else /tmp/prefork-UID (made 0700 by the primary)."""
     runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime:
-        try:
-            st = os.stat(runtime)
-        except OSError:
-            st = None
-        # after `su` or `sudo` the variable may still name the first user's folder
-        if st is not None and stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
-            return os.path.join(runtime, "prefork")
+    try:  # after `su` or `sudo` the variable may still name the first user's folder
+        st = os.stat(runtime) if runtime else None
+    except OSError:
+        st = None
+    if runtime and st is not None and stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
+        return os.path.join(runtime, "prefork")
     return os.path.join("/tmp", f"prefork-{os.getuid()}")
 
 
@@ -93,6 +91,7 @@ class ControlServer:
         self._inode: int | None = None
         self._closed = False
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._refusals = threading.BoundedSemaphore(MAX_CONNECTIONS)  # threads that say "too many"
 
     def start(self) -> None:
         """Bind (0600 from the start: no window where others could connect) and serve."""
@@ -155,24 +154,19 @@ class ControlServer:
                 conn.close()
 
     def _dispatch(self, conn: socket.socket) -> None:
-        if not self._slots.acquire(blocking=False):
-            _refuse_busy(conn)
+        if self._slots.acquire(blocking=False):
+            target, slots = self._answer, self._slots
+        elif self._refusals.acquire(blocking=False):
+            target, slots = _refuse_busy, self._refusals
+        else:  # a flood: close at once, the client sees a reset
+            conn.close()
             return
         try:
-            threading.Thread(target=self._one, args=(conn,), name="prefork-control-conn",
+            threading.Thread(target=_hold, args=(target, conn, slots), name="prefork-control-conn",
                              daemon=True).start()
         except BaseException:
-            self._slots.release()
+            slots.release()
             raise
-
-    def _one(self, conn: socket.socket) -> None:
-        try:
-            with conn:
-                self._answer(conn)
-        except Exception:
-            pass  # the client went away, or sent nothing in time: nothing to answer
-        finally:
-            self._slots.release()
 
     def _answer(self, conn: socket.socket) -> None:
         deadline = time.monotonic() + READ_TIMEOUT
@@ -251,16 +245,25 @@ def _send(conn: socket.socket, message: dict[str, Any]) -> None:
     conn.sendall(_encode(message))
 
 
+def _hold(target: Callable[[socket.socket], None], conn: socket.socket, slots: threading.Semaphore) -> None:
+    """Run `target(conn)` in a connection's thread; then close it and give its slot back."""
+    try:
+        with conn:
+            target(conn)
+    except Exception:
+        pass  # the client went away, or sent nothing in time: nothing more to say
+    finally:
+        slots.release()
+
+
 def _refuse_busy(conn: socket.socket) -> None:
-    """Too many control connections at once: an error line, written without blocking the accept loop."""
-    with conn:
-        conn.setblocking(False)
-        try:
-            conn.send(_encode(_error(f"too many control connections (more than {MAX_CONNECTIONS} at "
-                                     "once); try again")))
-            conn.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
+    """Too many control connections at once: read the request for up to a second (closing on it unread
+    could reset the connection before the client reads why), then an error line."""
+    try:
+        _read_line(conn, time.monotonic() + 1.0)
+    except OSError:  # also TimeoutError
+        pass
+    _send(conn, _error(f"too many control connections (more than {MAX_CONNECTIONS} at once); try again"))
 
 
 def _read_line(conn: socket.socket, deadline: float) -> tuple[bytes, bool]:
