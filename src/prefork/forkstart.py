@@ -6,14 +6,12 @@ primary's runtime opened (its loop, the other workers' channels, listening socke
 socket), turns itself into a worker and runs the `target` function, then ends as a worker script
 would.
 
-Forking from a process with threads is safe only when no other thread holds a lock the child will
-need (stdio buffers, logging, the import lock is reset by CPython itself). The fork happens on the
-primary's loop thread, so no loop callback is half-way through a write. prefork's own other threads
-touch no such lock: the main thread of `prefork serve`/`run` only waits for the pool to stop
-(Supervisor.wait), the ready announcement and every log line of the supervisor run on the loop
-itself (cli/supervised.py), and the control socket's threads (control.py) only read and write their
-own sockets and hand requests to the loop. A library user's own threads are theirs to mind, as with
-`os.fork`. Python 3.12+ warns about any fork with threads; the warning is not silenced here.
+Workers are forked by the fork template (template.py), a single-threaded copy of the primary
+made at `setup_primary(start="fork")`, so no other thread's lock can be inherited held. Only when
+the primary already had threads at that call, or the template has gone, does the primary fork from
+its loop thread (fork_worker below): no loop callback is then half-way through a write, and
+prefork's own other threads (control.py's) touch no lock a worker needs, but a user's thread may;
+Python 3.12+ warns about such a fork, and the warning is not silenced here.
 """
 
 from __future__ import annotations
@@ -27,7 +25,7 @@ from . import _proc
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any
+    from typing import Any, NoReturn
 
 
 
@@ -74,10 +72,16 @@ class ForkedProcess:
 
 def fork_worker(env: dict[str, str], channel_fd: int, own_group: bool, target: Callable[[], Any],
                 keep_fds: set[int]) -> ForkedProcess:
-    """Fork; the child becomes a worker and never returns from here."""
+    """Fork from the primary's loop thread (when there is no template: template.py)."""
     pid = os.fork()
     if pid:
         return ForkedProcess(pid)
+    become_worker_and_run(env, channel_fd, own_group, target, keep_fds)
+
+
+def become_worker_and_run(env: dict[str, str], channel_fd: int, own_group: bool, target: Callable[[], Any],
+                          keep_fds: set[int]) -> NoReturn:
+    """In a freshly forked child: become a worker, run `target`, and end; never returns."""
     code = 1
     try:
         _become_worker(env, channel_fd, own_group, keep_fds)

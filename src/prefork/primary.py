@@ -45,6 +45,7 @@ class Primary:
         self._fds_at_start: set[int] = set()
         self.servers: Any = None  # handles.Servers, created with the loop
         self.signals: Any = None  # signals.Signals, created with the loop
+        self.template: Any = None  # template.Template: forks the workers of start="fork"
         self.internal: dict[str, Callable[[Worker, Any, list[int]], None]] = {
             "online": self._on_online,
             "listening": self._on_listening,
@@ -59,7 +60,19 @@ class Primary:
         self.settings.update(opts)
         if opts.get("start") == "fork":
             self._fds_at_start = _open_fds()  # the preloaded app's: forked workers keep these only
+            self._start_template()
         self.cluster.emit("setup", self.settings)
+
+    def _start_template(self) -> None:
+        """Fork the single-threaded template that forks the workers (template.py), while this
+        process still has one thread; a template for an earlier target goes."""
+        from . import template
+
+        if self.template is not None:
+            self.template.close()
+        self.template = None
+        if self.loop is None:
+            self.template = template.start(self.settings["target"], self._fds_at_start)
 
     def fork(self, env: dict[str, str] | None = None, own_group: bool = False) -> Worker:
         """`own_group`: start the worker in its own session, so terminal signals (Ctrl-C, hang-up)
@@ -112,10 +125,8 @@ class Primary:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             if forking:
-                from .forkstart import fork_worker
-
-                proc = fork_worker(self._child_env(wid, theirs.fileno(), env), theirs.fileno(), own_group,
-                                   settings["target"], self._fds_at_start)
+                proc = self._fork_copy(self._child_env(wid, theirs.fileno(), env), theirs.fileno(),
+                                       own_group)
             else:
                 proc = self._spawn(wid, theirs.fileno(), env, own_group)
         except BaseException:
@@ -129,6 +140,18 @@ class Primary:
         self._watch(worker)
         self.cluster.emit("fork", worker)
         return worker
+
+    def _fork_copy(self, env: dict[str, str], fd: int, own_group: bool) -> Any:
+        """A worker forked by the template, or from this thread when there is none (forkstart.py)."""
+        template = self.template
+        if template is not None and template.alive:
+            try:
+                return template.fork(env, fd, own_group)
+            except OSError as exc:
+                _stdio.write(f"prefork: {exc}; forking workers from the primary from now on\n")
+        from .forkstart import fork_worker
+
+        return fork_worker(env, fd, own_group, self.settings["target"], self._fds_at_start)
 
     def _child_env(self, wid: int, fd: int, env: dict[str, str]) -> dict[str, str]:
         child_env = {**os.environ, **env}

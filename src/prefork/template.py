@@ -1,0 +1,245 @@
+"""The fork template: one single-threaded process that forks the workers of `start="fork"`.
+
+Forking the primary itself means forking a process with threads (its loop, the control socket's,
+the user's own), and a child inherits every lock as it was at that instant: one held by another
+thread (a stdio buffer's, blocked on a full pipe; a library's) stays held for good, and the child
+hangs on its first print. So `setup_primary(start="fork")`, called while the primary has only its
+main thread, forks this template at once: a copy of the primary with the app imported and no other
+thread, ever. The primary sends it one request per worker (its environment, whether it gets a
+session of its own, and its end of the channel as SCM_RIGHTS); the template forks, and the child
+becomes the worker (forkstart.py). Only a parent may wait for its child, so the template reports
+each worker's exit status back. When the template is gone, or the primary had threads already at
+`setup_primary`, the primary forks from its loop thread instead (forkstart.fork_worker).
+
+Messages on a SOCK_SEQPACKET pair, one JSON object each:
+    primary -> template: {"env": {...}, "group": bool} + the channel's descriptor
+    template -> primary: {"pid": int} or {"error": str} (the answer), {"exit": pid, "code": int}
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import os
+import selectors
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+from . import _proc
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+MAX_MESSAGE = 1 << 20  # a worker's environment, as JSON
+UNKNOWN_EXIT = 1  # the template died before it could say how one of its workers ended
+
+
+def start(target: Callable[[], Any], keep_fds: set[int]) -> Template | None:
+    """Fork the template now, if the primary is single-threaded; else None (fork from the loop)."""
+    if threading.active_count() != 1:
+        return None
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    primary_pid = os.getpid()
+    pid = os.fork()
+    if pid == 0:  # the template: never returns into the user's script
+        code = 1
+        try:
+            ours.close()
+            code = _serve(theirs, target, keep_fds - {theirs.fileno()}, primary_pid)
+        finally:
+            _proc.exit_now(code)
+    theirs.close()
+    return Template(pid, ours)
+
+
+class Template:
+    """The primary's handle on its template process."""
+
+    def __init__(self, pid: int, sock: socket.socket) -> None:
+        self.pid = pid
+        self.sock = sock
+        self.alive = True
+        self.exits: dict[int, int] = {}  # worker pid -> exit code, reported and not yet taken
+        self._lock = threading.Lock()  # Worker.kill() may poll from any thread
+
+    def fork(self, env: dict[str, str], channel_fd: int, own_group: bool, timeout: float = 10.0) -> Forked:
+        """Ask for one worker; OSError if the template cannot give one (the caller falls back)."""
+        request = json.dumps({"env": env, "group": own_group}).encode()
+        with self._lock:
+            if not self.alive:
+                raise OSError("the fork template has gone")
+            try:
+                self.sock.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                               array.array("i", [channel_fd]))])
+            except OSError:
+                self._gone()
+                raise
+            deadline = time.monotonic() + timeout
+            while self.alive:
+                answer = self._read(max(0.0, deadline - time.monotonic()))
+                if answer is None:
+                    break
+                if "pid" in answer:
+                    return Forked(answer["pid"], self)
+                if "error" in answer:
+                    raise OSError(f"the fork template could not fork: {answer['error']}")
+            self._gone()
+            raise OSError("the fork template did not answer")
+
+    def poll(self, pid: int) -> int | None:
+        """The exit code of worker `pid`, if the template has reported it (non-blocking)."""
+        with self._lock:
+            while self.alive and self._read(0.0) is not None:
+                pass
+            if pid in self.exits:
+                return self.exits.pop(pid)
+            return None if self.alive else UNKNOWN_EXIT
+
+    def close(self) -> None:
+        with self._lock:
+            self._gone()
+
+    def _read(self, timeout: float) -> dict[str, Any] | None:
+        """One message (exit reports are filed); None when none came within `timeout`."""
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(MAX_MESSAGE)
+        except (BlockingIOError, TimeoutError):
+            return None
+        except OSError:
+            data = b""
+        if not data:
+            self._gone()
+            return None
+        message = json.loads(data)
+        if "exit" in message:
+            self.exits[message["exit"]] = message["code"]
+        return message
+
+    def _gone(self) -> None:
+        if self.alive:
+            self.alive = False
+            self.sock.close()
+            try:
+                os.waitpid(self.pid, 0)  # it ends once its end of the pair closes: no zombie
+            except ChildProcessError:
+                pass
+
+
+class Forked:
+    """`worker.process` for a worker the template forked: what Popen offers that prefork uses."""
+
+    stdin = stdout = stderr = None
+
+    def __init__(self, pid: int, template: Template) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._template = template
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self._template.poll(self.pid)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        import subprocess
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired([str(self.pid)], timeout or 0)
+            time.sleep(0.002)
+        return self.returncode  # type: ignore[return-value]
+
+    def send_signal(self, signum: int) -> None:
+        if self.poll() is None:
+            try:
+                os.kill(self.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+
+# -- in the template process ---------------------------------------------------------------------
+
+
+def _serve(sock: socket.socket, target: Callable[[], Any], keep_fds: set[int], primary_pid: int) -> int:
+    """Fork a worker per request and report each one's exit, until the primary goes away."""
+    _proc.set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != primary_pid:
+        return 1
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the primary's to handle
+    from .signals import reset_in_child
+
+    reset_in_child()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    selector = selectors.DefaultSelector()
+    selector.register(sock, selectors.EVENT_READ, None)
+    while True:
+        for key, _ in selector.select():
+            if key.data is None:
+                if not _answer(sock, selector, target, keep_fds):
+                    return 0
+            else:
+                _report_exit(sock, selector, key.data, key.fd)
+
+
+def _answer(sock: socket.socket, selector: selectors.BaseSelector, target: Callable[[], Any],
+            keep_fds: set[int]) -> bool:
+    """One request: fork the worker, answer with its pid; False once the primary has gone."""
+    from .channel import fds_in
+
+    try:
+        data, anc, _flags, _ = sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(4), socket.MSG_CMSG_CLOEXEC)
+    except OSError:
+        return False
+    fds = fds_in(anc)
+    if not data:
+        return False
+    try:
+        request = json.loads(data)
+        pid = _fork_worker(dict(request["env"]), fds[0], bool(request["group"]), target, keep_fds)
+        selector.register(os.pidfd_open(pid), selectors.EVENT_READ, pid)
+        answer: dict[str, Any] = {"pid": pid}
+    except Exception as exc:  # one failed fork fails that start only
+        answer = {"error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        for fd in fds:
+            os.close(fd)
+    sock.send(json.dumps(answer).encode())
+    return True
+
+
+def _fork_worker(env: dict[str, str], channel_fd: int, own_group: bool, target: Callable[[], Any],
+                 keep_fds: set[int]) -> int:
+    from .forkstart import become_worker_and_run
+
+    env["PREFORK_PRIMARY_PID"] = str(os.getpid())  # the worker's parent: its death ends the worker
+    env["PREFORK_CHANNEL_FD"] = str(channel_fd)  # its number here, not in the primary
+    pid = os.fork()
+    if pid == 0:
+        become_worker_and_run(env, channel_fd, own_group, target, keep_fds)
+    return pid
+
+
+def _report_exit(sock: socket.socket, selector: selectors.BaseSelector, pid: int, pidfd: int) -> None:
+    selector.unregister(pidfd)
+    os.close(pidfd)
+    try:
+        _, status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+    except ChildProcessError:
+        code = UNKNOWN_EXIT
+    try:
+        sock.send(json.dumps({"exit": pid, "code": code}).encode())
+    except OSError:
+        pass
