@@ -66,11 +66,14 @@ def _status_ok(control: str) -> bool:
         (b"\n", "empty request"),
         (b'{"cmd": "nope"}\n', "unknown command"),
         (b'{"cmd": "scale", "n": "' + b"x" * 60000 + b'"}\n', "cannot scale"),
+        (b'{"cmd": "scale", "n": 100000}\n', "from 1 to 1024"),
+        (b'{"cmd": "scale", "n": "+100000"}\n', "from 1 to 1024"),
+        (b'{"cmd": "scale", "n": true}\n', "cannot scale"),
         (b"x" * 100_000 + b"\n", "request too large"),
         (b"x" * 300_000, "request too large"),  # no newline at all: the rest is read and dropped
     ],
     ids=["bad-json", "not-utf8", "deep-nesting", "list", "null", "string", "empty", "unknown-cmd",
-         "long-value", "oversized-line", "oversized-no-newline"],
+         "long-value", "scale-huge", "scale-plus-huge", "scale-bool", "oversized-line", "oversized-no-newline"],
 )
 def test_every_bad_request_gets_one_bounded_error_reply(primary, payload, error):
     reply = _ask(primary, payload)

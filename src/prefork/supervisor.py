@@ -36,6 +36,7 @@ BACKOFF_MIN, BACKOFF_MAX = 0.1, 10.0
 MIN_UPTIME = 1.0  # a worker that dies sooner after it was ready counts as a crash loop
 GIVE_UP_AFTER = 5  # boot failures in a row, with no worker ever ready, before giving up
 BEAT_EVERY = 1.0
+MAX_WORKERS = 1024  # what `--workers` and `ctl scale` accept (cli/config.py)
 
 
 @dataclass(eq=False)
@@ -126,8 +127,8 @@ class Supervisor:
         self._post(self.rolling.reload)
 
     def scale(self, n: int) -> None:
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"cannot scale to {n!r}: need a whole number of workers, at least 1")
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_WORKERS:
+            raise ValueError(f"cannot scale to {n!r}: need a whole number of workers from 1 to {MAX_WORKERS}")
         self._post(self._scale, n)
 
     def stop(self, graceful: bool = True) -> None:

@@ -47,10 +47,10 @@ def _control_handler(supervisor: Any, path: str, info: dict[str, Any]) -> Callab
                 n = current + int(n)
             if isinstance(n, str) and n.isdigit():
                 n = int(n)
-            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-                return {"ok": False, "error": f"cannot scale to {request.get('n')!r}: need a whole number "
-                                              f"of workers, at least 1 (now {current})"}
-            supervisor.scale(n)
+            try:
+                supervisor.scale(n)
+            except ValueError as exc:
+                return {"ok": False, "error": f"{exc} (now {current})"}
             return {"ok": True, "message": f"scaling from {current} to {n} worker(s)"}
         if cmd == "stop":
             supervisor.stop(graceful=not request.get("now"))
