@@ -73,7 +73,8 @@ def _status_ok(control: str) -> bool:
         (b"x" * 300_000, "request too large"),  # no newline at all: the rest is read and dropped
     ],
     ids=["bad-json", "not-utf8", "deep-nesting", "list", "null", "string", "empty", "unknown-cmd",
-         "long-value", "scale-huge", "scale-plus-huge", "scale-bool", "oversized-line", "oversized-no-newline"],
+         "long-value", "scale-huge", "scale-plus-huge", "scale-bool", "oversized-line",
+         "oversized-no-newline"],
 )
 def test_every_bad_request_gets_one_bounded_error_reply(primary, payload, error):
     reply = _ask(primary, payload)
