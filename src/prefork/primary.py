@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -173,7 +174,16 @@ class Primary(Inbox):
         loop = self.loop
         assert loop is not None and worker._channel is not None
         channel = worker._channel
-        channel.on_backlog = lambda: loop.call_soon(self._flush_soon, worker)
+        # a weak reference: worker -> channel -> this callback -> worker would be a cycle, and a dead
+        # worker (its 128 KiB receive buffer, its Popen) would wait for a full GC, which may be minutes
+        ref = weakref.ref(worker)
+
+        def backlog() -> None:
+            alive = ref()
+            if alive is not None:
+                loop.call_soon(self._flush_soon, alive)
+
+        channel.on_backlog = backlog
         loop.add_reader(channel.fileno(), lambda: self._on_readable(worker))
         if self._pidfd_ok:
             try:
