@@ -203,7 +203,8 @@ class Supervisor:
             return None, why
         member = Member(worker, slot, max_requests=self._request_limit())
         self.members[worker.id] = member
-        self.primary.loop.call_later(self.ready_timeout, self._ready_timed_out, member)
+        # by id: a timer holding the member would keep a dead worker (and its buffers) for ready_timeout
+        self.primary.loop.call_later(self.ready_timeout, self._ready_timed_out, worker.id)
         return member, ""
 
     def _request_limit(self) -> int:
@@ -240,8 +241,9 @@ class Supervisor:
         for waiter in waiters:
             waiter(ok, why)
 
-    def _ready_timed_out(self, member: Member) -> None:
-        if member.state == "starting" and member.worker.id in self.members:
+    def _ready_timed_out(self, wid: int) -> None:
+        member = self.members.get(wid)
+        if member is not None and member.state == "starting":
             why = f"not ready after {self.ready_timeout:g} s"
             self.log(f"worker {member.worker.id} (pid {member.worker.process.pid}) is {why}: stopping it")
             self._settle(member, False, why)
@@ -319,13 +321,14 @@ class Supervisor:
         worker = member.worker
         if graceful and worker.is_connected():
             worker.disconnect()
-            self.primary.loop.call_later(self.graceful_timeout, self._force, member)
+            self.primary.loop.call_later(self.graceful_timeout, self._force, worker.id)
         else:
             worker.kill("SIGTERM")
-            self.primary.loop.call_later(min(5.0, self.graceful_timeout), self._force, member)
+            self.primary.loop.call_later(min(5.0, self.graceful_timeout), self._force, worker.id)
 
-    def _force(self, member: Member) -> None:
-        if member.worker.id in self.members and not member.worker.is_dead():
+    def _force(self, wid: int) -> None:
+        member = self.members.get(wid)
+        if member is not None and not member.worker.is_dead():
             worker = member.worker
             self.log(f"worker {worker.id} (pid {worker.process.pid}) did not stop in time: SIGKILL")
             member.why_leaving += ", killed after the graceful timeout"
