@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable
 
 from . import _proc
-from .channel import KIND_INTERNAL, Channel, ChannelClosed, ProtocolError, close_fds
+from .channel import KIND_INTERNAL, Channel, ChannelClosed, close_fds
 from .dispatch import Dispatcher
 from .events import report_callback_error
 from .replies import Requests
@@ -51,9 +51,10 @@ class Child:
         self.channel = channel
         self.worker = Worker(wid, OwnProcess(), channel, self)
         self.worker.state = "online"
-        self.requests = Requests()  # listen() calls waiting for the primary (servers.py)
+        self.dispatcher = Dispatcher(channel.read_messages, self._on_batch, self._channel_closed, self._run,
+                                     lambda: not self.requests.pending())
+        self.requests = Requests(self.dispatcher.need_reader)  # listen() calls (servers.py)
         self.listeners: dict[int, Any] = {}  # shared Listeners by the primary's handle id
-        self.dispatcher = Dispatcher(self._run, lambda: not self.requests.pending())
         self._held: collections.deque[tuple[Any, Any]] = collections.deque()
         self._leaving = False
         self._gone = False  # the channel closed and `disconnect` has been emitted
@@ -71,27 +72,23 @@ class Child:
     # -- start -----------------------------------------------------------------------------------
 
     def start(self) -> None:
-        threading.Thread(target=self._read_forever, name="prefork-channel", daemon=True).start()
+        self.dispatcher.start()
         _proc.on_main_end(self._keep_alive, self._on_main_raised)
         self.channel.send_internal({"t": "online"})
 
     # -- the reader thread -----------------------------------------------------------------------
 
-    def _read_forever(self) -> None:
-        read = self.channel.read_messages
-        on_internal = self._on_internal
-        post = self.dispatcher.post_from_reader
-        while True:
-            try:
-                batch = read()
-            except (ChannelClosed, ProtocolError) as exc:
-                self._channel_closed(exc)
-                return
-            for kind, message, fds in batch:
-                if kind == KIND_INTERNAL:
-                    on_internal(message, fds)
-                else:
-                    post(self._deliver, message, self._handle(fds))
+    def _on_batch(self, batch: list[tuple[int, Any, list[int]]]) -> None:
+        """What one read brought (on the reading thread, dispatch.py): internal messages are
+        handled now, in order; user messages go to the ordered callbacks."""
+        calls = []
+        for kind, message, fds in batch:
+            if kind == KIND_INTERNAL:
+                self._on_internal(message, fds)
+            else:
+                calls.append((self._deliver, (message, self._handle(fds))))
+        if calls:
+            self.dispatcher.post_many(calls)
 
     def _on_internal(self, message: Any, fds: list[int]) -> None:
         """Internal messages are prefork's own: a failing handler is reported, never allowed to

@@ -1,16 +1,23 @@
-"""One ordered thread for a worker's user callbacks (message listeners, posted callbacks).
+"""A worker's two channel threads: one reads the channel, user callbacks run in order, never stuck.
 
-The channel's reader thread must stay free to read: a `message` listener that calls `listen()`
-waits for the primary's answer, which only the reader can read (a deadlock when listeners ran on
-the reader). Callbacks run here one at a time, in the order they were posted, as Node runs them on
-its one event loop. The queue is bounded: past MAX_QUEUED the reader waits (the primary's sends
-then back up and its `send()` returns False), unless a call is waiting for an answer.
+Two jobs: reading the channel (prefork's internal messages are handled as they are read), and
+running user callbacks (`message` listeners, posted callbacks) one at a time, in order, as Node
+runs them on its one event loop. Two threads share them. Whichever thread is free takes the next
+callback, else the reading if nobody reads, else waits. So in the common case the thread that read
+a message runs its listener at once (no hand-over between threads, which would cost a wake-up per
+message), and while a callback runs, the other thread reads: a listener that calls `listen()` gets
+the primary's answer (its call wakes the other thread at once), and one that runs long does not keep
+heartbeats and replies unread for longer than POLL.
+
+The queue of callbacks is bounded: past MAX_QUEUED the reading thread waits (the primary's sends
+then back up and its `send()` returns False), unless a call waits for an answer only a reader reads.
 """
 
 from __future__ import annotations
 
 import collections
 import threading
+import time
 from collections.abc import Callable
 
 TYPE_CHECKING = False
@@ -18,50 +25,104 @@ if TYPE_CHECKING:
     from typing import Any
 
 MAX_QUEUED = 10_000
+POLL = 0.01  # how soon a callback that runs long gets the other thread reading in its place
 
 
 class Dispatcher:
-    def __init__(self, run: Callable[..., None], may_block: Callable[[], bool]) -> None:
+    def __init__(self, read: Callable[[], list[Any]], on_batch: Callable[[list[Any]], None],
+                 on_closed: Callable[[BaseException], None], run: Callable[..., None],
+                 may_block: Callable[[], bool]) -> None:
+        self._read = read  # one batch from the channel (blocking); raises when it closes
+        self._on_batch = on_batch  # handles internal messages, posts user ones (reading thread)
+        self._on_closed = on_closed
         self._run = run  # runs one callback, reporting its exception (never raises)
-        self._may_block = may_block  # False while someone waits for an answer only the reader reads
+        self._may_block = may_block  # False while someone waits for an answer only a reader reads
         self._queue: collections.deque[tuple[Callable[..., Any], tuple[Any, ...]]] = collections.deque()
         self._cond = threading.Condition()
-        self._busy = False
-        self._thread: threading.Thread | None = None
+        self._reading = False
+        self._eof = False
+        self._runner: threading.Thread | None = None  # the thread running a callback now
+
+    def start(self) -> None:
+        for name in ("prefork-channel", "prefork-channel-2"):
+            threading.Thread(target=self._serve, name=name, daemon=True).start()
 
     def post(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run `fn(*args)` after every callback posted before it (from any thread)."""
         with self._cond:
             self._queue.append((fn, args))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._serve, name="prefork-dispatch", daemon=True)
-                self._thread.start()
-            self._cond.notify_all()
+            self._cond.notify()
 
-    def post_from_reader(self, fn: Callable[..., Any], *args: Any) -> None:
-        """As post(), but wait while the queue is full (back-pressure on the primary)."""
+    def post_many(self, calls: list[tuple[Callable[..., Any], tuple[Any, ...]]]) -> None:
+        """From the reading thread: a batch's callbacks; waits while the queue is full."""
         with self._cond:
             while len(self._queue) >= MAX_QUEUED and self._may_block():
                 self._cond.wait(0.1)
-        self.post(fn, *args)
+            self._queue.extend(calls)
 
-    def in_dispatcher(self) -> bool:
-        return threading.current_thread() is self._thread
+    def need_reader(self) -> None:
+        """A call waits for the primary's answer: make sure a thread reads (the other one)."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def in_callback(self) -> bool:
+        return threading.current_thread() is self._runner
 
     def wait_idle(self, timeout: float | None = None) -> bool:
-        """Until every posted callback has run (never from the dispatcher itself)."""
-        if self.in_dispatcher():
+        """Until every posted callback has run (never from inside one)."""
+        if self.in_callback():
             return False
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            return self._cond.wait_for(lambda: not self._queue and not self._busy, timeout)
+            while self._queue or self._runner is not None:
+                if deadline is not None and time.monotonic() >= deadline:
+                    return False
+                self._cond.wait(POLL)
+            return True
 
     def _serve(self) -> None:
-        queue, cond = self._queue, self._cond
+        cond, queue = self._cond, self._queue
         while True:
             with cond:
-                self._busy = False
-                cond.notify_all()
-                while not queue:
-                    cond.wait()
-                fn, args = queue.popleft()
-                self._busy = True
-            self._run(fn, *args)
+                while True:
+                    if queue and self._runner is None:
+                        fn, args = queue.popleft()
+                        self._runner = threading.current_thread()
+                        job = "run"
+                        break
+                    if not self._reading and not self._eof:
+                        self._reading = True
+                        job = "read"
+                        break
+                    # Nothing for this thread. The other one may start a callback that runs long
+                    # while nobody reads: look again every POLL (a wake-up per message would cost
+                    # more than the message).
+                    cond.wait(POLL if not self._eof else None)
+            if job == "run":
+                try:
+                    self._run(fn, *args)
+                finally:
+                    with cond:
+                        self._runner = None
+            else:
+                self._read_once()
+
+    def _read_once(self) -> None:
+        try:
+            batch = self._read()
+        except BaseException as exc:  # the channel closed (or the primary sent garbage)
+            with self._cond:
+                self._eof = True
+                self._reading = False
+                self._cond.notify_all()
+            self._on_closed(exc)
+            return
+        try:
+            self._on_batch(batch)  # still the only reader: internal messages stay in order
+        except Exception:  # a bug here must not cost the worker its channel threads
+            from .events import report_callback_error
+
+            report_callback_error("the channel's messages")
+        finally:
+            with self._cond:
+                self._reading = False

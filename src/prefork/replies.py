@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 
 
 class Requests:
-    def __init__(self) -> None:
+    def __init__(self, need_reader: Callable[[], None] = lambda: None) -> None:
+        self._need_reader = need_reader  # a caller may be the thread that would read the answer
         self.waiting: dict[int, list[Any]] = {}
         self.builders: dict[int, Callable[[dict[str, Any], list[int]], Any]] = {}
         self.cond = threading.Condition()
@@ -52,6 +53,7 @@ class Requests:
             self.builders[seq] = build
         try:
             channel.send_internal(request, fds or ())
+            self._need_reader()
             with self.cond:
                 while not slot:
                     if channel.closed:
