@@ -44,8 +44,10 @@ class Rolling:
                 slot.current.waiters.append(done)
             return
         if current.state == "starting":  # it may run the old code: replace it once it is ready
-            current.waiters.append(
-                lambda ok, r: self.replace(slot, why, done, held) if ok else done(False, r))
+            # or start the new code once it failed (a crash loop fixed on disk): its failure is not
+            # this reload's; after its exit is handled (call_soon), the slot is empty or draining
+            current.waiters.append(lambda ok, r: self.replace(slot, why, done, held) if ok else
+                                   self.sup.primary.loop.call_soon(self.replace, slot, why, done, held))
             return
         new, error = self.sup.fork_for(slot)
         if new is None:
