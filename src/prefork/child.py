@@ -76,7 +76,7 @@ class Child:
         _proc.on_main_end(self._keep_alive, self._on_main_raised)
         self.channel.send_internal({"t": "online"})
 
-    # -- the reader thread -----------------------------------------------------------------------
+    # -- reading the channel (dispatch.py runs these on its threads) -----------------------------
 
     def _on_batch(self, batch: list[tuple[int, Any, list[int]]]) -> None:
         """What one read brought (on the reading thread, dispatch.py): internal messages are
@@ -116,8 +116,8 @@ class Child:
             return None
 
     def _deliver(self, message: Any, handle: Any) -> None:
-        """On the dispatcher: emit one user message, or hold it until the script adds a
-        `message` listener (as Node's event loop makes happen)."""
+        """An ordered callback (dispatch.py): emit one user message, or hold it until the script
+        adds a `message` listener (as Node's event loop makes happen)."""
         held = self._held
         if held or not self.worker.listener_count("message"):
             held.append((message, handle))
@@ -157,8 +157,8 @@ class Child:
     # -- Side protocol for cluster.worker --------------------------------------------------------
 
     def post(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Run a callback soon on the dispatcher, in order with the others; one posted as the
-        script ends still runs (_keep_alive waits for the dispatcher)."""
+        """Run a callback soon, in order with the others (dispatch.py); one posted as the script
+        ends still runs (_keep_alive waits for it)."""
         self.dispatcher.post(fn, *args)
 
     def listener_added(self, worker: Worker, event: str) -> None:
@@ -199,8 +199,8 @@ class Child:
         self.channel.shutdown()  # the reader thread sees EOF and emits `disconnect`
 
     def _channel_closed(self, exc: BaseException) -> None:
-        """On the reader: the channel is gone. `disconnect` is emitted on the dispatcher, after
-        the messages before it; then the worker ends (Node's orphan rule) unless it was leaving."""
+        """The channel is gone. `disconnect` is emitted as an ordered callback, after the messages
+        before it; then the worker ends (Node's orphan rule) unless it was leaving."""
         self.channel.close()
         self.requests.closed()
         self.post(self._emit_disconnect)
