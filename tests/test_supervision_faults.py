@@ -174,3 +174,25 @@ def test_a_primary_whose_loop_dies_exits_at_once_with_its_workers(py):
     result = script.finish(timeout=10)
     assert result.returncode == 70, result
     assert wait_until(lambda: not pid_alive(pid), 5)
+
+
+def test_signals_are_acted_on_while_the_main_thread_is_busy_in_c(py):
+    """A signal handler only wakes the primary's loop, which acts: SIGTTIN adds a worker at once
+    even while the main thread is inside one long C call (Python-level handlers would wait)."""
+    script = py.spawn("""
+        import hashlib, os
+        import prefork as cluster
+        if cluster.is_primary:
+            cluster.on("listening", lambda worker, address: print("listening", worker.id, flush=True))
+            sup = cluster.supervise(1)
+            print("busy", flush=True)
+            hashlib.pbkdf2_hmac("sha256", b"x", b"y", 200_000_000)  # a minute or more, in C
+        else:
+            import threading
+            cluster.listen(("127.0.0.1", 0))
+            threading.Event().wait()
+    """)
+    script.expect(r"listening 1", timeout=20)
+    script.expect(r"busy")
+    script.signal("SIGTTIN")
+    script.expect(r"listening 2", timeout=10)
