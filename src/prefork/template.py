@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 MAX_MESSAGE = 1 << 20  # a worker's environment, as JSON
 UNKNOWN_EXIT = 1  # the template died before it could say how one of its workers ended
+REPORT_WAIT = 10.0  # seconds an exited worker's status may take to come from the template
 
 
 def start(target: Callable[[], Any], keep_fds: set[int]) -> Template | None:
@@ -146,12 +147,19 @@ class Forked:
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
+        """As Popen.wait. With no timeout it is called once the worker has exited (its pidfd said
+        so), and the template's report follows at once; should none come, the loop that called it
+        must not hang: after REPORT_WAIT the exit counts as UNKNOWN_EXIT."""
         import subprocess
 
-        deadline = None if timeout is None else time.monotonic() + timeout
+        limit = REPORT_WAIT if timeout is None else timeout
+        deadline = time.monotonic() + limit
         while self.poll() is None:
-            if deadline is not None and time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired([str(self.pid)], timeout or 0)
+            if time.monotonic() > deadline:
+                if timeout is not None:
+                    raise subprocess.TimeoutExpired([str(self.pid)], timeout)
+                self.returncode = UNKNOWN_EXIT
+                break
             time.sleep(0.002)
         return self.returncode  # type: ignore[return-value]
 
