@@ -78,17 +78,16 @@ class Child:
 
     # -- reading the channel (dispatch.py runs these on its threads) -----------------------------
 
-    def _on_batch(self, batch: list[tuple[int, Any, list[int]]]) -> None:
+    def _on_batch(self, batch: list[tuple[int, Any, list[int]]]) -> list[Any]:
         """What one read brought (on the reading thread, dispatch.py): internal messages are
-        handled now, in order; user messages go to the ordered callbacks."""
+        handled now, in order; user messages become ordered callbacks, returned."""
         calls = []
         for kind, message, fds in batch:
             if kind == KIND_INTERNAL:
                 self._on_internal(message, fds)
             else:
                 calls.append((self._deliver, (message, self._handle(fds))))
-        if calls:
-            self.dispatcher.post_many(calls)
+        return calls
 
     def _on_internal(self, message: Any, fds: list[int]) -> None:
         """Internal messages are prefork's own: a failing handler is reported, never allowed to

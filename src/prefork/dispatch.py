@@ -29,11 +29,11 @@ POLL = 0.01  # how soon a callback that runs long gets the other thread reading 
 
 
 class Dispatcher:
-    def __init__(self, read: Callable[[], list[Any]], on_batch: Callable[[list[Any]], None],
+    def __init__(self, read: Callable[[], list[Any]], on_batch: Callable[[list[Any]], list[Any] | None],
                  on_closed: Callable[[BaseException], None], run: Callable[..., None],
                  may_block: Callable[[], bool]) -> None:
         self._read = read  # one batch from the channel (blocking); raises when it closes
-        self._on_batch = on_batch  # handles internal messages, posts user ones (reading thread)
+        self._on_batch = on_batch  # handles internal messages, returns the user ones' callbacks
         self._on_closed = on_closed
         self._run = run  # runs one callback, reporting its exception (never raises)
         self._may_block = may_block  # False while someone waits for an answer only a reader reads
@@ -52,13 +52,6 @@ class Dispatcher:
         with self._cond:
             self._queue.append((fn, args))
             self._cond.notify()
-
-    def post_many(self, calls: list[tuple[Callable[..., Any], tuple[Any, ...]]]) -> None:
-        """From the reading thread: a batch's callbacks; waits while the queue is full."""
-        with self._cond:
-            while len(self._queue) >= MAX_QUEUED and self._may_block():
-                self._cond.wait(0.1)
-            self._queue.extend(calls)
 
     def need_reader(self) -> None:
         """A call waits for the primary's answer: make sure a thread reads (the other one)."""
@@ -81,9 +74,20 @@ class Dispatcher:
             return True
 
     def _serve(self) -> None:
+        """One of the two threads. Each turn ends its last job and picks the next in one critical
+        section (a lock taken once per job: this is every message's path)."""
         cond, queue = self._cond, self._queue
+        job, calls = "", None
         while True:
             with cond:
+                if job == "run":
+                    self._runner = None
+                elif job == "read":
+                    if calls:
+                        while len(queue) >= MAX_QUEUED and self._may_block():
+                            cond.wait(0.1)  # back-pressure: the callbacks are behind
+                        queue.extend(calls)
+                    self._reading = False
                 while True:
                     if queue and self._runner is None:
                         fn, args = queue.popleft()
@@ -99,30 +103,25 @@ class Dispatcher:
                     # more than the message).
                     cond.wait(POLL if not self._eof else None)
             if job == "run":
-                try:
-                    self._run(fn, *args)
-                finally:
-                    with cond:
-                        self._runner = None
+                self._run(fn, *args)
             else:
-                self._read_once()
+                calls = self._read_once()
 
-    def _read_once(self) -> None:
+    def _read_once(self) -> list[tuple[Callable[..., Any], tuple[Any, ...]]] | None:
+        """One batch: internal messages are handled now, still by the only reader (so they stay in
+        order); the user callbacks it brings are returned, for the queue."""
         try:
             batch = self._read()
         except BaseException as exc:  # the channel closed (or the primary sent garbage)
             with self._cond:
                 self._eof = True
-                self._reading = False
                 self._cond.notify_all()
             self._on_closed(exc)
-            return
+            return None
         try:
-            self._on_batch(batch)  # still the only reader: internal messages stay in order
+            return self._on_batch(batch)
         except Exception:  # a bug here must not cost the worker its channel threads
             from .events import report_callback_error
 
             report_callback_error("the channel's messages")
-        finally:
-            with self._cond:
-                self._reading = False
+            return None
