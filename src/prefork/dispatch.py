@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 MAX_QUEUED = 10_000
+RUN_BATCH = 256  # callbacks one turn takes at most
 POLL = 0.01  # how soon a callback that runs long gets the other thread reading in its place
 
 
@@ -90,7 +91,8 @@ class Dispatcher:
                     self._reading = False
                 while True:
                     if queue and self._runner is None:
-                        fn, args = queue.popleft()
+                        # every callback waiting, in order: one lock for a batch of messages
+                        todo = [queue.popleft() for _ in range(min(len(queue), RUN_BATCH))]
                         self._runner = threading.current_thread()
                         job = "run"
                         break
@@ -103,7 +105,8 @@ class Dispatcher:
                     # more than the message).
                     cond.wait(POLL if not self._eof else None)
             if job == "run":
-                self._run(fn, *args)
+                for fn, args in todo:
+                    self._run(fn, *args)
             else:
                 calls = self._read_once()
 
