@@ -24,7 +24,8 @@ no test leaves a process behind even when it fails half-way.
         result = script.finish(timeout=10)     # wait for the exit; Result(returncode, stdout, stderr)
 
 Helpers for asserting on processes: `pid_alive(pid)` (exists and is not a zombie), `pid_state(pid)`
-(the one-letter state from /proc, None when gone), `wait_until(predicate, timeout)`.
+(the one-letter state from /proc, None when gone), `wait_until(predicate, timeout)`, `children(pid)`
+(live child pids), and `end_processes(proc, pids)` for a test's own Popen.
 
 Scripts (and the workers they fork) run with line-buffered stdout and stderr, as on a terminal: each
 line reaches the pipe whole and at once, so `expect` sees it as soon as it is printed and lines of
@@ -96,6 +97,35 @@ def wait_until(predicate: Callable[[], object], timeout: float = 10.0, interval:
         if time.monotonic() >= deadline:
             return bool(predicate())
         time.sleep(interval)
+
+
+def children(pid: int) -> set[int]:
+    """Live (not zombie) processes whose parent is `pid`: the workers of a primary."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                data = f.read()
+        except OSError:
+            continue
+        fields = data[data.rindex(")") + 2:].split()
+        if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
+            found.add(int(entry))
+    return found
+
+
+def end_processes(proc: subprocess.Popen, pids: list[int]) -> None:
+    """Teardown for a test's own Popen (started with start_new_session) and the pids it saw."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 _SITECUSTOMIZE = """\

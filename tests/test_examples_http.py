@@ -14,7 +14,7 @@ import threading
 import time
 
 import pytest
-from conftest import ROOT, pid_alive, wait_until
+from conftest import ROOT, children, pid_alive, wait_until
 
 EXAMPLES = ROOT / "examples"
 CPUS = os.cpu_count() or 1
@@ -24,23 +24,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _children(pid: int) -> set[int]:
-    """Live processes whose parent is `pid` (the workers of a primary)."""
-    found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                data = f.read()
-        except OSError:
-            continue
-        fields = data[data.rindex(")") + 2:].split()
-        if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
-            found.add(int(entry))
-    return found
 
 
 def _get(port: int, timeout: float = 10) -> tuple[int, str]:
@@ -76,7 +59,7 @@ def _stop(script, sig: str, workers: set[int]) -> None:
     script.finish(timeout=10)
     assert wait_until(lambda: not any(pid_alive(p) for p in workers), 10), \
         [p for p in workers if pid_alive(p)]
-    assert not _children(script.pid)
+    assert not children(script.pid)
 
 
 def _lines(script, pattern: str, count: int, timeout: float = 15) -> None:
@@ -94,7 +77,7 @@ def test_hello_cluster(py):
     assert _get_when_up(port) == (200, "hello world\n")
     results = [_get(port) for _ in range(20)]
     assert results == [(200, "hello world\n")] * 20
-    workers = _children(script.pid)
+    workers = children(script.pid)
     assert len(workers) == CPUS
     _stop(script, "SIGINT", workers)
 
@@ -113,7 +96,7 @@ def test_online_exit_respawns(py):
     _lines(script, r"^Worker \d+ is online$", CPUS + 1)
     _lines(script, r"^start$", CPUS + 1)
     assert [_get(port) for _ in range(10)] == [(200, "hello world\n")] * 10
-    workers = _children(script.pid)
+    workers = children(script.pid)
     assert len(workers) == CPUS and victim not in workers
     _stop(script, "SIGINT", workers)
 
@@ -153,7 +136,7 @@ def test_master_reload_on_sighup(py):
     assert not failures, failures[:3]
     assert any(a.startswith("hello from worker 1 ") for a in answers)
     assert answers[-1].startswith("hello from worker 2 ")
-    assert _children(script.pid) == {second}
+    assert children(script.pid) == {second}
     _stop(script, "SIGTERM", {second})
 
 
@@ -161,7 +144,7 @@ def test_restart_workers(py):
     script, port = _start(py, "restart_workers")
     _lines(script, r"^worker \d+ started with \d+$", CPUS)
     assert _get_when_up(port)[0] == 200
-    old = _children(script.pid)
+    old = children(script.pid)
     assert len(old) == CPUS
     script.track(*old)
     script.signal("SIGUSR2")
@@ -171,6 +154,6 @@ def test_restart_workers(py):
     assert wait_until(lambda: not any(pid_alive(p) for p in old), 10)
     status, body = _get_when_up(port)
     assert status == 200 and int(body.split()[3]) > CPUS  # served by a new worker
-    new = _children(script.pid)
+    new = children(script.pid)
     assert len(new) == CPUS and not new & old
     _stop(script, "SIGTERM", new)

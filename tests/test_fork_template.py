@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 
-from conftest import PYTHON, pid_alive, wait_until
+from conftest import PYTHON, end_processes, pid_alive, wait_until
 
 SCRIPT = r"""
 import os, sys, threading, time
@@ -59,14 +59,7 @@ def test_a_thread_holding_a_lock_at_fork_time_does_not_hang_the_workers(tmp_path
         assert parents != {str(proc.pid)}, f"forked by the primary itself: {out}"
         assert wait_until(lambda: not any(pid_alive(p) for p in pids), 5)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        end_processes(proc, pids)
 
 
 def test_no_fork_with_threads_warning_in_a_template_worker(py):

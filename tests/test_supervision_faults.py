@@ -15,7 +15,7 @@ import time
 
 import httpx
 from cli_helpers import PREFORK, clean_env, ctl_json, free_port, pid_alive, prefork_cmd, run_prefork  # noqa: F401
-from conftest import wait_until
+from conftest import children, end_processes, wait_until
 
 HELLO = os.path.join(os.path.dirname(__file__), "apps", "hello.py")
 
@@ -38,23 +38,6 @@ class Hello(BaseHTTPRequestHandler):
 time.sleep(float(sys.argv[2]))  # a worker that takes a while to boot
 prefork.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Hello).serve_forever()
 """
-
-
-def children(pid: int) -> set[int]:
-    """The live (non-zombie) child processes of `pid`, from /proc."""
-    out = set()
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                data = f.read()
-        except OSError:
-            continue
-        fields = data[data.rindex(")") + 2:].split()
-        if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
-            out.add(int(name))
-    return out
 
 
 def status_settled(control: str, n: int) -> bool:
@@ -92,14 +75,7 @@ def test_closed_log_pipe_neither_hangs_nor_stops_the_primary(tmp_path):
         assert proc.wait(15) == 0
         assert not any(pid_alive(p) for p in pids)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        end_processes(proc, pids)
 
 
 def test_worker_killed_while_its_replacement_boots_leaves_one_worker(prefork_cmd, tmp_path):  # noqa: F811
