@@ -119,6 +119,8 @@ def test_reload_that_cannot_start_a_worker_keeps_the_old_ones(prefork_cmd, tmp_p
     assert sorted(w["pid"] for w in status["workers"]) == sorted(pids), status
     assert all(w["state"] == "ready" for w in status["workers"])
     assert status["last_error"], status
+    table = run_prefork(["ctl", "--control", control, "status"]).stdout
+    assert "reload failed" in table and "last error" in table, table
     for _ in range(10):
         assert httpx.get(f"http://127.0.0.1:{port}/", timeout=5).text == "hello world\n"
     assert cmd.output.count("reload failed") == 1, cmd.output

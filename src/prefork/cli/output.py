@@ -72,6 +72,11 @@ def status_table(status: dict[str, Any]) -> str:
     lines = [head]
     if addresses:
         lines.append("listening on " + ", ".join(addresses))
+    reload = status.get("reload") or {}
+    if reload.get("state") in ("running", "failed"):
+        lines.append(f"reload {reload['state']}" + (f": {reload['error']}" if reload.get("error") else ""))
+    if status.get("last_error"):
+        lines.append(f"last error: {status['last_error']}")
     lines += ["", fmt(COLUMNS), fmt(tuple("-" * w for w in widths))]
     lines += [fmt(r) for r in rows]
     totals = [sum(int(w.get(k, 0) or 0) for w in status.get("workers", []))
