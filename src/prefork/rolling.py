@@ -27,7 +27,10 @@ class Rolling:
                 held: list[Member] | None = None) -> None:
         """Give `slot` a new worker; once it is ready, drain the old one (or put it in `held`, for
         the caller to drain). If it fails, the old one keeps serving and only this replacement fails."""
-        if self.sup.stopping or slot.removed:
+        if slot.removed:  # scaled away meanwhile: nothing left to replace
+            done(True, "")
+            return
+        if self.sup.stopping:
             done(False, "stopping")
             return
         if slot.incoming is not None:  # one replacement at a time: this one follows it
@@ -61,7 +64,7 @@ class Rolling:
                     slot.incoming = None
                     if new.worker.id in self.sup.members:
                         self.sup.retire(new, "failed to become ready", graceful=False)
-                    done(False, reason)
+                    done(slot.removed, reason)  # a slot scaled away has nothing left to replace
                     return
                 old, slot.current, slot.incoming = slot.current, new, None
                 if old is not None and old.worker.id in self.sup.members:

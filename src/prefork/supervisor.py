@@ -316,6 +316,7 @@ class Supervisor:
         """Drain a worker (graceful) or kill it; kill it anyway after graceful_timeout."""
         if member.state == "draining":
             return
+        was_starting = member.state == "starting"
         member.state = "draining"
         member.why_leaving = why
         worker = member.worker
@@ -325,6 +326,8 @@ class Supervisor:
         else:
             worker.kill("SIGTERM")
             self.primary.loop.call_later(min(5.0, self.graceful_timeout), self._force, worker.id)
+        if was_starting:  # it will never be ready: whoever waits for it (a reload) must hear so now
+            self._settle(member, False, why)
 
     def _force(self, wid: int) -> None:
         member = self.members.get(wid)
