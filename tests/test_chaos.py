@@ -93,6 +93,12 @@ async def app(scope, receive, send):
 BROKEN = "async def app(scope, receive, send:\n    pass\n"
 
 
+def _write(path: Path, text: str) -> None:
+    """As a deploy tool does: a worker booting meanwhile reads the old file or the new one, whole."""
+    path.with_suffix(".tmp").write_text(text)
+    os.replace(path.with_suffix(".tmp"), path)
+
+
 def _seeds() -> list[int]:
     spec = os.environ.get("CHAOS_SEEDS", "").strip()
     if not spec:
@@ -468,7 +474,10 @@ class Chaos:
     def check(self, what: str) -> dict:
         assert self.server.proc.poll() is None, f"the primary exited ({self.server.proc.returncode}) after " \
                                                 f"{what}\n{self.context()}"
-        status, took = self.server.status()
+        try:
+            status, took = self.server.status()
+        except (OSError, ValueError, AssertionError) as exc:
+            pytest.fail(f"no status after {what}: {type(exc).__name__}: {exc}\n{self.context()}")
         assert took < STATUS_WITHIN, f"status took {took:.2f} s after {what}\n{self.context()}"
         return status
 
@@ -513,7 +522,7 @@ class Chaos:
                       f"{result.stderr.strip()}")
             assert result.returncode == 0, self.context()
         elif kind == "break":
-            self.app.write_text(BROKEN)
+            _write(self.app, BROKEN)
             self.broken = True
             self.note("app.py broken (syntax error)")
         elif kind == "fix":
@@ -526,7 +535,7 @@ class Chaos:
                          f"{_fds(self.server.pid)} fds, {_rss(self.server.pid) / 2**20:.1f} MiB]")
 
     def fix(self) -> None:
-        self.app.write_text(APP)
+        _write(self.app, APP)
         self.broken = False
         result = self.server.ctl("reload")
         self.note(f"app.py fixed; ctl reload -> {result.returncode}")
@@ -574,7 +583,7 @@ def test_chaos(tmp_path: Path, seed: int) -> None:
 
         # the end: the app as it should be, one more reload, and the pool must settle
         if chaos.broken:
-            chaos.app.write_text(APP)
+            _write(chaos.app, APP)
             chaos.broken = False
             chaos.note("app.py fixed")
         asked = time.time()
@@ -682,8 +691,7 @@ def test_reload_after_fixing_a_crash_loop_starts_the_fixed_app(tmp_path: Path) -
 
         # the slot's worker is loading the broken app (it fails 1.5 s later)
         assert _until((tmp_path / "booting").exists, 15), server.output()
-        (tmp_path / "app.py.new").write_text(APP)
-        os.replace(tmp_path / "app.py.new", tmp_path / "app.py")
+        _write(tmp_path / "app.py", APP)
         asked = time.time()
         assert server.ctl("reload").returncode == 0
 
@@ -694,5 +702,33 @@ def test_reload_after_fixing_a_crash_loop_starts_the_fixed_app(tmp_path: Path) -
         assert _until(reloaded, 30, 0.1), server.output()
         assert server.status()[0]["reload"]["state"] == "done", f"{server.status()[0]}\n{server.output()}"
         assert _until(lambda: _settled(server, server.status()[0]), SETTLE_WITHIN, 0.1), server.status()[0]
+    finally:
+        server.kill_all()
+
+
+def test_scaling_down_a_slot_whose_replacement_boots_ends_the_reload(tmp_path: Path) -> None:
+    """Found by the chaos runs (seeds 12 and 28 of 1-50): `ctl reload`, then `ctl scale -1` while the
+    last slot's replacement is still booting. The replacement is drained before it was ready; the
+    reload must still end (it hung in "running" for good, and every later reload with it)."""
+    _write(tmp_path / "app.py", "import os, time\nif os.path.exists('slow'):\n    time.sleep(2)\n" + APP)
+    server = Server(tmp_path, "reuseport")
+    try:
+        assert _until(lambda: any("ready:" in line for line in server.lines), 30), server.output()
+        (tmp_path / "slow").touch()
+        assert server.ctl("reload").returncode == 0
+        assert _until(lambda: server.status()[0]["slots"][-1] == "replacing", 30), server.status()[0]
+        assert server.ctl("scale", "-1").returncode == 0
+        assert _until(lambda: server.status()[0]["reload"]["state"] != "running", 15), \
+            f"{server.status()[0]}\n{server.output()}"
+        (tmp_path / "slow").unlink()
+        assert _until(lambda: _settled(server, server.status()[0]), SETTLE_WITHIN, 0.1), server.status()[0]
+        asked = time.time()
+        assert server.ctl("reload").returncode == 0  # and the next reload runs
+
+        def reloaded() -> bool:
+            reload = server.status()[0]["reload"]
+            return reload.get("started", 0) >= asked - 0.5 and reload["state"] == "done"
+
+        assert _until(reloaded, 30, 0.1), f"{server.status()[0]}\n{server.output()}"
     finally:
         server.kill_all()
