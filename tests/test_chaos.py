@@ -1,4 +1,4 @@
-"""Seeded chaos against a real `prefork serve` under HTTP load (marked slow: 20 to 40 s a seed).
+"""Seeded chaos against a real `prefork serve` under HTTP load (marked slow: 15 to 35 s a seed).
 
 Each seed starts `prefork serve app:app --workers 3 --timeout 2 --graceful-timeout 5` on a small
 ASGI app copied into its own folder (every answer's body is the pid of the worker that served it;
@@ -34,7 +34,13 @@ Seeds: 1..5 by default; CHAOS_SEEDS="1-50" (a range; "9-9" for seed 9 alone), "7
 primary's process group, then each worker pid ever seen: supervised workers have sessions of their
 own). A failure prints the seed, each step with its time, and the primary's timestamped output.
 
-Runs: (filled in below after the local runs)
+Runs (2 shared cores, other test runs beside): `CHAOS_SEEDS=1-50` before the fixes below: 48 passed,
+seeds 12 and 28 failed (a reload hung, see the second regression test), 1187 s; after them: 50 of 50
+passed in 1066 s (about 21 s a seed). The default 5 seeds: 98 s with a CPU-bound process beside. Found
+in prefork and fixed (a regression test here, or the RSS check above): dead workers kept by a reference
+cycle (and by the supervisor's timers) until a full GC, +0.25 MB of primary RSS per respawn; a reload
+failing when a crash-looping slot was booting the old code; a reload hanging for good when a slot
+was scaled away while its replacement booted.
 """
 
 from __future__ import annotations
@@ -560,7 +566,7 @@ def _settled(server: Server, status: dict) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(150)
 @pytest.mark.parametrize("seed", _seeds())
 def test_chaos(tmp_path: Path, seed: int) -> None:
     policy = POLICIES[seed % len(POLICIES)]
@@ -595,7 +601,8 @@ def test_chaos(tmp_path: Path, seed: int) -> None:
             reload = server.status()[0]["reload"]
             return reload.get("started", 0) >= asked - 0.5 and reload["state"] != "running"
 
-        assert _until(reloaded, 60, 0.2), f"the final reload did not end\n{chaos.context()}"
+        assert _until(reloaded, 60, 0.2), \
+            f"the final reload did not end: {server.status()[0]}\n{chaos.context()}"
         reload = server.status()[0]["reload"]
         chaos.note(f"final reload: {reload}")
         assert reload["state"] == "done", f"final reload: {reload}\n{chaos.context()}"
