@@ -91,14 +91,22 @@ class Template:
             self._gone()
             raise OSError("the fork template did not answer")
 
-    def poll(self, pid: int) -> int | None:
-        """The exit code of worker `pid`, if the template has reported it (non-blocking)."""
+    def poll(self, pid: int, timeout: float = 0.0) -> int | None:
+        """The exit code of worker `pid`, once the template has reported it; waits up to
+        `timeout` for the report (the caller knows the worker has exited: it comes at once)."""
+        deadline = time.monotonic() + timeout
         with self._lock:
-            while self.alive and self._read(0.0) is not None:
-                pass
-            if pid in self.exits:
-                return self.exits.pop(pid)
-            return None if self.alive else UNKNOWN_EXIT
+            while True:
+                while self.alive and pid not in self.exits and self._read(0.0) is not None:
+                    pass
+                if pid in self.exits:
+                    return self.exits.pop(pid)
+                if not self.alive:
+                    return UNKNOWN_EXIT
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._read(min(left, 0.05))  # sleeps in recv until the report comes
 
     def close(self) -> None:
         with self._lock:
@@ -153,15 +161,13 @@ class Forked:
         import subprocess
 
         limit = REPORT_WAIT if timeout is None else timeout
-        deadline = time.monotonic() + limit
-        while self.poll() is None:
-            if time.monotonic() > deadline:
-                if timeout is not None:
-                    raise subprocess.TimeoutExpired([str(self.pid)], timeout)
-                self.returncode = UNKNOWN_EXIT
-                break
-            time.sleep(0.002)
-        return self.returncode  # type: ignore[return-value]
+        if self.returncode is None:
+            self.returncode = self._template.poll(self.pid, limit)
+        if self.returncode is None:
+            if timeout is not None:
+                raise subprocess.TimeoutExpired([str(self.pid)], timeout)
+            self.returncode = UNKNOWN_EXIT
+        return self.returncode
 
     def send_signal(self, signum: int) -> None:
         if self.poll() is None:
