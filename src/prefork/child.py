@@ -81,13 +81,13 @@ class Child:
     def _on_batch(self, batch: list[tuple[int, Any, list[int]]]) -> list[Any]:
         """What one read brought (on the reading thread, dispatch.py): internal messages are
         handled now, in order; user messages become ordered callbacks, returned."""
-        calls = []
+        users = []
         for kind, message, fds in batch:
             if kind == KIND_INTERNAL:
                 self._on_internal(message, fds)
             else:
-                calls.append((self._deliver, (message, self._handle(fds))))
-        return calls
+                users.append((message, fds))
+        return [(self._deliver, (users,))] if users else []
 
     def _on_internal(self, message: Any, fds: list[int]) -> None:
         """Internal messages are prefork's own: a failing handler is reported, never allowed to
@@ -105,8 +105,6 @@ class Child:
 
     def _handle(self, fds: list[int]) -> socket.socket | None:
         """A user message's handle as a socket; a descriptor that is no socket is closed."""
-        if not fds:
-            return None
         close_fds(fds[1:])
         try:
             return socket.socket(fileno=fds[0])
@@ -114,15 +112,22 @@ class Child:
             close_fds(fds[:1])
             return None
 
-    def _deliver(self, message: Any, handle: Any) -> None:
-        """An ordered callback (dispatch.py): emit one user message, or hold it until the script
-        adds a `message` listener (as Node's event loop makes happen)."""
-        held = self._held
-        if held or not self.worker.listener_count("message"):
-            held.append((message, handle))
-            self._flush_held()
-            return
-        self.worker.emit("message", message, handle)
+    def _deliver(self, messages: list[tuple[Any, list[int]]]) -> None:
+        """An ordered callback (dispatch.py): emit a read's user messages, in order, or hold them
+        until the script adds a `message` listener (as Node's event loop makes happen). One
+        callback for the whole read: the per-message path is the hot one."""
+        worker, held = self.worker, self._held
+        emit = worker.emit
+        for message, fds in messages:
+            handle = self._handle(fds) if fds else None
+            if held or not worker.listener_count("message"):
+                held.append((message, handle))
+                self._flush_held()
+                continue
+            try:
+                emit("message", message, handle)
+            except SystemExit as exc:  # emit reports every other exception of a listener
+                self.exit(_proc.exit_code(exc))
 
     def _flush_held(self) -> None:
         worker = self.worker
