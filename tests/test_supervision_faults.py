@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 
@@ -174,3 +175,46 @@ def test_signals_are_acted_on_while_the_main_thread_is_busy_in_c(py):
     script.expect(r"busy")
     script.signal("SIGTTIN")
     script.expect(r"listening 2", timeout=10)
+
+
+def test_a_worker_that_hangs_while_draining_is_killed_after_timeout(py):
+    """Scaled down while stopped (SIGSTOP), a worker cannot drain: the heartbeat finds it after
+    `timeout` (not `graceful_timeout`), and under rr what waited in its link is served by the other."""
+    script = py.spawn("""
+        import socket, sys
+        import prefork as cluster
+        if cluster.is_primary:
+            cluster.on("listening", lambda w, a: print("listening", w.id, w.process.pid, a.port, flush=True))
+            cluster.on("exit", lambda w, code, sig: print("exit", w.id, sig, flush=True))
+            sys.exit(cluster.supervise(2, timeout=1.0, graceful_timeout=60).wait())
+        else:
+            with cluster.listen(("127.0.0.1", 0)) as listener:
+                while True:
+                    conn, _ = listener.accept()
+                    conn.sendall(str(cluster.worker.id).encode())
+                    conn.close()
+    """)
+    first = script.expect(r"listening (\d+) (\d+) (\d+)", timeout=20)
+    second = script.expect(r"listening (\d+) (\d+) (\d+)", timeout=20, start=1)
+    workers = {int(first[1]): int(first[2]), int(second[1]): int(second[2])}
+    script.track(*workers.values())
+    port = int(first[3])
+    os.kill(workers[2], signal.SIGSTOP)  # slot 2 is the one a scale-down removes
+    early = []
+    try:
+        # rr hands every other one of these to the stopped worker: they wait in its link
+        early = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(4)]
+        script.signal("SIGTTOU")
+        answers = [conn.recv(16) for conn in early]
+        for _ in range(6):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+                answers.append(conn.recv(16))
+        assert answers == [b"1"] * 10, answers
+        script.expect(r"exit 2 SIGKILL", timeout=8)  # timeout 1 s, graceful_timeout 60 s
+    finally:
+        for conn in early:
+            conn.close()
+        try:
+            os.kill(workers[2], signal.SIGCONT)
+        except ProcessLookupError:
+            pass

@@ -34,15 +34,23 @@ class Health:
 
     def check(self, member: Any, now: float) -> None:
         sup, worker = self.sup, member.worker
+        last = worker.last_beat or member.started
+        if member.state == "draining":  # a worker that hangs while it drains is killed after
+            if sup.timeout and worker.is_connected() and now - last > sup.timeout:  # `timeout`
+                sup.log(f"worker {worker.id} (pid {worker.process.pid}) stopped answering while "
+                        f"draining ({now - last:.1f} s, timeout {sup.timeout:g} s): SIGKILL")
+                member.state = "hung"
+                member.why_leaving += ", killed: it stopped answering"
+                worker.kill("SIGKILL")
+            return
         if member.state != "ready" or member.slot.incoming is not None:
             return
-        last = worker.last_beat or member.started
         if sup.timeout and now - last > sup.timeout:
             sup.log(f"worker {worker.id} (pid {worker.process.pid}) did not answer for {now - last:.1f} s "
                     f"(timeout {sup.timeout:g} s): SIGABRT, then SIGKILL")
             member.state = "hung"
             worker.kill("SIGABRT")
-            sup.primary.loop.call_later(KILL_AFTER_ABORT, self._kill_hung, member)
+            sup.primary.loop.call_later(KILL_AFTER_ABORT, self._kill_hung, worker.id)
             return
         requests = worker.stats.get("requests", 0)
         if member.max_requests and requests >= member.max_requests:
@@ -50,8 +58,9 @@ class Health:
         elif sup.max_memory and member.rss > sup.max_memory:
             sup.rolling.recycle(member, f"uses {member.rss >> 20} MiB (max {sup.max_memory >> 20} MiB)")
 
-    def _kill_hung(self, member: Any) -> None:
-        if not member.worker.is_dead():
+    def _kill_hung(self, wid: int) -> None:
+        member = self.sup.members.get(wid)  # by id: a timer must not keep a dead worker alive
+        if member is not None and not member.worker.is_dead():
             member.worker.kill("SIGKILL")
 
     def sample(self, member: Any, now: float) -> None:

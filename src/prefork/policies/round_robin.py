@@ -72,9 +72,18 @@ class RoundRobinHandle(Handle):
         return {"mode": "q"}, []
 
     def pause(self, worker: Any) -> None:
+        """It drains: nothing new, and what waits unread in its link goes to the others now (a
+        draining worker that hangs would hold it until it is killed). Whatever it had read already
+        is its own; a record is read by one side or the other, never both."""
         if worker in self.order:
             self.order.remove(worker)
             self.next = self.next % len(self.order) if self.order else 0
+        end = self.ends.get(worker.id)
+        if end is not None and self.order and not self.stopped:  # stopping: nobody else would take them
+            taken = handoff.reclaim(end)
+            if taken:
+                self.pending.extendleft(reversed(taken))
+                self.loop.call_soon(self._deliver_pending)
 
     def remove(self, worker: Any) -> None:
         self.pause(worker)
