@@ -61,7 +61,10 @@ class ForkedProcess:
 
     def send_signal(self, signum: int) -> None:
         if self.poll() is None:
-            os.kill(self.pid, signum)
+            try:
+                os.kill(self.pid, signum)
+            except ProcessLookupError:  # gone, and reaped by its parent already
+                pass
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 
 from . import _proc
+from .forkstart import ForkedProcess, become_worker_and_run
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -139,14 +140,12 @@ class Template:
                 pass
 
 
-class Forked:
-    """`worker.process` for a worker the template forked: what Popen offers that prefork uses."""
-
-    stdin = stdout = stderr = None
+class Forked(ForkedProcess):
+    """`worker.process` for a worker the template forked: its parent is the template, so its exit
+    status comes from the template's report, not from waitpid (forkstart.ForkedProcess does the rest)."""
 
     def __init__(self, pid: int, template: Template) -> None:
-        self.pid = pid
-        self.returncode: int | None = None
+        super().__init__(pid)
         self._template = template
 
     def poll(self) -> int | None:
@@ -169,19 +168,6 @@ class Forked:
             self.returncode = UNKNOWN_EXIT
         return self.returncode
 
-    def send_signal(self, signum: int) -> None:
-        if self.poll() is None:
-            try:
-                os.kill(self.pid, signum)
-            except ProcessLookupError:
-                pass
-
-    def kill(self) -> None:
-        self.send_signal(signal.SIGKILL)
-
-    def terminate(self) -> None:
-        self.send_signal(signal.SIGTERM)
-
 
 # -- in the template process ---------------------------------------------------------------------
 
@@ -191,11 +177,10 @@ def _serve(sock: socket.socket, target: Callable[[], Any], keep_fds: set[int], p
     _proc.set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != primary_pid:
         return 1
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the primary's to handle
     from .signals import reset_in_child
 
     reset_in_child()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the primary's to handle
     selector = selectors.DefaultSelector()
     selector.register(sock, selectors.EVENT_READ, None)
     while True:
@@ -235,8 +220,6 @@ def _answer(sock: socket.socket, selector: selectors.BaseSelector, target: Calla
 
 def _fork_worker(env: dict[str, str], channel_fd: int, own_group: bool, target: Callable[[], Any],
                  keep_fds: set[int]) -> int:
-    from .forkstart import become_worker_and_run
-
     env["PREFORK_PRIMARY_PID"] = str(os.getpid())  # the worker's parent: its death ends the worker
     env["PREFORK_CHANNEL_FD"] = str(channel_fd)  # its number here, not in the primary
     pid = os.fork()
