@@ -75,28 +75,32 @@ class RoundRobinHandle(Handle):
         """It drains: nothing new, and what waits unread in its link goes to the others now (a
         draining worker that hangs would hold it until it is killed). Whatever it had read already
         is its own; a record is read by one side or the other, never both."""
-        if worker in self.order:
-            self.order.remove(worker)
-            self.next = self.next % len(self.order) if self.order else 0
-        end = self.ends.get(worker.id)
-        if end is not None and self.order and not self.stopped:  # stopping: nobody else would take them
-            taken = handoff.reclaim(end)
-            if taken:
-                self.pending.extendleft(reversed(taken))
-                self.loop.call_soon(self._deliver_pending)
+        self._leave_order(worker)
+        if self.order and not self.stopped:  # stopping: nobody else would take them
+            self._take_back(worker)
+            self.loop.call_soon(self._deliver_pending)
 
     def remove(self, worker: Any) -> None:
-        self.pause(worker)
+        self._leave_order(worker)
         self._read_link(worker)
-        end = self.ends.get(worker.id)
-        if end is not None:  # what it had not read goes to the others, first in line
-            self.pending.extendleft(reversed(handoff.reclaim(end)))
+        self._take_back(worker)
         self._drop_link(worker)
         self.workers.pop(worker.id, None)
         self.room.pop(worker.id, None)
         self.blocked.discard(worker.id)
         self.eager.discard(worker.id)
         self._deliver_pending()
+
+    def _leave_order(self, worker: Any) -> None:
+        if worker in self.order:
+            self.order.remove(worker)
+            self.next = self.next % len(self.order) if self.order else 0
+
+    def _take_back(self, worker: Any) -> None:
+        """What waits unread in its link goes to the others, first in line."""
+        end = self.ends.get(worker.id)
+        if end is not None:
+            self.pending.extendleft(reversed(handoff.reclaim(end)))
 
     def handed(self, worker: Any) -> None:
         """Hook for load-aware subclasses: one more connection went to `worker`."""
