@@ -30,6 +30,7 @@ class Health:
                 worker._channel.send_internal(["p"])
             self.sample(member, now)
             self.check(member, now)
+        sup.tell("beat")
         sup.primary.loop.call_later(sup.beat_every, self.beat)
 
     def check(self, member: Any, now: float) -> None:

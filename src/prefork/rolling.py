@@ -94,6 +94,7 @@ class Rolling:
         self.running = True
         self.status = {"state": "running", "started": time.time()}
         self.sup.log(f"reloading {len(self.sup.slots)} worker(s), {self.sup.reload_batch} at a time")
+        self.sup.tell("reloading")
         self._reload_step(list(self.sup.slots))
 
     def _reload_step(self, todo: list[Slot]) -> None:
@@ -131,6 +132,8 @@ class Rolling:
             self.status["error"] = why
             self.sup.last_error = f"reload failed: {why}"
             self.sup.log(f"reload failed, the old workers keep serving: {why}")
+        self.sup.reloads["ok" if ok else "failed"] += 1
+        self.sup.tell("reloaded", ok, why)
         if self.again:
             self.again = False
             self.reload()

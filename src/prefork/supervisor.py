@@ -15,6 +15,9 @@ either happens in one of the methods below, on the loop thread:
   third worker); one that dies otherwise leaves the slot empty until `fill`;
 - a slot removed by scaling down gets nothing started again.
 "restarts" is counted per slot, as a person reading `status` expects.
+
+Others follow the pool through `watchers` (systemd's notify socket, the admin endpoint, metrics):
+each gets `on_<event>(...)` calls, on the loop thread, for the events listed at `tell`.
 """
 
 from __future__ import annotations
@@ -83,7 +86,8 @@ class Supervisor:
     def __init__(self, workers: int, *, timeout: float | None = None, graceful_timeout: float = 30.0,
                  max_requests: int = 0, max_requests_jitter: int = 0, max_memory: int | None = None,
                  ready: str = "listening", ready_timeout: float = 30.0, reload_batch: int = 1,
-                 on_log: Callable[[str], None] | None = None, primary: Any = None) -> None:
+                 shutdown_delay: float = 0.0, on_log: Callable[[str], None] | None = None,
+                 primary: Any = None) -> None:
         if not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be at least 1, not {workers!r}")
         if ready not in ("listening", "online", "message"):
@@ -98,13 +102,19 @@ class Supervisor:
         # several beats per timeout, so one late answer is not taken for a hung worker
         self.beat_every = min(BEAT_EVERY, timeout / 4) if timeout else BEAT_EVERY
         self.reload_batch = max(1, reload_batch)
+        self.shutdown_delay = shutdown_delay
         self.log = on_log or _default_log
         self.health = Health(self)
         self.slots: list[Slot] = []
         self.members: dict[int, Member] = {}
         self.stopping = False
+        self.delaying = False  # SIGTERM came; serving on for shutdown_delay before the drain
         self.exit_code = 0
         self.ever_ready = False
+        self.all_ready = False  # the first full set of workers was ready once
+        self.restarts_total = 0
+        self.reloads = {"ok": 0, "failed": 0}
+        self.watchers: list[Any] = []
         self.last_error: str | None = None
         self.rolling = Rolling(self)
         self._done = threading.Event()
@@ -120,6 +130,7 @@ class Supervisor:
         self.primary.signals.handle({
             signal.SIGHUP: self.handle_hup, signal.SIGTERM: self.handle_term, signal.SIGINT: self.handle_int,
             signal.SIGTTIN: self.handle_ttin, signal.SIGTTOU: self.handle_ttou,
+            signal.SIGUSR1: self.handle_usr1,
         })
         loop.run_sync(self._start)
 
@@ -152,7 +163,25 @@ class Supervisor:
         self.rolling.reload()
 
     def handle_term(self) -> None:
+        """Graceful stop; with a shutdown delay, first report not ready and serve on for that long
+        (a load balancer or Kubernetes stops sending meanwhile), then drain. A second TERM drains."""
+        if self.shutdown_delay and not self.stopping and not self.delaying:
+            self.delaying = True
+            self.log(f"SIGTERM: not ready any more; serving for {self.shutdown_delay:g} s more, "
+                     "then draining (--shutdown-delay)")
+            self.tell("stopping")
+            self.primary.loop.call_later(self.shutdown_delay, self._delay_over)
+            return
         self._stop(True)
+
+    def _delay_over(self) -> None:
+        if not self.stopping:
+            self.log("shutdown delay over: draining the workers")
+            self._stop(True)
+
+    def handle_usr1(self) -> None:
+        """Reopen the log files (logrotate): whoever owns them watches `reopen`."""
+        self.tell("reopen")
 
     def handle_int(self) -> None:
         """First Ctrl-C drains; a second one stops at once."""
@@ -174,6 +203,31 @@ class Supervisor:
 
     def _post(self, fn: Callable[..., Any], *args: Any) -> None:
         self.primary.loop.call_soon(fn, *args)
+
+    def tell(self, event: str, *args: Any) -> None:
+        """Call `on_<event>(*args)` of each watcher that has it; a watcher's failure is reported and
+        ends nothing. Events: ready (the first full set of workers is ready), reloading, reloaded
+        (ok, why), stopping, restart (member), beat, reopen."""
+        for watcher in list(self.watchers):
+            method = getattr(watcher, f"on_{event}", None)
+            if method is not None:
+                try:
+                    method(*args)
+                except Exception as exc:
+                    self.log(f"{type(watcher).__name__}.on_{event} failed: {type(exc).__name__}: {exc}")
+
+    def ready_count(self) -> int:
+        return sum(1 for m in self.members.values() if m.state == "ready")
+
+    def readiness(self) -> tuple[bool, str]:
+        """Whether to take traffic (a load balancer's view): a worker is ready, no stop has begun."""
+        if self.stopping:
+            return False, "stopping"
+        if self.delaying:
+            return False, "shutting down (shutdown delay)"
+        if not self.ready_count():
+            return False, "no worker is ready" + ("" if self.ever_ready else " yet")
+        return True, "ready"
 
     def _start(self) -> None:
         self.slots = [Slot(i) for i in range(self.count)]
@@ -235,6 +289,10 @@ class Supervisor:
         self.ever_ready = True
         self.log(f"worker {worker.id} (pid {worker.process.pid}) is ready")
         self._settle(member, True, "")
+        if not self.all_ready and self.slots and all(
+                s.removed or (s.current is not None and s.current.state == "ready") for s in self.slots):
+            self.all_ready = True
+            self.tell("ready")
 
     def _settle(self, member: Member, ok: bool, why: str) -> None:
         waiters, member.waiters = member.waiters, []
@@ -270,6 +328,8 @@ class Supervisor:
                     self.log(f"worker {worker.id} (pid {worker.process.pid}) died ({how}) while being "
                              f"replaced; worker {slot.current.worker.id} takes its place")
                     slot.restarts += 1
+                    self.restarts_total += 1
+                    self.tell("restart", member)
                 else:
                     self._respawn_later(member, how, fatal)
                 self._check_done()
@@ -281,6 +341,8 @@ class Supervisor:
         slot, worker = member.slot, member.worker
         early = not member.ready_at or time.monotonic() - member.ready_at < MIN_UPTIME
         slot.restarts += 1
+        self.restarts_total += 1
+        self.tell("restart", member)
         if fatal is not None:
             if slot.failures < 1 or not early:
                 _stdio.write(fatal["traceback"])
@@ -360,6 +422,8 @@ class Supervisor:
     def _stop(self, graceful: bool) -> None:
         if self.stopping and graceful:
             return
+        if not self.stopping and not self.delaying:
+            self.tell("stopping")
         self.stopping = True
         if graceful:
             self.primary.servers.stop_accepting()
@@ -386,6 +450,7 @@ class Supervisor:
 
         return {"pid": os.getpid(), "version": prefork.__version__, "policy": prefork.scheduling_policy,
                 "workers": self.health.rows(), "target": len(self.slots), "stopping": self.stopping,
+                "ready": self.readiness()[0], "restarts": self.restarts_total, "reloads": dict(self.reloads),
                 "slots": [slot.state for slot in self.slots], "reload": dict(self.rolling.status),
                 "last_error": self.last_error, "addresses": self._addresses()}
 

@@ -23,6 +23,7 @@ POLICIES = ("rr", "none", "reuseport", "least_conn")
 INTERFACES = ("auto", "asgi", "asgi3", "asgi2", "wsgi")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 READY = ("listening", "online", "message")
+LOG_FORMATS = ("text", "json")
 
 
 # -- converters: value (str from flags/env, or a TOML value) -> checked value ---------------------
@@ -34,7 +35,9 @@ MAX_BACKLOG = 65535  # the kernel caps listen() at net.core.somaxconn anyway (a 
 
 def to_workers(value: Any) -> int:
     if isinstance(value, str) and value.strip().lower() == "auto":
-        return os.cpu_count() or 1
+        from prefork import cpus
+
+        return cpus.usable()  # affinity and cgroup quota, not the host's count (prefork/cpus.py)
     n = _int(value)
     if n is None or not 1 <= n <= MAX_WORKERS:
         raise ValueError(f"expected a whole number of workers (1 to {MAX_WORKERS}) or 'auto', not {value!r}")
@@ -109,6 +112,14 @@ def to_size(value: Any) -> int:
     return int(float(m.group(1)) * _SIZE[m.group(2).lower()])
 
 
+def to_address(value: Any) -> list[Any]:
+    """HOST:PORT for --admin (TCP only: a load balancer's or the kubelet's probes reach it)."""
+    bind = parse_bind(value)
+    if bind[0] != "tcp":
+        raise ValueError(f"expected HOST:PORT (e.g. 0.0.0.0:9000), not {value!r}")
+    return bind
+
+
 def choice(options: tuple[str, ...]) -> Callable[[Any], str]:
     def convert(value: Any) -> str:
         text = str(value).strip().lower()
@@ -125,13 +136,19 @@ def to_str(value: Any) -> str:
 
 
 def parse_bind(text: Any) -> list[Any]:
-    """HOST:PORT, [IPv6]:PORT, :PORT (every interface), PORT (127.0.0.1) or unix:PATH.
+    """HOST:PORT, [IPv6]:PORT, :PORT (every interface), PORT (127.0.0.1), unix:PATH or fd://N (an
+    inherited listening socket, as systemd's socket activation passes them).
 
-    Returns ["tcp", host, port] or ["unix", path] (JSON-friendly for the workers).
+    Returns ["tcp", host, port], ["unix", path] or ["fd", n] (JSON-friendly for the workers).
     """
     if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"expected HOST:PORT or unix:PATH, not {text!r}")
+        raise ValueError(f"expected HOST:PORT, unix:PATH or fd://N, not {text!r}")
     text = text.strip()
+    if text.startswith("fd://"):
+        fd = text[5:]
+        if not fd.isdigit() or not 0 <= int(fd) <= 1 << 20:
+            raise ValueError(f"{text!r}: fd:// needs a descriptor number, e.g. fd://3")
+        return ["fd", int(fd)]
     if text.startswith("unix:"):
         path = text[5:]
         if not path:
@@ -171,6 +188,8 @@ def to_binds(value: Any) -> list[list[Any]]:
 def show_bind(bind: list[Any], tls: bool = False) -> str:
     if bind[0] == "unix":
         return f"unix:{bind[1]}"
+    if bind[0] == "fd":
+        return f"fd://{bind[1]}"
     host = f"[{bind[1]}]" if ":" in bind[1] else bind[1]
     return f"{'https' if tls else 'http'}://{host}:{bind[2]}"
 
@@ -236,6 +255,18 @@ OPTIONS: tuple[Option, ...] = (
     Option("backlog", to_backlog, None, f"listen backlog (1 to {MAX_BACKLOG})", ("serve",), "N"),
     Option("ready", choice(READY), "listening", "when a new worker counts as ready (for reloads): when "
            "it listens, when it is online, or when it sends 'ready'", ("run",), "|".join(READY)),
+    Option("admin", to_address, None, "serve /livez, /readyz, /metrics and /status on HOST:PORT, from the "
+           "primary (off by default)", metavar="HOST:PORT"),
+    Option("shutdown_delay", to_seconds, 0.0, "on SIGTERM, report not ready (/readyz 503) and keep serving "
+           "for this long before draining, so a load balancer stops sending first", metavar="SECONDS"),
+    Option("init", to_bool, False, "reap every child that reparents to the primary, as an init process "
+           "(on by itself when the primary is PID 1)", flag=True),
+    Option("log_format", choice(LOG_FORMATS), "text", "text, or json: one JSON object per line (ts, level, "
+           "msg, worker) for every line prefork writes", metavar="text|json"),
+    Option("access_log_format", to_str, None, "access log line with gunicorn's atoms, e.g. "
+           "'%(h)s %(r)s %(s)s %(b)s %(D)s' (implies --access-log)", ("serve",), "FORMAT"),
+    Option("log_file", to_str, None, "write the log here instead of stdout/stderr; SIGUSR1 reopens it "
+           "(logrotate)", metavar="PATH"),
     Option("control", to_str, None, "control socket path (default: $XDG_RUNTIME_DIR/prefork/prefork.sock "
            "or /tmp/prefork-UID/prefork.sock)", metavar="PATH"),
     Option("app", to_str, None, "MODULE:APP (may come from the config file)", ("serve",)),

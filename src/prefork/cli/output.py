@@ -72,6 +72,8 @@ def status_table(status: dict[str, Any]) -> str:
     lines = [head]
     if addresses:
         lines.append("listening on " + ", ".join(addresses))
+    if status.get("workers_how"):
+        lines.append(f"workers: {status['workers_how']}")
     reload = status.get("reload") or {}
     if reload.get("state") in ("running", "failed"):
         lines.append(f"reload {reload['state']}" + (f": {reload['error']}" if reload.get("error") else ""))

@@ -68,26 +68,28 @@ def run_supervised(opts: dict[str, Any], *, title: str, rows: list[tuple[str, st
     if opts.get("policy"):
         prefork.scheduling_policy = opts["policy"]
     workers = opts["workers"]
+    how = getattr(workers, "how", str(workers))  # "2 (cgroup quota 2.0 of 64 CPUs)" for auto
     supervisor = Supervisor(
-        workers, timeout=opts["timeout"] or None, graceful_timeout=opts["graceful_timeout"],
+        int(workers), timeout=opts["timeout"] or None, graceful_timeout=opts["graceful_timeout"],
         max_requests=opts["max_requests"], max_requests_jitter=opts["max_requests_jitter"],
         max_memory=opts["max_memory"], ready=ready, ready_timeout=opts["ready_timeout"] or 30.0,
-        on_log=output.log)
+        shutdown_delay=opts.get("shutdown_delay") or 0.0, on_log=output.log)
     boot = BootWatch(supervisor)
     supervisor.primary.internal["boot_error"] = boot
+    supervisor.watchers.append(Announcer(supervisor, addresses, boot))
     control = ControlServer(opts.get("control"), lambda r: {"ok": False, "error": "starting"})
     try:
         control.start()
     except ControlError as exc:
         output.error(str(exc))
         return 1
-    control.handler = _control_handler(supervisor, control.path, {"title": title})
+    info = {"title": title, "workers_how": how}
+    control.handler = _control_handler(supervisor, control.path, info)
     try:
         output.banner([("pid", str(os.getpid())), *rows, ("policy", prefork.scheduling_policy),
-                       ("workers", str(workers)), ("control", f"{control.path}  (prefork ctl --control "
-                                                              f"{control.path} status)")], title)
+                       ("workers", how), ("control", f"{control.path}  (prefork ctl --control "
+                                                     f"{control.path} status)")], title)
         supervisor.start()
-        supervisor.primary.loop.call_soon(_announce_ready, supervisor, workers, addresses, boot)
         code = supervisor.wait()
     finally:
         control.close()
@@ -98,17 +100,15 @@ def run_supervised(opts: dict[str, Any], *, title: str, rows: list[tuple[str, st
     return code
 
 
-def _announce_ready(supervisor: Any, workers: int, addresses: list[str] | None, boot: BootWatch) -> None:
-    """One line once every first worker is ready: what a person (and a script) waits for. On the
-    primary's loop, looking again every 50 ms (no thread of its own: see prefork/forkstart.py)."""
-    if boot.message is not None:
-        return
-    status = supervisor.status()
-    if status.get("stopping"):
-        return
-    ready = [w for w in status["workers"] if w["state"] == "ready"]
-    if len(ready) < workers:
-        supervisor.primary.loop.call_later(0.05, _announce_ready, supervisor, workers, addresses, boot)
-        return
-    where = ", ".join(addresses or status.get("addresses") or [])
-    output.log(f"ready: {len(ready)} worker(s)" + (f" serving on {where}" if where else ""))
+class Announcer:
+    """One line once every first worker is ready: what a person (and a script) waits for."""
+
+    def __init__(self, supervisor: Any, addresses: list[str] | None, boot: BootWatch) -> None:
+        self.supervisor, self.addresses, self.boot = supervisor, addresses, boot
+
+    def on_ready(self) -> None:
+        if self.boot.message is not None or self.supervisor.stopping:
+            return
+        where = ", ".join(self.addresses or self.supervisor._addresses())
+        count = self.supervisor.ready_count()
+        output.log(f"ready: {count} worker(s)" + (f" serving on {where}" if where else ""))
