@@ -33,7 +33,7 @@ def usable(root: str = "/sys/fs/cgroup", proc_self: str = "/proc/self/cgroup") -
     n, parts = mask, []
     if mask < host:
         parts.append(f"affinity {mask} of {host} CPUs")
-    if quota is not None and math.ceil(quota) < n:
+    if quota is not None and math.ceil(quota) <= n:  # said even when it rounds up to the mask
         n = max(1, math.ceil(quota))
         parts.insert(0, f"cgroup quota {quota:.1f} of {host} CPUs")
     n = max(1, n)
@@ -41,24 +41,23 @@ def usable(root: str = "/sys/fs/cgroup", proc_self: str = "/proc/self/cgroup") -
 
 
 def cgroup_quota(root: str = "/sys/fs/cgroup", proc_self: str = "/proc/self/cgroup") -> float | None:
-    """The CPU quota in CPUs (1.5 = one and a half), or None when there is none."""
+    """The CPU quota in CPUs (1.5 = one and a half), or None when there is none.
+
+    The smallest limit from the process's cgroup up to the root: a parent's limit binds its
+    children, whose own file may well say "max" (or -1)."""
     paths = _cgroup_paths(proc_self)
+    found: list[float] = []
     v2 = paths.get("")
     if v2 is not None:  # "unified": where a hybrid (v1 and v2) host mounts the v2 hierarchy
         for base in (root, os.path.join(root, "unified")):
-            for folder in _up_from(base, v2):
-                found = _read_v2(os.path.join(folder, "cpu.max"))
-                if found is not None:
-                    return found if found > 0 else None
+            found += [q for q in (_read_v2(os.path.join(f, "cpu.max")) for f in _up_from(base, v2)) if q]
     for key, path in paths.items():
-        if "cpu" in key.split(","):
-            for base in (os.path.join(root, key), os.path.join(root, "cpu"),
-                         os.path.join(root, "cpu,cpuacct")):
-                for folder in _up_from(base, path):
-                    found = _read_v1(folder)
-                    if found is not None:
-                        return found if found > 0 else None
-    return None
+        if key and "cpu" in key.split(","):
+            bases = dict.fromkeys((os.path.join(root, key), os.path.join(root, "cpu"),
+                                   os.path.join(root, "cpu,cpuacct")))
+            for base in bases:  # the same folder under two names (a symlink) is read twice: harmless
+                found += [q for q in (_read_v1(f) for f in _up_from(base, path)) if q]
+    return min(found) if found else None
 
 
 def _cgroup_paths(proc_self: str) -> dict[str, str]:
@@ -97,9 +96,10 @@ def _read_v2(path: str) -> float | None:
     if quota == "max":
         return 0.0
     try:
-        return int(quota) / int(period or "100000")
+        value = int(quota) / int(period or "100000")
     except (ValueError, ZeroDivisionError):
         return None
+    return value if value > 0 else 0.0
 
 
 def _read_v1(folder: str) -> float | None:
