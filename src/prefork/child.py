@@ -63,10 +63,11 @@ class Child:
         self.servers: list[Any] = []  # open Listeners (servers.py), which keep the process alive
         self.internal: dict[str, Callable[[Any, list[int]], None]] = {
             "disconnect": self._on_disconnect, "p": self._on_ping, "L": self.requests.answer,
-            "+": self._on_slot_added, "-": self._on_slot_removed,
+            "+": self._on_slot_added, "-": self._on_slot_removed, "m": self._on_metrics,
         }
         self.stats: dict[str, int] = {"connections": 0, "requests": 0, "in_flight": 0}
         self.heartbeat_responder: Callable[[Callable[[], None]], None] | None = None
+        self.durations: Any = None  # serve's request durations (worker_metrics.Durations)
         self.supervised = supervised
 
     # -- start -----------------------------------------------------------------------------------
@@ -272,6 +273,35 @@ class Child:
     def _pong(self) -> None:
         try:
             self.channel.send_internal(["P", self.stats])
+        except ChannelClosed:
+            pass
+
+    def _on_metrics(self, message: Any, fds: list[int]) -> None:
+        """A scrape of the primary's /metrics: answer with this worker's figures (worker_metrics.py),
+        built on the serving loop when there is one, else on the callback lane: never on this
+        reading thread, as an app's prometheus_client collectors are app code."""
+        close_fds(fds)
+        if len(message) != 2 or type(message[1]) is not int:
+            return
+        seq = message[1]
+        responder = self.heartbeat_responder
+        if responder is not None:
+            try:
+                responder(lambda: self._send_metrics(seq))
+                return
+            except RuntimeError:  # its loop has ended: the callback lane answers
+                pass
+        self.dispatcher.post(self._send_metrics, seq)
+
+    def _send_metrics(self, seq: int) -> None:
+        from .worker_metrics import answer
+
+        try:
+            figures = answer(self)
+        except Exception as exc:  # a broken collector of the app's: the counters still go
+            figures = {"stats": dict(self.stats), "cut": f"the app's registry failed: {exc!r}"[:1000]}
+        try:
+            self.channel.send_internal(["M", seq, figures])
         except ChannelClosed:
             pass
 

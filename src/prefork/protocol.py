@@ -10,9 +10,12 @@ Worker to primary:
     {"t": "listen", "seq": int, "family": int, "addr": ..., "backlog": int | None,
      "policy": str} + its hand-off link's two ends (rr, least_conn)     a listen() call
     ["x", handle id]                                  it closed its listener on that handle
+    ["M", seq, {"stats": {...}, "duration": [[int, ...], float], "families": [...], "cut": str}]
+                                                      its figures for /metrics (worker_metrics.py)
 Primary to worker:
     {"t": "disconnect"}, ["p"] (heartbeat), {"t": "L", "seq": int, ...} (listen's answer),
-    ["+", handle id, slot id] + a listening socket, ["-", handle id, slot id]
+    ["+", handle id, slot id] + a listening socket, ["-", handle id, slot id],
+    ["m", seq] (a scrape of /metrics: answer with "M")
 
 Everything a worker sends is checked here before the primary acts on it (`check`): a worker is
 another process, which may be buggy or hostile, and a bad message must cost it an error, never
@@ -21,9 +24,12 @@ cost the primary its supervision.
 
 from __future__ import annotations
 
+import re
 import socket
 from collections.abc import Callable
 from typing import Any
+
+from .worker_metrics import BOUNDS, MAX_CHARS, MAX_SAMPLES
 
 POLICIES = ("rr", "none", "reuseport", "least_conn")
 FAMILIES = (int(socket.AF_INET), int(socket.AF_INET6), int(socket.AF_UNIX))
@@ -93,6 +99,53 @@ def _pong(message: Any, fds: list[int]) -> None:
             raise Invalid(f"P: counter {key!r} must be a whole number (0 or more), not {value!r}")
 
 
+_METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]{0,199}")
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]{0,99}")
+FAMILY_TYPES = ("counter", "gauge", "histogram", "summary", "untyped", "gaugehistogram")
+MAX_LABELS = 32
+
+
+def _figures(message: Any, fds: list[int]) -> None:
+    """["M", seq, figures]: the worker's answer to a scrape, bounded in samples and characters."""
+    _fds(fds, (0,))
+    if len(message) != 3 or type(message[2]) is not dict or len(message[2]) > 8:
+        raise Invalid('M: expected ["M", seq, {figures}]')
+    _whole(message[1], "M: seq", 0, 2**62)
+    body = message[2]
+    _pong(["P", body.get("stats")], fds)
+    duration = body.get("duration")
+    if duration is not None and not (
+            type(duration) is list and len(duration) == 2 and type(duration[0]) is list
+            and len(duration[0]) == len(BOUNDS) + 1
+            and all(type(n) is int and n >= 0 for n in duration[0]) and type(duration[1]) in (int, float)):
+        raise Invalid(f"M: duration must be [{len(BOUNDS) + 1} counts, sum]")
+    if body.get("cut") is not None:
+        _text(body["cut"], "M: cut")
+    families = body.get("families", [])
+    if type(families) is not list:
+        raise Invalid("M: families must be a list")
+    count = chars = 0
+    for family in families:
+        if type(family) is not list or len(family) != 4 or family[1] not in FAMILY_TYPES \
+                or type(family[0]) is not str or not _METRIC_NAME.fullmatch(family[0]) \
+                or type(family[2]) is not str or type(family[3]) is not list:
+            raise Invalid("M: a family must be [name, type, help, samples]")
+        count += 1 + len(family[3])
+        chars += len(family[0]) + len(family[2])
+        for sample in family[3]:
+            if type(sample) is not list or len(sample) != 3 or type(sample[0]) is not str \
+                    or not _METRIC_NAME.fullmatch(sample[0]) or type(sample[1]) is not dict \
+                    or len(sample[1]) > MAX_LABELS or type(sample[2]) not in (int, float):
+                raise Invalid("M: a sample must be [name, {labels}, value]")
+            chars += len(sample[0])
+            for key, value in sample[1].items():
+                if not _LABEL_NAME.fullmatch(key) or type(value) is not str:
+                    raise Invalid(f"M: bad label {key!r}")
+                chars += len(key) + len(value)
+        if count > MAX_SAMPLES + 1 or chars > MAX_CHARS + 4096:
+            raise Invalid(f"M: more than {MAX_SAMPLES} samples or {MAX_CHARS} characters")
+
+
 def _close(message: Any, fds: list[int]) -> None:
     _fds(fds, (0,))
     if len(message) != 2:
@@ -122,7 +175,7 @@ def _listen(message: Any, fds: list[int]) -> None:
 
 _CHECKS: dict[str, Callable[[Any, list[int]], None]] = {
     "online": _no_fds, "leaving": _no_fds, "listening": _listening, "fatal": _fatal,
-    "boot_error": _boot_error, "P": _pong, "x": _close, "listen": _listen,
+    "boot_error": _boot_error, "P": _pong, "x": _close, "listen": _listen, "M": _figures,
 }
 
 

@@ -62,6 +62,7 @@ def _control_handler(supervisor: Any, path: str, info: dict[str, Any]) -> Callab
 def run_supervised(opts: dict[str, Any], *, title: str, rows: list[tuple[str, str]],
                    ready: str = "listening", addresses: list[str] | None = None) -> int:
     """Start the pool (settings already set with setup_primary) and serve until it stops."""
+    from prefork.admin import AdminError, open_admin
     from prefork.control import ControlError, ControlServer
     from prefork.supervisor import Supervisor
 
@@ -85,14 +86,26 @@ def run_supervised(opts: dict[str, Any], *, title: str, rows: list[tuple[str, st
         return 1
     info = {"title": title, "workers_how": how}
     control.handler = _control_handler(supervisor, control.path, info)
+    try:  # the admin endpoint (admin.py): bound now, so a bad address stops us before any worker starts
+        admin = open_admin(opts.get("admin"), supervisor,
+                           lambda: {**supervisor._status(), "control": control.path, **info})
+    except AdminError as exc:
+        control.close()
+        output.error(str(exc))
+        return 1
+    shown = [("admin", f"{admin.url}  (/livez /readyz /metrics /status)")] if admin else []
     try:
         output.banner([("pid", str(os.getpid())), *rows, ("policy", prefork.scheduling_policy),
                        ("workers", how), ("control", f"{control.path}  (prefork ctl --control "
-                                                     f"{control.path} status)")], title)
+                                                     f"{control.path} status)"), *shown], title)
         supervisor.start()
+        if admin:
+            admin.start(supervisor.primary.loop)
         code = supervisor.wait()
     finally:
         control.close()
+        if admin:
+            admin.close()
     if boot.message is not None:
         return 1
     if code == 0:

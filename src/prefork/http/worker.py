@@ -151,6 +151,11 @@ class Server:
             if child is not None:
                 child.stats = stats
         self.stats = stats
+        from ..worker_metrics import Durations
+
+        self.durations = Durations()  # prefork_request_duration_seconds (worker_metrics.py)
+        if child is not None:
+            child.durations = self.durations
 
     # -- start -----------------------------------------------------------------------------------
 
@@ -201,11 +206,25 @@ class Server:
 
             ws_class = CountedWS
 
+        observe = self.durations.observe
+        clock = time.perf_counter
+
         class Counted(base):  # type: ignore[misc, valid-type]
+            began = 0.0  # when the request being answered began (httptools' parser tells us)
+
             def __init__(self, *args: Any, **kw: Any) -> None:
                 super().__init__(*args, **kw)
                 if ws_class is not None:
                     self.ws_protocol_class = ws_class
+
+            def on_message_begin(self) -> None:
+                self.began = clock()
+                super().on_message_begin()
+
+            def on_response_complete(self) -> None:
+                if self.began:
+                    observe(clock() - self.began)
+                super().on_response_complete()
 
             def connection_made(self, transport: Any) -> None:
                 server.connections_total += 1
@@ -331,6 +350,7 @@ class Server:
         stats["connections"] = self.connections_total
         stats["requests"] = self.state.total_requests
         stats["in_flight"] = len(self.state.tasks)
+        stats["open"] = len(self.state.connections)  # "connections" counts all accepted
 
     # -- draining --------------------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ _ONE = handoff.RECORD  # one connection's record (handoff.py)
 _SOL, _RIGHTS, _DONTWAIT, _ORDER = socket.SOL_SOCKET, socket.SCM_RIGHTS, socket.MSG_DONTWAIT, sys.byteorder
 ACCEPTS_PER_WAKE = 512
 RECHECK_S = 0.005  # every window full: how often to look again (no acknowledgement will wake us)
+handed_out = [0]  # connections handed to workers by rr and least_conn, ever (metrics.py)
 
 
 class RoundRobinHandle(Handle):
@@ -195,6 +196,7 @@ class RoundRobinHandle(Handle):
             self.remove(worker)  # its link is gone: what it had goes to the others
             return False
         self.room[wid] -= 1
+        handed_out[0] += 1
         if self.counts:
             self.handed(worker)
         return True
@@ -219,6 +221,7 @@ class RoundRobinHandle(Handle):
         if sent < len(fds):
             self.pending.extendleft(reversed(fds[sent:]))
             self.loop.call_soon(self._deliver_pending)
+        handed_out[0] += sent
         if self.counts:
             for _ in range(sent):
                 self.handed(worker)

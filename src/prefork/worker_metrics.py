@@ -1,0 +1,90 @@
+"""A worker's figures for the primary's /metrics (admin.py, metrics.py): built when the primary asks.
+
+The primary sends ["m", seq] at scrape time; the worker answers ["M", seq, figures] (protocol.py)
+with its counters, the request durations of `prefork serve` (a histogram kept here, BOUNDS), and,
+when the app imported prometheus_client, the samples of its default registry. child.py builds the
+answer on the serving loop when there is one (a serve worker), else on the callback lane
+(dispatch.py), never on the channel's reading thread: an app's custom collector is app code.
+
+prometheus_client is never imported here: only looked up in sys.modules (the app imported it).
+"""
+
+from __future__ import annotations
+
+import bisect
+import sys
+from typing import Any
+
+# seconds; prometheus_client's default buckets, which dashboards expect
+BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+MAX_SAMPLES = 10_000  # of the app's registry, per answer
+MAX_CHARS = 4 << 20  # names, help texts and label text of the app's samples, per answer
+_OPENMETRICS_ONLY = ("_created", "_gsum", "_gcount")  # not in the 0.0.4 text format
+
+
+class Durations:
+    """Request durations: a count per bucket (not cumulative; the last is +Inf) and their sum.
+    `observe` is on every request's path: one bisect and two additions."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BOUNDS) + 1)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(BOUNDS, seconds)] += 1
+        self.total += seconds
+
+
+def answer(child: Any) -> dict[str, Any]:
+    """What the worker reports: {"stats": {...}, "duration": [counts, sum]?, "families": [...]?}."""
+    out: dict[str, Any] = {"stats": dict(child.stats)}
+    durations = getattr(child, "durations", None)
+    if durations is not None:
+        out["duration"] = [list(durations.counts), durations.total]
+    families, cut = app_families()
+    if families:
+        out["families"] = families
+    if cut:
+        out["cut"] = cut
+    return out
+
+
+def app_families() -> tuple[list[list[Any]], str]:
+    """The app's prometheus_client registry as [[name, type, help, [[sample, {labels}, value]...]]]
+    in the 0.0.4 text format's names and types (as prometheus_client's generate_latest munges
+    them); bounded by MAX_SAMPLES and MAX_CHARS (the rest is left out, and why is returned)."""
+    client = sys.modules.get("prometheus_client")
+    registry = getattr(client, "REGISTRY", None)
+    if registry is None:
+        return [], ""
+    out: list[list[Any]] = []
+    count = chars = 0
+    for metric in registry.collect():
+        name, kind = metric.name, metric.type
+        if kind == "counter":
+            name += "_total"
+        elif kind == "info":
+            name, kind = name + "_info", "gauge"
+        elif kind == "stateset":
+            kind = "gauge"
+        elif kind == "unknown":
+            kind = "untyped"
+        doc = str(metric.documentation)[:4096]
+        chars += len(name) + len(doc)
+        samples = []
+        for sample in metric.samples:
+            if sample.name.endswith(_OPENMETRICS_ONLY) and sample.name.startswith(metric.name):
+                continue
+            labels = {str(k): str(v) for k, v in sample.labels.items()}
+            count += 1
+            chars += len(sample.name) + sum(len(k) + len(v) for k, v in labels.items())
+            if count > MAX_SAMPLES or chars > MAX_CHARS:
+                return out, f"more than {MAX_SAMPLES} samples or {MAX_CHARS} characters: the rest left out"
+            samples.append([sample.name, labels, float(sample.value)])
+        count += 1  # a family counts as a sample: a registry of empty families is bounded too
+        if count > MAX_SAMPLES or chars > MAX_CHARS:
+            return out, f"more than {MAX_SAMPLES} samples or {MAX_CHARS} characters: the rest left out"
+        out.append([name, kind, doc, samples])
+    return out, ""
