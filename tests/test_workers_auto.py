@@ -11,14 +11,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
-import threading
 import time
 import uuid
 from pathlib import Path
 
 import pytest
-from cli_helpers import PREFORK, ROOT, Cmd, clean_env, ctl_json, free_port, prefork_cmd, run_prefork  # noqa: F401
+from cli_helpers import ctl_json, free_port, prefork_cmd, run_prefork  # noqa: F401
+from wrapped import Wrapped
 
 from prefork import cpus
 
@@ -99,23 +98,6 @@ def _remove_cgroup(folder: Path) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
-
-
-class Wrapped(Cmd):
-    """A `prefork` command started through a wrapper (`taskset -c 0 prefork ...`): Cmd's pumping of
-    the output and its cleanup, with the wrapper first on the command line."""
-
-    def __init__(self, prefix: list[str], args: list[str]) -> None:
-        self.args = args
-        self.proc = subprocess.Popen([*prefix, PREFORK, *args], cwd=ROOT, env=clean_env(),
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        self.pgid = self.proc.pid
-        self.worker_pids: set[int] = set()
-        self._lines: list[str] = []
-        self._cond = threading.Condition()
-        self._reader = threading.Thread(target=self._pump, daemon=True)
-        self._reader.start()
 
 
 def _run_wrapped(tmp_path: Path, prefix: list[str], expect_workers: int, expect_how: str) -> None:

@@ -10,9 +10,32 @@ import socket
 import stat
 from typing import Any
 
+# Listening sockets the primary inherited (systemd's socket activation, fd://N: activation.py), by
+# address. Filled before the loop starts, then only read: a listen() on such an address serves a
+# duplicate of the inherited socket instead of binding, so every sharing policy works unchanged and
+# a handle that closes its copy (no worker left) leaves the inherited socket open for the next one.
+_adopted: dict[tuple[Any, ...], socket.socket] = {}
+
+
+def _key(family: int, addr: Any) -> tuple[Any, ...]:
+    return (family, addr) if isinstance(addr, str) else (family, str(addr[0]), int(addr[1]))
+
+
+def adopt(family: int, addr: Any, sock: socket.socket) -> None:
+    """Serve `sock` (already listening) wherever a worker listens on `addr`."""
+    _adopted[_key(family, addr)] = sock
+
 
 def bind_socket(family: int, addr: Any, backlog: int, reuseport: bool = False) -> socket.socket:
     """A listening socket as a plain server would make it (OSError as a plain bind raises it)."""
+    inherited = _adopted.get(_key(family, addr)) if _adopted else None
+    if inherited is not None:
+        if reuseport:  # the group would need one socket per worker, each bound by us
+            raise OSError(errno.EADDRINUSE, "an inherited socket cannot join a SO_REUSEPORT group "
+                                            "(use the policy rr, least_conn or none)")
+        copy = inherited.dup()
+        copy.setblocking(False)
+        return copy
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         if family != socket.AF_UNIX:

@@ -25,6 +25,10 @@ from .worker import Worker
 
 ENV_ID, ENV_FD, ENV_PPID = "PREFORK_WORKER_ID", "PREFORK_CHANNEL_FD", "PREFORK_PRIMARY_PID"
 ENV_POLICY, ENV_SERIALIZATION = "PREFORK_SCHED_POLICY", "PREFORK_SERIALIZATION"
+# What systemd tells the primary alone: sockets passed to its pid, where to notify it, its watchdog.
+# A worker that saw them could take the sockets or notify in its name (activation.py, sdnotify.py).
+MANAGER_VARS = frozenset({"LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_USEC",
+                          "WATCHDOG_PID"})
 
 
 class Primary(Inbox):
@@ -154,7 +158,8 @@ class Primary(Inbox):
         return fork_worker(env, fd, own_group, self.settings["target"], self._fds_at_start)
 
     def _child_env(self, wid: int, fd: int, env: dict[str, str]) -> dict[str, str]:
-        child_env = {**os.environ, **env}
+        inherited = {k: v for k, v in os.environ.items() if k not in MANAGER_VARS}
+        child_env = {**inherited, **env}
         child_env.update({
             ENV_ID: str(wid), ENV_FD: str(fd), ENV_PPID: str(os.getpid()),
             ENV_POLICY: self.policy(), ENV_SERIALIZATION: self.settings["serialization"],

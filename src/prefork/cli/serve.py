@@ -91,7 +91,8 @@ def serve(opts: dict[str, Any]) -> int:
     check_tls(opts)
     if not opts.get("policy") and "PREFORK_SCHED_POLICY" not in os.environ:
         opts["policy"] = "reuseport"  # measured fastest here, and even: the kernel balances per socket
-    check_binds(opts["bind"])
+    labels = _inherited(opts)
+    check_binds([b for b, label in zip(opts["bind"], labels, strict=True) if label is None])
     cwd = os.getcwd()
     worker_opts = {
         "app": app, "binds": opts["bind"], "interface": opts["interface"], "factory": opts["factory"],
@@ -111,9 +112,29 @@ def serve(opts: dict[str, Any]) -> int:
         prefork.setup_primary(module="prefork.http.worker", args=[], cwd=cwd)
     tls = bool(opts["certfile"])
     addresses = [show_bind(b, tls) for b in opts["bind"]]
-    rows = [("app", f"{app} ({interface})"), ("listening", ", ".join(addresses))]
+    shown = [label or address for label, address in zip(labels, addresses, strict=True)]
+    rows = [("app", f"{app} ({interface})"), ("listening", ", ".join(shown))]
     return run_supervised(opts, title=f"prefork {prefork.__version__} serve", rows=rows,
                           addresses=addresses if all(b[0] == "unix" or b[2] for b in opts["bind"]) else None)
+
+
+def _inherited(opts: dict[str, Any]) -> list[str | None]:
+    """Serve the sockets systemd passed (LISTEN_FDS), or fd://N binds, instead of binding; their
+    labels for the banner (None: a plain address). reuseport needs a socket per worker, each bound
+    by us, which an inherited socket cannot be: such a server falls back to rr."""
+    from prefork import activation
+
+    try:
+        taken = activation.take(opts["bind"])
+    except activation.ActivationError as exc:
+        raise UsageError(str(exc)) from None
+    opts["bind"] = [bind for bind, _ in taken]
+    labels = [label for _, label in taken]
+    if any(labels) and (opts.get("policy") or prefork.scheduling_policy) == "reuseport":
+        output.log("policy reuseport cannot serve an inherited socket (each worker would bind its own "
+                   "SO_REUSEPORT socket): using rr")
+        opts["policy"] = "rr"
+    return labels
 
 
 def _abs(path: str | None) -> str | None:

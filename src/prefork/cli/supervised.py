@@ -78,6 +78,11 @@ def run_supervised(opts: dict[str, Any], *, title: str, rows: list[tuple[str, st
     boot = BootWatch(supervisor)
     supervisor.primary.internal["boot_error"] = boot
     supervisor.watchers.append(Announcer(supervisor, addresses, boot))
+    from prefork import sdnotify
+
+    notifier = sdnotify.from_environ(supervisor, output.log)  # systemd's Type=notify(-reload)
+    if notifier is not None:
+        supervisor.watchers.append(notifier)
     control = ControlServer(opts.get("control"), lambda r: {"ok": False, "error": "starting"})
     try:
         control.start()
