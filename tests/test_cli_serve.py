@@ -268,7 +268,9 @@ def test_config_file_env_and_flags(prefork_cmd, tmp_path):  # noqa: F811
 
 
 def test_preload(prefork_cmd, tmp_path):  # noqa: F811
-    cmd, port, control = _serve(prefork_cmd, tmp_path, "tests.apps.flaskapp:app", "--preload", workers=1)
+    # without setproctitle's titles (proctitle.py), which would tell the two command lines apart
+    cmd, port, control = _serve(prefork_cmd, tmp_path, "tests.apps.flaskapp:app", "--preload", workers=1,
+                                env={"PREFORK_SETPROCTITLE": "0"})
     assert "preloaded tests.apps.flaskapp:app (wsgi)" in cmd.output
     assert httpx.get(f"http://127.0.0.1:{port}/", timeout=5).text.startswith("hello from flask")
     worker = cmd.track_workers(control)[0]

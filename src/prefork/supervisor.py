@@ -466,7 +466,9 @@ class Supervisor:
 
 
 def _default_log(line: str) -> None:
-    _stdio.write(f"[prefork] {line}\n")
+    from .logline import stamp
+
+    _stdio.write(f"{stamp()} [prefork] {line}\n")
 
 
 def supervise(workers: int | None = None, **options: Any) -> Supervisor:

@@ -1,26 +1,83 @@
-"""What a person reads: the start-up banner, the primary's event lines, the `ctl status` table."""
+"""What a person reads: the start-up banner, the primary's event lines, the `ctl status` table.
+
+The primary's lines start with a timestamp (prefork/logline.py says which and why) and the
+`[prefork]` tag; with `--log-format json` each is one JSON object (ts, level, msg) instead.
+"""
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, TextIO
 
-from prefork import _stdio
+from prefork import _stdio, logline
+
+# words that make an event line more than news (the supervisor's lines carry no level of their own)
+_ERROR_WORDS = ("giving up",)
+_WARNING_WORDS = ("died", "failed", "could not", "cannot", "did not", "SIGKILL", "timed out", "hung",
+                  "not responding")
 
 
-def log(line: str, stream: TextIO | None = None) -> None:
+def configure(opts: dict[str, Any]) -> None:
+    """The primary's log format, from its options; its workers are told through the environment
+    (PREFORK_LOG_FORMAT, taken out again by each worker: logline.take_worker_format)."""
+    fmt = opts.get("log_format") or "text"
+    os.environ[logline.ENV_FORMAT] = fmt
+    if fmt != logline.state["format"]:
+        logline.configure(fmt)
+
+
+def worker_log_options(opts: dict[str, Any]) -> dict[str, Any]:
+    """What a serve worker needs to log as asked; a bad --access-log-format is a usage error,
+    found here in the primary before any worker starts."""
+    from prefork.http.accesslog import FormatError, compile_format
+
+    from .config import UsageError
+
+    fmt = opts.get("access_log_format")
+    if fmt is not None:
+        try:
+            compile_format(fmt)
+        except FormatError as exc:
+            raise UsageError(str(exc)) from None
+    path = opts.get("log_file")
+    return {"log_format": opts.get("log_format") or "text", "access_log_format": fmt,
+            "log_file": os.path.abspath(path) if path else None}
+
+
+def level_of(line: str) -> str:
+    if any(word in line for word in _ERROR_WORDS):
+        return "error"
+    if any(word in line for word in _WARNING_WORDS):
+        return "warning"
+    return "info"
+
+
+def log(line: str, stream: TextIO | None = None, level: str | None = None) -> None:
     """One line from the primary (worker started, stopped, replaced and why); a closed log pipe
     is silenced, never fatal (prefork/_stdio.py)."""
-    _stdio.write(f"[prefork] {line}\n", stream)
+    if logline.is_json():
+        logline.emit(level or level_of(line), line, stream)
+    else:
+        _stdio.write(f"{logline.stamp()} [prefork] {line}\n", logline.raw(stream) if stream else None)
 
 
 def error(message: str) -> None:
-    _stdio.write(f"prefork: error: {message}\n")
+    if logline.is_json():
+        logline.emit("error", message)
+    else:
+        _stdio.write(f"prefork: error: {message}\n")
 
 
 def banner(rows: list[tuple[str, str]], title: str) -> None:
+    """A table for a person; in JSON, one object: msg the whole banner on one line, and its rows
+    as the fields of `banner`."""
+    if logline.is_json():
+        fields = {k: v for k, v in rows}
+        logline.emit("info", title + ": " + "; ".join(f"{k} {v}" for k, v in rows), banner=fields)
+        return
     width = max(len(k) for k, _ in rows)
-    lines = [title] + [f"  {k.ljust(width)}  {v}" for k, v in rows]
+    lines = [f"{logline.stamp()} {title}"] + [f"  {k.ljust(width)}  {v}" for k, v in rows]
     _stdio.write("\n".join(lines) + "\n")
 
 

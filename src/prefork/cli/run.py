@@ -6,12 +6,15 @@ import os
 from typing import Any
 
 import prefork
+from prefork import proctitle
 
+from . import output
 from .config import UsageError
 from .supervised import run_supervised
 
 
 def run(opts: dict[str, Any], script: str, args: list[str]) -> int:
+    output.configure(opts)  # --log-format: every later line is JSON when asked
     if not os.path.exists(script):
         raise UsageError(f"no such script: {script}")
     if not os.path.isfile(script):
@@ -21,5 +24,6 @@ def run(opts: dict[str, Any], script: str, args: list[str]) -> int:
     path = os.path.abspath(script)
     prefork.setup_primary(module="prefork.cli._boot", args=[path, *args])
     shown = " ".join([script, *args])
+    proctitle.set_title(f"primary {os.path.basename(script)}", "prefork-primary")
     return run_supervised(opts, title=f"prefork {prefork.__version__} run", rows=[("script", shown)],
                           ready=opts["ready"])

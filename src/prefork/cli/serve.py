@@ -17,6 +17,7 @@ import sys
 from typing import Any
 
 import prefork
+from prefork import proctitle
 
 from . import output
 from .config import UsageError, show_bind
@@ -78,6 +79,7 @@ def check_tls(opts: dict[str, Any]) -> None:
 
 
 def serve(opts: dict[str, Any]) -> int:
+    output.configure(opts)  # --log-format: every later line is JSON when asked
     app = opts.get("app")
     if not app:
         raise UsageError("serve needs the app to serve, MODULE:APP (e.g. myproject.main:app), "
@@ -102,6 +104,7 @@ def serve(opts: dict[str, Any]) -> int:
         "threads": opts["threads"], "keep_alive": opts["keep_alive"], "backlog": opts["backlog"],
         "graceful_timeout": opts["graceful_timeout"] or None, "app_dir": cwd,
         "policy": opts.get("policy") or prefork.scheduling_policy,
+        **output.worker_log_options(opts),  # checks --access-log-format: exit 2 before any worker
     }
     interface = opts["interface"]
     if opts["preload"]:
@@ -114,6 +117,7 @@ def serve(opts: dict[str, Any]) -> int:
     addresses = [show_bind(b, tls) for b in opts["bind"]]
     shown = [label or address for label, address in zip(labels, addresses, strict=True)]
     rows = [("app", f"{app} ({interface})"), ("listening", ", ".join(shown))]
+    proctitle.set_title(f"primary {app}", "prefork-primary")
     return run_supervised(opts, title=f"prefork {prefork.__version__} serve", rows=rows,
                           addresses=addresses if all(b[0] == "unix" or b[2] for b in opts["bind"]) else None)
 

@@ -75,6 +75,16 @@ def run_supervised(opts: dict[str, Any], *, title: str, rows: list[tuple[str, st
         max_requests=opts["max_requests"], max_requests_jitter=opts["max_requests_jitter"],
         max_memory=opts["max_memory"], ready=ready, ready_timeout=opts["ready_timeout"] or 30.0,
         shutdown_delay=opts.get("shutdown_delay") or 0.0, on_log=output.log)
+    if opts.get("log_file"):  # from here on the pool writes there (logfile.py); SIGUSR1 reopens it
+        from prefork import logfile
+
+        try:
+            logfile.point_stdio(os.path.abspath(opts["log_file"]))
+        except logfile.LogFileError as exc:
+            output.error(str(exc))
+            return 1
+        supervisor.watchers.append(logfile.Reopener(os.path.abspath(opts["log_file"]), supervisor.primary,
+                                                    output.log))
     boot = BootWatch(supervisor)
     supervisor.primary.internal["boot_error"] = boot
     supervisor.watchers.append(Announcer(supervisor, addresses, boot))

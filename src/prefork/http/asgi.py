@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import sys
+import time
 from typing import Any
 
 INTERFACES = ("auto", "asgi", "asgi3", "asgi2", "wsgi")
@@ -90,11 +91,17 @@ def resolve_interface(app: Any, interface: str, spec: str = "app") -> str:
 
 
 class AccessLog:
-    """ASGI middleware writing one Common Log Format line per HTTP request (only with --access-log)."""
+    """ASGI middleware writing one access line per HTTP request (only with --access-log): Common Log
+    Format, or --access-log-format's atoms (accesslog.py); with --log-format json, one JSON object
+    with the line as `msg` and the request's fields beside it."""
 
-    def __init__(self, app: Any, write: Any) -> None:
+    def __init__(self, app: Any, write: Any, fmt: str | None = None, json_lines: bool = False) -> None:
+        from .accesslog import Formatter
+
         self.app = app
         self.write = write
+        self.formatter = Formatter(fmt)
+        self.json_lines = json_lines
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -102,34 +109,36 @@ class AccessLog:
             return
         status = 0
         size = 0
+        headers: Any = ()
 
         async def counting_send(message: Any) -> None:
-            nonlocal status, size
+            nonlocal status, size, headers
             kind = message["type"]
             if kind == "http.response.start":
                 status = message["status"]
+                headers = message.get("headers") or ()
             elif kind == "http.response.body":
                 size += len(message.get("body", b""))
             await send(message)
 
+        start = time.perf_counter()
         try:
             await self.app(scope, receive, counting_send)
         finally:
-            self.write(clf_line(scope, status or 500, size))
+            self._log(scope, status or 500, size, time.perf_counter() - start, headers)
 
+    def _log(self, scope: Any, status: int, size: int, duration: float, headers: Any) -> None:
+        from .accesslog import Entry
 
-def clf_line(scope: Any, status: int, size: int) -> str:
-    """`host - - [day/Mon/year:HH:MM:SS +zone] "METHOD path HTTP/x" status bytes`."""
-    import time
+        entry = Entry(scope, status, size, duration, headers)
+        try:
+            line = self.formatter.line(entry)
+            if self.json_lines:
+                from prefork import logline
 
-    client = scope.get("client")
-    host = client[0] if client else "-"
-    path = scope.get("raw_path") or scope.get("path", "").encode()
-    if isinstance(path, bytes):
-        path = path.decode("latin-1")
-    query = scope.get("query_string") or b""
-    if query:
-        path += "?" + query.decode("latin-1")
-    when = time.strftime("%d/%b/%Y:%H:%M:%S %z")
-    request = f'{scope.get("method", "-")} {path} HTTP/{scope.get("http_version", "1.1")}'
-    return f'{host} - - [{when}] "{request}" {status} {size if size else "-"}\n'
+                text = logline.record("info", line, **self.formatter.fields(entry))
+            else:
+                text = line + "\n"
+        except Exception as exc:  # an odd request must not fail its response for want of a log line
+            text = f"prefork: access log: {type(exc).__name__}: {exc}\n"
+        self.write(text)

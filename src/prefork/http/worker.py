@@ -26,6 +26,7 @@ import traceback
 from email.utils import formatdate
 from typing import Any
 
+from .. import logfile, logline, proctitle
 from ..binding import ACCEPT_RETRY_S, OUT_OF_RESOURCES
 
 ENV_OPTIONS = "PREFORK_SERVE"
@@ -42,10 +43,11 @@ class BootError(Exception):
     """The app could not start in this worker; the message is for a person."""
 
 
-def _configure_logging(wid: int, level: str) -> None:
+def _configure_logging(wid: int, level: str, fmt: str = "text") -> None:
     """Each worker's log lines carry its id, so interleaved output stays readable."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"[worker {wid}] %(levelname)s: %(message)s"))
+    handler = logging.StreamHandler(logline.raw(sys.stderr))
+    handler.setFormatter(logline.json_formatter(wid) if fmt == "json" else
+                         logging.Formatter(f"[worker {wid}] %(levelname)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper() if level != "trace" else 5)
@@ -75,7 +77,7 @@ def _build_config(opts: dict[str, Any], app: Any, interface: str, out: Any = Non
         from .wsgi import wrap_wsgi
 
         app, interface, ws = wrap_wsgi(app, opts.get("threads") or 8), "asgi3", "none"
-    if opts.get("access_log"):
+    if opts.get("access_log") or opts.get("access_log_format"):
         from .asgi import AccessLog
 
         if interface == "asgi2":
@@ -89,7 +91,7 @@ def _build_config(opts: dict[str, Any], app: Any, interface: str, out: Any = Non
 
             _stdio.write(line, out)  # a closed log pipe is silenced, never an error in a request
 
-        app = AccessLog(app, write)
+        app = AccessLog(app, write, opts.get("access_log_format"), logline.is_json())
     try:
         import httptools  # noqa: F401
 
@@ -460,14 +462,20 @@ def run(opts: dict[str, Any], app: Any = None) -> int:
     child = _role.child
     wid = child.worker.id if child is not None else 0
     debug = opts.get("log_level") in ("debug", "trace")
-    _configure_logging(wid, opts.get("log_level", "info"))
+    fmt = logline.take_worker_format()  # the primary's choice, kept out of the app's environment
+    fmt = opts.get("log_format") or fmt
+    _configure_logging(wid, opts.get("log_level", "info"), fmt)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the primary, which drains us
-    access_out = sys.stdout  # the access log stays plain Common Log Format
+    access_out = logline.raw(sys.stdout)  # access lines are written whole, never prefixed
     if child is not None:  # what the app prints carries the worker's id, as the log lines do
-        from prefork.cli._boot import Prefixed
+        from prefork.cli._boot import wrap_output
 
-        sys.stdout = Prefixed(sys.stdout, f"[worker {wid}] ")  # type: ignore[assignment]
-        sys.stderr = Prefixed(sys.stderr, f"[worker {wid}] ")  # type: ignore[assignment]
+        wrap_output(wid, fmt)  # `[worker N] line`, or one JSON object per line
+        proctitle.set_title(f"worker {wid} {opts['app']}", f"prefork-w{wid}")
+        logfile.follow_reopen(opts.get("log_file"))
+    # the primary reopens --log-file on SIGUSR1 and tells us through the channel; the signal sent to
+    # this worker itself does the same (as gunicorn's workers), rather than end it (its default)
+    signal.signal(signal.SIGUSR1, lambda *_: _reopen_log(opts.get("log_file")))
     try:
         if app is None:
             app, interface = _load(opts)
@@ -493,6 +501,14 @@ def run(opts: dict[str, Any], app: Any = None) -> int:
         _report_boot_error(child, text)
         return BOOT_ERROR
     return 0
+
+
+def _reopen_log(path: str | None) -> None:
+    if path:
+        try:
+            logfile.point_stdio(path)
+        except logfile.LogFileError as exc:
+            print(f"prefork: cannot reopen the log file: {exc}", file=sys.stderr, flush=True)
 
 
 def _loop_factory() -> Any:
