@@ -4,7 +4,8 @@ Served by the primary, on its loop thread (loop.py), with non-blocking sockets: 
 proves the loop runs (what /livez claims), and the supervisor's state is read where it is owned.
 A probe or a scraper is a peer like any other, so everything is bounded: the request head
 (MAX_HEAD), the time a connection may take to send it (DEADLINE), the connections open at once
-(MAX_CONNECTIONS; more are closed at once). Every answer ends the connection (`Connection: close`):
+(MAX_CONNECTIONS; past it the oldest one still sending its head is closed, so idle connections
+cannot lock a probe out, else the new one is). Every answer ends the connection (`Connection: close`):
 probes open one per request anyway, and no keep-alive state is kept.
 """
 
@@ -59,7 +60,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 class _Connection:
-    __slots__ = ("sock", "head", "out", "timer", "closed")
+    __slots__ = ("sock", "head", "out", "timer", "closed", "asked")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -67,6 +68,7 @@ class _Connection:
         self.out = b""
         self.timer: Any = None
         self.closed = False
+        self.asked = False  # its head is complete: it is being answered
 
 
 class AdminServer:
@@ -78,7 +80,7 @@ class AdminServer:
         self.routes = routes
         self.metrics = metrics  # metrics.Metrics: attached to the primary when serving starts
         self.loop: Any = None
-        self.connections: set[_Connection] = set()
+        self.connections: dict[_Connection, None] = {}  # in the order they came
         host, port = sock.getsockname()[:2]
         self.url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
@@ -119,14 +121,22 @@ class AdminServer:
                 return
             except OSError:  # out of descriptors, a reset before accept: the next wake-up retries
                 return
-            if len(self.connections) >= MAX_CONNECTIONS:
+            if len(self.connections) >= MAX_CONNECTIONS and not self._evict():
                 sock.close()
                 continue
             sock.setblocking(False)
             conn = _Connection(sock)
-            self.connections.add(conn)
+            self.connections[conn] = None
             conn.timer = self.loop.call_later(DEADLINE, self._end, conn)
             self.loop.add_reader(sock.fileno(), lambda c=conn: self._read(c))
+
+    def _evict(self) -> bool:
+        """Close the oldest connection that has not sent its whole head yet (a probe sends it at once)."""
+        for conn in self.connections:
+            if not conn.asked:
+                self._end(conn)
+                return True
+        return False
 
     def _read(self, conn: _Connection) -> None:
         try:
@@ -153,6 +163,7 @@ class AdminServer:
         self._dispatch(conn, bytes(conn.head[:end]))
 
     def _stop_reading(self, conn: _Connection) -> None:
+        conn.asked = True
         try:
             self.loop.remove_reader(conn.sock.fileno())
         except (ValueError, OSError):
@@ -211,7 +222,7 @@ class AdminServer:
         if conn.closed:
             return
         conn.closed = True
-        self.connections.discard(conn)
+        self.connections.pop(conn, None)
         if conn.timer is not None:
             conn.timer.cancel()
         fd = conn.sock.fileno()

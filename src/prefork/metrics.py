@@ -188,7 +188,7 @@ class Metrics:
                         apart.setdefault(name, []).append((sample, {**labels, label: wid}, value))
         for name in sorted(set(sums) | set(apart)):
             kind, doc = self.kinds.get(name, ("untyped", ""))
-            rows = [(s, dict(labels), v) for (s, labels), v in sorted(sums.get(name, {}).items())]
+            rows = [(s, dict(labels), v) for (s, labels), v in sums.get(name, {}).items()]  # as first seen
             rows += apart.get(name, [])
             _family(out, name, "histogram" if kind == "gaugehistogram" else kind, doc, rows, absolute=True)
 
