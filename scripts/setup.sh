@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv (once) and installs prefork with its serve, dev and metrics extras from pyproject.toml
+# Creates .venv (once) and installs prefork with its serve, dev, proctitle and metrics extras from
+# pyproject.toml
 # (again whenever pyproject.toml changes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +18,6 @@ stamp=.venv/.installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "setup: installing prefork and its extras into .venv" >&2
   .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" >&2 || true
-  .venv/bin/python -m pip install -q -e '.[serve,dev,metrics]'
+  .venv/bin/python -m pip install -q -e '.[serve,dev,proctitle,metrics]'
   touch "$stamp"
 fi

@@ -37,10 +37,11 @@ async def app(scope, receive, send):
 '''
 
 SCRIPT = '''
-import sys, time
+import os, sys, time
 import prefork
 
 print("script started", flush=True)
+print(f"format variable {os.environ.get('PREFORK_LOG_FORMAT')}", flush=True)  # the primary's, not ours
 print("script on stderr", file=sys.stderr, flush=True)
 n = 0
 while True:  # a tick every 0.1 s: lines keep coming from every worker
@@ -136,6 +137,7 @@ def test_json_run_wraps_script_output(prefork_cmd, tmp_path):  # noqa: F811
     for wid in (1, 2):
         started = [o for o in objects if o["msg"] == "script started" and o.get("worker") == wid]
         assert started and started[0]["level"] == "info"
+        assert [o for o in objects if o["msg"] == "format variable None" and o.get("worker") == wid]
         errs = [o for o in objects if o["msg"] == "script on stderr" and o.get("worker") == wid]
         assert errs and errs[0]["level"] == "error"
 

@@ -17,6 +17,7 @@ import io
 import json
 import os
 import sys
+import threading
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -72,20 +73,22 @@ class Lines(io.TextIOBase):
         self.target = target
         self.render = render
         self._partial = ""
+        self._lock = threading.Lock()  # a WSGI app prints from several threads at once
 
     def write(self, text: str) -> int:
         if not text:
             return 0
-        pending = self._partial + text
-        head, sep, self._partial = pending.rpartition("\n")
+        with self._lock:
+            pending = self._partial + text
+            head, sep, self._partial = pending.rpartition("\n")
         if sep:
-            lines = head.split("\n")
-            _stdio.write("".join(self.render(line) for line in lines), self.target)
+            _stdio.write("".join(self.render(line) for line in head.split("\n")), self.target)
         return len(text)
 
     def flush(self) -> None:
         """A closed pipe behind it is silenced (prefork/_stdio.py): the app's print() never fails."""
-        partial, self._partial = self._partial, ""
+        with self._lock:
+            partial, self._partial = self._partial, ""
         _stdio.write(self.render(partial) if partial else "", self.target)
 
     def fileno(self) -> int:
