@@ -101,5 +101,6 @@ def reset_in_child() -> None:
         signal.set_wakeup_fd(-1)
     except ValueError:
         pass
-    for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGTTIN, signal.SIGTTOU):
+    for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGTTIN, signal.SIGTTOU,
+                   signal.SIGCHLD):  # SIGCHLD: routed to the loop in an init primary (reaper.py)
         signal.signal(signum, signal.SIG_DFL)

@@ -38,7 +38,8 @@ async def app(scope, receive, send):
         await _reply(send, json.dumps({"pid": os.getpid(), "vars": seen}).encode(), b"application/json")
     elif path == "/orphan":
         seconds = (scope.get("query_string") or b"s=0.2").decode().partition("=")[2] or "0.2"
-        shell = subprocess.Popen(["sh", "-c", f"sleep {float(seconds)} & echo $!"], stdout=subprocess.PIPE)
+        shell = subprocess.Popen(["sh", "-c", f"sleep {float(seconds)} >/dev/null 2>&1 & echo $!"],
+                                 stdout=subprocess.PIPE)
         out, _ = shell.communicate()  # the shell is our child and reaped here; its sleep is not
         await _reply(send, out.strip() or b"?")
     else:

@@ -260,7 +260,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("shutdown_delay", to_seconds, 0.0, "on SIGTERM, report not ready (/readyz 503) and keep serving "
            "for this long before draining, so a load balancer stops sending first", metavar="SECONDS"),
     Option("init", to_bool, False, "reap every child that reparents to the primary, as an init process "
-           "(on by itself when the primary is PID 1)", flag=True),
+           "(on by itself when the primary is PID 1); also makes the primary a child subreaper "
+           "(PR_SET_CHILD_SUBREAPER), so orphans of the app's subprocesses come to it, not to PID 1",
+           flag=True),
     Option("log_format", choice(LOG_FORMATS), "text", "text, or json: one JSON object per line (ts, level, "
            "msg, worker) for every line prefork writes", metavar="text|json"),
     Option("access_log_format", to_str, None, "access log line with gunicorn's atoms, e.g. "

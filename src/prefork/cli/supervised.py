@@ -114,6 +114,10 @@ def run_supervised(opts: dict[str, Any], *, title: str, rows: list[tuple[str, st
                        ("workers", how), ("control", f"{control.path}  (prefork ctl --control "
                                                      f"{control.path} status)"), *shown], title)
         supervisor.start()
+        if opts.get("init") or os.getpid() == 1:  # an init process: reap orphans (reaper.py)
+            from prefork import reaper
+
+            reaper.start_init(supervisor.primary, output.log, subreaper=bool(opts.get("init")))
         if admin:
             admin.start(supervisor.primary.loop)
         code = supervisor.wait()
