@@ -346,3 +346,41 @@ def test_deploy_units_verify(tmp_path):
                              str(tmp_path / "prefork.service")], capture_output=True, text=True, timeout=60)
     said = result.stdout + result.stderr
     assert result.returncode == 0 and not said.strip(), said
+
+
+# -- the variables, read as sd_listen_fds and sd_notify read them ---------------------------------------
+
+
+def test_listen_fds_reads_and_removes_the_variables():
+    from prefork import activation
+
+    env = {"LISTEN_PID": "4242", "LISTEN_FDS": "2", "LISTEN_FDNAMES": "web:admin", "OTHER": "x"}
+    assert activation.listen_fds(env, pid=4242) == [(3, "web"), (4, "admin")]
+    assert env == {"OTHER": "x"}
+    env = {"LISTEN_PID": "4242", "LISTEN_FDS": "2", "LISTEN_FDNAMES": "only-one"}
+    assert activation.listen_fds(env, pid=4242) == [(3, None), (4, None)]  # names must match the count
+    env = {"LISTEN_PID": "999", "LISTEN_FDS": "1"}
+    assert activation.listen_fds(env, pid=4242) is None and env == {}  # another process's: gone anyway
+    assert activation.listen_fds({"LISTEN_FDS": "1"}, pid=4242) is None
+    assert activation.listen_fds({"LISTEN_PID": "4242", "LISTEN_FDS": "0"}, pid=4242) == []
+    for bad in ("-1", "x", "100000"):
+        with pytest.raises(activation.ActivationError, match="LISTEN_FDS"):
+            activation.listen_fds({"LISTEN_PID": "4242", "LISTEN_FDS": bad}, pid=4242)
+
+
+def test_notify_addresses_and_watchdog_variables():
+    from prefork import sdnotify
+
+    assert sdnotify.socket_address("@abc") == b"\0abc"
+    assert sdnotify.socket_address("/run/systemd/notify") == "/run/systemd/notify"
+    logged: list[str] = []
+    env = {"NOTIFY_SOCKET": "/run/x", "WATCHDOG_USEC": "3000000", "WATCHDOG_PID": str(os.getpid())}
+    notifier = sdnotify.from_environ(None, logged.append, env)
+    assert notifier is not None and notifier.watchdog_s == 3.0 and env == {}
+    notifier = sdnotify.from_environ(None, logged.append, {"NOTIFY_SOCKET": "/run/x", "WATCHDOG_USEC": "5",
+                                                           "WATCHDOG_PID": "1"})
+    assert notifier is not None and notifier.watchdog_s is None  # another process's watchdog
+    env = {"NOTIFY_SOCKET": "/run/x", "WATCHDOG_USEC": "soon"}
+    notifier = sdnotify.from_environ(None, logged.append, env)
+    assert notifier is not None and notifier.watchdog_s is None and "WATCHDOG_USEC" in logged[-1]
+    assert sdnotify.from_environ(None, logged.append, {}) is None
