@@ -1,6 +1,6 @@
 """Every benchmark of bench/, prefork and its peers side by side, in interleaved rounds.
 
-    scripts/bench [--rounds 3] [--quick] [--only ipc,policies,serve,lifecycle,scale]
+    scripts/bench [--rounds 3] [--quick] [--only ipc,policies,serve,lifecycle,scale,admin]
 
 Each round runs every bench once (each bench alternates prefork and its peers inside the round), so
 the noise of this shared machine falls on all of them alike; the table shows the median of the rounds
@@ -46,6 +46,7 @@ BENCHES: dict[str, tuple[list[str], list[str], float]] = {
         ["--rounds", "1", "--seconds", "1", "--workers", "1,2,4"],
         400,
     ),
+    "admin": (["--seconds", "8"], ["--seconds", "4", "--requests", "150"], 120),
 }
 
 Key = tuple[str, str, str, str]  # bench, case, subject, metric
@@ -251,6 +252,20 @@ TARGETS: list[tuple[str, tuple[str, str, str, str], tuple[str, str, str, str] | 
     (
         "primary at most 25 MB RSS (prefork serve, 2 workers)",
         ("scale", "memory, 2 workers", "prefork serve", "primary RSS MB"),
+        None,
+        "<=",
+        25.0,
+    ),
+    (
+        "admin /readyz p99 under 10 ms, workers saturated by wrk",
+        ("admin", "admin /readyz, workers saturated by wrk", "prefork", "p99 ms"),
+        None,
+        "<",
+        10.0,
+    ),
+    (
+        "primary at most 25 MB RSS with metrics on (serve, 2 workers, after scrapes)",
+        ("admin", "primary RSS, 2 workers, metrics on", "prefork", "MB"),
         None,
         "<=",
         25.0,
