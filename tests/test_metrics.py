@@ -158,3 +158,49 @@ def test_the_text_format_is_escaped() -> None:
     assert _escape_help("a\\b\nc") == "a\\\\b\\nc"
     numbers = (3, 2.0, 0.25, float("inf"), float("nan"))
     assert [_number(v) for v in numbers] == ["3", "2", "0.25", "+Inf", "NaN"]
+
+
+RUN_APP = '''
+from http.server import BaseHTTPRequestHandler
+
+import prefork
+from prometheus_client import Counter
+
+HITS = Counter("script_hits", "Requests the script saw.")
+
+
+class Hello(BaseHTTPRequestHandler):
+    def do_GET(self):
+        HITS.inc()
+        self.send_response(200)
+        self.send_header("Content-Length", "3")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(b"ok\\n")
+
+    def log_message(self, *args):
+        pass
+
+
+prefork.HTTPServer(("127.0.0.1", int(__import__("os").environ["PORT"])), Hello).serve_forever()
+'''
+
+
+@pytest.mark.timeout(60)
+def test_prefork_run_workers_answer_a_scrape_at_once(prefork_cmd, tmp_path: Path) -> None:  # noqa: F811
+    """A script's workers (no serve loop) answer on their callback lane: not after http.server's
+    0.5 s poll, which would make every scrape wait for the deadline and show the previous figures."""
+    script = tmp_path / "app.py"
+    script.write_text(RUN_APP)
+    port, admin = free_port(), free_port()
+    cmd = prefork_cmd("run", "--workers", "2", "--admin", f"127.0.0.1:{admin}", "--control",
+                      str(tmp_path / "ctl.sock"), str(script), env={"PORT": str(port)})
+    cmd.wait_ready()
+    for _ in range(7):
+        assert httpx.get(f"http://127.0.0.1:{port}/", timeout=10).text == "ok\n"
+    for _ in range(3):
+        reply = httpx.get(f"http://127.0.0.1:{admin}/metrics", timeout=10)
+        assert reply.elapsed.total_seconds() < 0.4, reply.elapsed
+        got = samples(reply.text)
+        assert got[("script_hits_total", ())] == 7
+        assert sum(v for (name, _), v in got.items() if name == "prefork_requests_total") == 7

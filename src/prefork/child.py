@@ -68,6 +68,8 @@ class Child:
         self.stats: dict[str, int] = {"connections": 0, "requests": 0, "in_flight": 0}
         self.heartbeat_responder: Callable[[Callable[[], None]], None] | None = None
         self.durations: Any = None  # serve's request durations (worker_metrics.Durations)
+        # `prefork serve`'s loop runs what answers a scrape (http/worker.py); other workers' callback lane
+        self.metrics_responder: Callable[[Callable[[], None]], None] | None = None
         self.supervised = supervised
 
     # -- start -----------------------------------------------------------------------------------
@@ -284,13 +286,13 @@ class Child:
         if len(message) != 2 or type(message[1]) is not int:
             return
         seq = message[1]
-        responder = self.heartbeat_responder
+        responder = self.metrics_responder  # not heartbeat_responder: http.server's waits 0.5 s polls
         if responder is not None:
             try:
                 responder(lambda: self._send_metrics(seq))
                 return
             except RuntimeError:  # its loop has ended: the callback lane answers
-                pass
+                self.metrics_responder = None
         self.dispatcher.post(self._send_metrics, seq)
 
     def _send_metrics(self, seq: int) -> None:

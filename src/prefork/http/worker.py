@@ -186,6 +186,7 @@ class Server:
             self.child.server_opened(self)
             # the heartbeat is answered from this loop: a stuck loop misses it and gets replaced
             self.child.heartbeat_responder = self._answer_heartbeat
+            self.child.metrics_responder = self._answer_heartbeat  # a scrape (child.py), fresh counts too
 
     def _answer_heartbeat(self, pong: Any) -> None:
         def answer() -> None:
@@ -414,6 +415,7 @@ class Server:
         self._drained.set()
         if self.child is not None:
             self.child.heartbeat_responder = None  # the loop ends: the channel's thread answers now
+            self.child.metrics_responder = None
             self.child.server_closed(self)
 
 
