@@ -2,7 +2,8 @@
 
 A mixin of primary.Primary, on its loop thread. User messages become `message` events; internal
 ones (protocol.py) are checked at the boundary, then handled here or by who registered for them in
-`Primary.internal` (handles.py for listen, cli/supervised.py for boot errors).
+`Primary.internal` (handles.py for listen, cli/supervised.py for boot errors, metrics.py for the
+workers' answers to a scrape of the admin endpoint's /metrics).
 """
 
 from __future__ import annotations

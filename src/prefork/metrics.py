@@ -24,6 +24,7 @@ from typing import Any
 from .worker_metrics import BOUNDS
 
 ANSWER_WITHIN = 0.5
+MAX_KEPT = 50_000  # families and carried series the primary keeps at most (workers come and go)
 STATES = ("starting", "ready", "draining", "hung")
 _SUMMED = {"counter": ("",), "histogram": ("_bucket", "_count", "_sum"), "summary": ("_count", "_sum")}
 
@@ -76,8 +77,10 @@ class Metrics:
         figures = message[2]
         self.last[worker.id] = figures
         worker.stats = figures["stats"]  # fresher than the last heartbeat's: `ctl status` shows it too
+        kinds = self.kinds
         for family in figures.get("families", ()):
-            self.kinds.setdefault(family[0], (family[1], family[2]))
+            if family[0] not in kinds and len(kinds) < MAX_KEPT:
+                kinds[family[0]] = (family[1], family[2])
         if message[1] == self.seq and worker.id in self.waiting:
             self.waiting.discard(worker.id)
             if not self.waiting:
@@ -104,16 +107,19 @@ class Metrics:
             for i, n in enumerate(duration[0]):
                 counts[i] += n
             self.carried_duration[1] += duration[1]
+        kept = sum(len(series) for series in self.carried.values())
         for name, _kind, _help, samples in self._families(figures):
             carried = self.carried.setdefault(name, {})
             for key, value in samples:
-                carried[key] = carried.get(key, 0.0) + value
+                if key in carried or kept < MAX_KEPT:  # bounded: a worker may invent label sets
+                    kept += key not in carried
+                    carried[key] = carried.get(key, 0.0) + value
 
     def _families(self, figures: dict[str, Any]) -> list[tuple[str, str, str, list[tuple[Key, float]]]]:
         """A worker's families whose samples are summed, each with only those samples."""
         out = []
         for name, kind, doc, samples in figures.get("families", ()):
-            if self.kinds.get(name, (kind,))[0] != kind or kind not in _SUMMED:
+            if self.kinds.get(name, ("",))[0] != kind or kind not in _SUMMED:
                 continue
             summed = [(_key(s, labels), value) for s, labels, value in samples if _summed(name, kind, s)]
             out.append((name, kind, doc, summed))
@@ -176,7 +182,7 @@ class Metrics:
         for member in members:
             wid = str(member.worker.id)
             for name, kind, _doc, samples in self.last.get(member.worker.id, {}).get("families", ()):
-                if self.kinds.get(name, (kind,))[0] != kind or name.startswith("prefork_"):
+                if self.kinds.get(name, ("",))[0] != kind or name.startswith("prefork_"):
                     continue
                 total = sums.setdefault(name, {})
                 for sample, labels, value in samples:
