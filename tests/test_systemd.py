@@ -255,7 +255,7 @@ def test_notify_ready_watchdog_reload_stop(tmp_path, where):
         assert cmd.finish() == 0, cmd.output
         notify.wait_for("STOPPING=1", ready_again)
         stamps = [t for t, m in notify.messages if m == "WATCHDOG=1"]  # every 0.5 s, half of WATCHDOG_USEC
-        assert len(stamps) >= 2 and min(b - a for a, b in zip(stamps, stamps[1:], strict=False)) > 0.3, stamps
+        assert 2 <= len(stamps) <= (stamps[-1] - stamps[0]) / 0.5 + 3, stamps  # not more often than that
     finally:
         cmd.kill_all()
         notify.close()
@@ -291,7 +291,7 @@ def test_watchdog_pings_stop_while_the_primary_is_stopped(tmp_path):
         ready = notify.wait_for("READY=1")
         notify.wait_for("WATCHDOG=1", ready)
         os.kill(cmd.proc.pid, signal.SIGSTOP)
-        time.sleep(0.3)  # pings already sent have arrived
+        time.sleep(0.5)  # pings already sent have arrived
         stopped_at = time.monotonic()
         time.sleep(1.0)
         during = [t for t, m in notify.messages if m == "WATCHDOG=1" and t > stopped_at]
