@@ -193,7 +193,8 @@ def start(prefork_cmd, folder: Path, host: Host) -> Cmd:  # noqa: F811
     cmd = prefork_cmd(
         "serve", "app:app", "--workers", "2", "--bind", f"127.0.0.1:{host.port}",
         "--admin", f"127.0.0.1:{host.admin}", "--shutdown-delay", str(SHUTDOWN_DELAY),
-        "--graceful-timeout", "10", "--control", str(folder / f"{host.letter}{host.generation}.sock"),
+        "--graceful-timeout", "10", "--keep-alive", "75",  # as deploy/haproxy/haproxy.cfg says
+        "--control", str(folder / f"{host.letter}{host.generation}.sock"),
         env={"FLEET_NAME": f"{host.letter}{host.generation}", "PYTHONDONTWRITEBYTECODE": "1"}, cwd=folder)
     host.cmd = cmd
     return cmd
