@@ -172,3 +172,37 @@ def test_bind_errors_are_one_line(tmp_path: Path) -> None:
     result = run_prefork(["serve", "tests.apps.hello:asgi", "--bind", f"127.0.0.1:{free_port()}",
                           "--admin", "no-such-host.invalid:9000", "--control", str(tmp_path / "c.sock")])
     assert result.returncode == 2 and "unknown host" in result.stderr, result  # cli/config.py's check
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.timeout(60)
+def test_out_of_descriptors_the_admin_server_backs_off(prefork_cmd, tmp_path: Path) -> None:  # noqa: F811
+    """At its descriptor limit the primary stops accepting on the admin port for a while instead of
+    spinning on a listening socket that stays readable; with descriptors back, it answers again."""
+    import resource
+
+    cmd, port, admin = serve(prefork_cmd, tmp_path, "tests.apps.hello:asgi", workers=1)
+    cmd.wait_ready()
+    cmd.track_workers(str(tmp_path / "ctl.sock"))
+    pid = cmd.proc.pid
+    limits = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    held = len(os.listdir(f"/proc/{pid}/fd"))
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (held + 2, limits[1]))
+    clients = []
+    try:
+        for _ in range(10):
+            clients.append(socket.create_connection(("127.0.0.1", admin), timeout=5))
+        time.sleep(0.5)  # the primary is at its limit, some connections wait in the backlog
+        before = _cpu_seconds(pid)
+        time.sleep(2.0)
+        assert _cpu_seconds(pid) - before < 0.5, "the primary spins at its descriptor limit"
+    finally:
+        for sock in clients:
+            sock.close()
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, limits)
+    assert wait_until(lambda: answers(admin, "/livez") is not None and answers(admin, "/livez")[0] == 200, 10)

@@ -17,6 +17,8 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+from .binding import ACCEPT_RETRY_S, OUT_OF_RESOURCES
+
 MAX_HEAD = 8192
 DEADLINE = 5.0
 MAX_CONNECTIONS = 64
@@ -119,8 +121,11 @@ class AdminServer:
                 sock, _addr = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:  # out of descriptors, a reset before accept: the next wake-up retries
-                return
+            except OSError as exc:
+                if exc.errno in OUT_OF_RESOURCES:  # what waits stays readable: no spinning meanwhile
+                    self.loop.remove_reader(self.sock.fileno())
+                    self.loop.call_later(ACCEPT_RETRY_S, self._resume)
+                return  # else a connection reset before accept: nothing to do
             if len(self.connections) >= MAX_CONNECTIONS and not self._evict():
                 sock.close()
                 continue
@@ -129,6 +134,10 @@ class AdminServer:
             self.connections[conn] = None
             conn.timer = self.loop.call_later(DEADLINE, self._end, conn)
             self.loop.add_reader(sock.fileno(), lambda c=conn: self._read(c))
+
+    def _resume(self) -> None:
+        if self.sock.fileno() >= 0:
+            self.loop.add_reader(self.sock.fileno(), self._accept)
 
     def _evict(self) -> bool:
         """Close the oldest connection that has not sent its whole head yet (a probe sends it at once)."""
