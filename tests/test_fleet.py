@@ -14,7 +14,8 @@ waits until its /readyz is 200 and HAProxy shows it UP before it rolls the next 
 Asserted: not one request failed (each answer 200 and complete), HAProxy marked each old host DOWN
 before it exited, and both hosts served traffic before and after the roll. HAProxy comes from
 Debian's packages when it is missing (root only; otherwise, or if apt-get fails, the test skips
-and says why). Everything the test starts is ended by pid on the way out.
+and says why). Everything the test starts is ended by pid on the way out. FLEET_DELAY=0 (no shutdown
+delay) makes it fail; FLEET_UVICORN=1 also runs the same roll with uvicorn, for deploy/README.md.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from cli_helpers import Cmd, free_port, pid_alive, prefork_cmd  # noqa: F401
+from cli_helpers import Cmd, clean_env, free_port, pid_alive, prefork_cmd  # noqa: F401
 from conftest import children, wait_until
 
 pytestmark = pytest.mark.slow
@@ -122,10 +123,11 @@ def fleet_config(lb_port: int, hosts: list[tuple[int, int]], stats: Path) -> str
 
 
 class HAProxy:
-    def __init__(self, binary: str, folder: Path, lb_port: int, hosts: list[tuple[int, int]]) -> None:
+    def __init__(self, binary: str, folder: Path, lb_port: int, hosts: list[tuple[int, int]],
+                 edit=lambda text: text) -> None:
         self.stats = folder / "haproxy.sock"
         self.config = folder / "haproxy.cfg"
-        self.config.write_text(fleet_config(lb_port, hosts, self.stats))
+        self.config.write_text(edit(fleet_config(lb_port, hosts, self.stats)))
         self.log = folder / "haproxy.log"
         with open(self.log, "wb") as out:
             # -db: stay in the foreground, no master process: one pid to end
@@ -342,3 +344,67 @@ def test_rolling_deploy_through_haproxy_loses_no_request(prefork_cmd, tmp_path):
     for name in ("A1", "B1", "A2", "B2"):  # both hosts served before the roll and after it
         assert total[name] >= 50, total
 
+
+@pytest.mark.skipif(not os.environ.get("FLEET_UVICORN"), reason="measures a peer, for deploy/README.md: "
+                    "FLEET_UVICORN=1 runs it")
+@pytest.mark.timeout(400)
+def test_the_same_roll_with_uvicorn_fails_requests(tmp_path):
+    """The roll above with `uvicorn --workers 2` on each host: no readiness endpoint (HAProxy checks
+    GET / on the app port), no shutdown delay, and HAProxy's retries off (retry-on none), so that the
+    failures are the server's, not hidden by the load balancer."""
+    binary = find_haproxy()
+    (tmp_path / "app.py").write_text(APP)
+    hosts = [Host("host1", "A"), Host("host2", "B")]
+    procs: list[subprocess.Popen] = []
+
+    def start_uvicorn(host: Host) -> subprocess.Popen:
+        host.generation += 1
+        procs.append(subprocess.Popen(
+            [str(ROOT / ".venv" / "bin" / "uvicorn"), "app:app", "--workers", "2", "--port", str(host.port),
+             "--log-level", "warning"], cwd=tmp_path, stdin=subprocess.DEVNULL, start_new_session=True,
+            env=clean_env({"FLEET_NAME": f"{host.letter}{host.generation}"})))
+        return procs[-1]
+
+    def answers(host: Host) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{host.port}/", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def edit(text: str) -> str:
+        edited = text.replace("GET /readyz", "GET /").replace("retry-on conn-failure empty-response",
+                                                               "retry-on none")
+        assert edited.count("GET /readyz") == 0 and "retry-on none" in edited
+        return edited
+
+    running = {h.label: start_uvicorn(h) for h in hosts}
+    for host in hosts:
+        assert wait_until(lambda h=host: answers(h), 30)
+    lb_port = free_port()
+    lb = HAProxy(binary, tmp_path, lb_port, [(h.port, h.port) for h in hosts], edit)
+    load = Load(lb_port)
+    try:
+        assert wait_until(lambda: lb.servers() == {"host1": "UP", "host2": "UP"}, 15), lb.tail()
+        load.start()
+        assert wait_until(lambda: min(load.counts()[f"{h.letter}1"] for h in hosts) >= 50, 20), load.counts()
+        for host in hosts:
+            running[host.label].send_signal(signal.SIGTERM)
+            running[host.label].wait(30)
+            running[host.label] = start_uvicorn(host)
+            assert wait_until(lambda h=host: answers(h), 30)
+            assert wait_until(lambda h=host: lb.servers().get(h.label) == "UP", 15), lb.servers()
+        time.sleep(1)
+    finally:
+        load.finish()
+        lb.close()
+        for proc in procs:  # uvicorn's workers are in its process group
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(10)
+    kinds = Counter(error for _, error in load.errors)
+    print(f"\nuvicorn: {len(load.errors)} of {sum(load.counts().values()) + len(load.errors)} requests "
+          f"failed: {kinds.most_common(4)}")
+    assert load.errors, "uvicorn's roll lost nothing: deploy/README.md says otherwise"
