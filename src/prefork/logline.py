@@ -4,7 +4,9 @@ Every process of a pool picks its format once: the primary from its options (cli
 worker from what the primary tells it (PREFORK_LOG_FORMAT for `prefork run`, the options JSON for
 `prefork serve`). In JSON mode `sys.stdout` and `sys.stderr` are wrapped (`Lines`), so whatever
 else writes there (an app's print(), a traceback, the core's own warnings) still comes out as one
-JSON object per line, with the line as `msg`.
+JSON object per line, with the line as `msg`. Only Python-level writes can be wrapped: what C code
+writes to descriptor 1 or 2 itself (a C extension's printf, faulthandler's dumps, a program the app
+runs with inherited descriptors) comes out as it is.
 
 Timestamps are ISO 8601, local time with its UTC offset, to the millisecond
 (2026-11-29T14:49:57.123+01:00): a person reads the host's clock, the offset keeps it unambiguous
