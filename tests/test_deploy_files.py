@@ -1,5 +1,8 @@
 """The files in deploy/ say what the code does: they parse, and they agree with each other and with prefork.
 
+Every prefork command line in them (the Deployment's args, the Dockerfile's ENTRYPOINT + CMD, the
+hosts' command in haproxy.cfg's header) uses only serve's options, with values prefork accepts.
+
 - deploy/kubernetes/*.yaml parse (PyYAML from .venv, else the system python3's; skipped when neither
   has it); the probes reach the admin port (`--admin` in the args) on paths the admin endpoint
   serves; terminationGracePeriodSeconds exceeds --shutdown-delay + --graceful-timeout; a CPU limit is
@@ -63,6 +66,17 @@ def _seconds(args: list[str], name: str) -> float:
     return float(value) if value is not None else float(BY_NAME[name[2:].replace("-", "_")].default)
 
 
+def _check_options(args: list[str], where: str) -> None:
+    """Every `--name VALUE` in a serve command line is one of prefork's options with a valid value."""
+    rest = args[1:] if args and not args[0].startswith("-") else args  # the app comes first
+    assert len(rest) % 2 == 0, f"{where}: expected --name VALUE pairs, not {rest}"
+    for flag, value in zip(rest[::2], rest[1::2], strict=True):
+        option = BY_NAME.get(flag[2:].replace("-", "_")) if flag.startswith("--") else None
+        assert option is not None and "serve" in option.commands, f"{where}: {flag} is not an option of serve"
+        assert not option.flag, f"{where}: {flag} is a switch, it takes no value"
+        option.convert(value)  # raises ValueError on a bad value
+
+
 def _admin_paths() -> set[str]:
     if not ADMIN_SOURCE.exists():
         pytest.skip("src/prefork/admin.py has not landed yet")
@@ -80,6 +94,7 @@ def test_kubernetes_probes_reach_the_admin_endpoint() -> None:
     deployment, _ = _deployment()
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     args = container["args"]
+    _check_options(args, "deployment.yaml")
     admin = _option(args, "--admin")
     assert admin, f"no --admin in {args}"
     admin_port = int(admin.rsplit(":", 1)[1])
@@ -133,6 +148,7 @@ def test_dockerfile_exec_form_stop_signal_and_health_check() -> None:
     steps = _dockerfile()
     entrypoint, cmd = json.loads(steps["ENTRYPOINT"]), json.loads(steps["CMD"])  # exec form: JSON arrays
     assert entrypoint[:2] == ["prefork", "serve"], entrypoint
+    _check_options(entrypoint[2:] + cmd, "Dockerfile")
     assert steps["STOPSIGNAL"] == "SIGTERM"
     assert steps["USER"] not in ("root", "0"), steps["USER"]
     admin_port = _option(cmd, "--admin").rsplit(":", 1)[1]
@@ -150,6 +166,10 @@ def test_haproxy_config_checks_readyz_on_each_admin_port() -> None:
     assert "/readyz" in _admin_paths()
     servers = re.findall(r"^\s*server (\S+) \S+ check port (\d+)$", text, re.M)
     assert len(servers) >= 2, servers
+    (command,) = re.findall(r"^#\s+prefork serve (.*)$", text, re.M)  # the hosts' command line, in a comment
+    args = command.split()
+    _check_options(args, "haproxy.cfg")
+    assert {_option(args, "--admin").rsplit(":", 1)[1]} == {port for _, port in servers}
     haproxy = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin")
     if haproxy is None:
         pytest.skip("haproxy is not installed (tests/test_fleet.py installs it): `haproxy -c` not run")
