@@ -1,7 +1,8 @@
 """The files in deploy/ say what the code does: they parse, and they agree with each other and with prefork.
 
 Every prefork command line in them (the Deployment's args, the Dockerfile's ENTRYPOINT + CMD, the
-hosts' command in haproxy.cfg's header) uses only serve's options, with values prefork accepts.
+hosts' command in haproxy.cfg's header, systemd's ExecStart=) uses only serve's options, with values
+prefork accepts; systemd's TimeoutStopSec= exceeds the shutdown delay plus the graceful timeout.
 
 - deploy/kubernetes/*.yaml parse (PyYAML from .venv, else the system python3's; skipped when neither
   has it); the probes reach the admin port (`--admin` in the args) on paths the admin endpoint
@@ -67,13 +68,19 @@ def _seconds(args: list[str], name: str) -> float:
 
 
 def _check_options(args: list[str], where: str) -> None:
-    """Every `--name VALUE` in a serve command line is one of prefork's options with a valid value."""
-    rest = args[1:] if args and not args[0].startswith("-") else args  # the app comes first
-    assert len(rest) % 2 == 0, f"{where}: expected --name VALUE pairs, not {rest}"
-    for flag, value in zip(rest[::2], rest[1::2], strict=True):
-        option = BY_NAME.get(flag[2:].replace("-", "_")) if flag.startswith("--") else None
+    """Every option in a serve command line is one of prefork's, with a value prefork accepts."""
+    rest = list(args[1:] if args and not args[0].startswith("-") else args)  # the app comes first
+    while rest:
+        flag = rest.pop(0)
+        name = flag[2:].split("=", 1)[0].replace("-", "_") if flag.startswith("--") else ""
+        option = BY_NAME.get(name) or BY_NAME.get(name[3:] if name.startswith("no_") else "")
         assert option is not None and "serve" in option.commands, f"{where}: {flag} is not an option of serve"
-        assert not option.flag, f"{where}: {flag} is a switch, it takes no value"
+        if option.flag:  # a switch: --x / --no-x, no value
+            assert "=" not in flag, f"{where}: {flag} is a switch, it takes no value"
+            continue
+        assert name == option.name, f"{where}: {flag} is not a switch"
+        value = flag.split("=", 1)[1] if "=" in flag else rest.pop(0) if rest else None
+        assert value is not None, f"{where}: {flag} needs a value"
         option.convert(value)  # raises ValueError on a bad value
 
 
@@ -177,3 +184,15 @@ def test_haproxy_config_checks_readyz_on_each_admin_port() -> None:
     done = subprocess.run([haproxy, "-c", "-f", str(DEPLOY / "haproxy" / "haproxy.cfg")],
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_systemd_stop_timeout_covers_the_delay_and_the_drain() -> None:
+    unit = DEPLOY / "systemd" / "prefork.service"
+    if not unit.exists():
+        pytest.skip("deploy/systemd/prefork.service is not there")
+    text = re.sub(r"\\\n\s*", " ", unit.read_text())
+    (exec_start,) = re.findall(r"^ExecStart=\S*prefork serve (.*)$", text, re.M)
+    args = exec_start.split()
+    _check_options(args, "prefork.service")
+    (stop,) = re.findall(r"^TimeoutStopSec=(\d+)s?$", text, re.M)
+    assert float(stop) > _seconds(args, "--shutdown-delay") + _seconds(args, "--graceful-timeout")
