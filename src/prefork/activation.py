@@ -19,6 +19,8 @@ import stat
 from dataclasses import dataclass
 from typing import Any
 
+from . import binding
+
 FIRST_FD = 3  # SD_LISTEN_FDS_START
 MAX_FDS = 1024  # far more sockets than a unit lists; a garbage LISTEN_FDS must not loop for long
 VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
@@ -124,8 +126,6 @@ def take(binds: list[list[Any]], environ: Any = None) -> list[tuple[list[Any], s
     socket is its address, which binding.py then serves from the inherited socket.
 
     Sockets passed by socket activation replace the --bind addresses; `fd://N` binds are kept."""
-    from . import binding
-
     passed = listen_fds(environ)
     items: list[tuple[int, str | None, str]] = []
     if passed:

@@ -89,8 +89,8 @@ def _up_from(base: str, path: str) -> list[str]:
 def _read_v2(path: str) -> float | None:
     """cpu.max: "max 100000" (no limit: 0.0) or "200000 100000" (2 CPUs); None if unreadable."""
     try:
-        with open(path, encoding="ascii") as f:
-            quota, _, period = f.read().strip().partition(" ")
+        with open(path, "rb") as f:  # bytes: no codec lookup (it imports, which may be refused)
+            quota, _, period = f.read().decode("utf-8", "replace").strip().partition(" ")
     except OSError:
         return None
     if quota == "max":
@@ -104,9 +104,9 @@ def _read_v2(path: str) -> float | None:
 
 def _read_v1(folder: str) -> float | None:
     try:
-        with open(os.path.join(folder, "cpu.cfs_quota_us"), encoding="ascii") as f:
+        with open(os.path.join(folder, "cpu.cfs_quota_us"), "rb") as f:
             quota = int(f.read().strip())
-        with open(os.path.join(folder, "cpu.cfs_period_us"), encoding="ascii") as f:
+        with open(os.path.join(folder, "cpu.cfs_period_us"), "rb") as f:
             period = int(f.read().strip())
     except (OSError, ValueError):
         return None

@@ -19,7 +19,6 @@ supervisor installs its own.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import sys
@@ -46,9 +45,11 @@ def _early_term(signum: int, frame: Any) -> None:
 def set_subreaper() -> bool:
     """Become a child subreaper (Linux 3.4+): orphans of our descendants come to us, not to PID 1."""
     try:
+        import ctypes  # here: an import the CLI's start pays only with --init
+
         libc = ctypes.CDLL(None, use_errno=True)
         return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, ImportError):
         return False
 
 

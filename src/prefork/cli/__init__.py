@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import sys
 
+from prefork import reaper
+
 from . import output
 from .config import UsageError
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from prefork import reaper
-
     reaper.guard_pid1()  # as PID 1 a SIGTERM without a handler is dropped: handle it from the start
     debug = _debug_requested(argv)
     try:

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from prefork import cpus
+
 
 class UsageError(Exception):
     """Bad input from the user: one line, exit code 2."""
@@ -35,8 +37,6 @@ MAX_BACKLOG = 65535  # the kernel caps listen() at net.core.somaxconn anyway (a 
 
 def to_workers(value: Any) -> int:
     if isinstance(value, str) and value.strip().lower() == "auto":
-        from prefork import cpus
-
         return cpus.usable()  # affinity and cgroup quota, not the host's count (prefork/cpus.py)
     n = _int(value)
     if n is None or not 1 <= n <= MAX_WORKERS:

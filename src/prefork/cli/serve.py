@@ -17,7 +17,7 @@ import sys
 from typing import Any
 
 import prefork
-from prefork import proctitle
+from prefork import activation, proctitle
 
 from . import output
 from .config import UsageError, show_bind
@@ -126,8 +126,6 @@ def _inherited(opts: dict[str, Any]) -> list[str | None]:
     """Serve the sockets systemd passed (LISTEN_FDS), or fd://N binds, instead of binding; their
     labels for the banner (None: a plain address). reuseport needs a socket per worker, each bound
     by us, which an inherited socket cannot be: such a server falls back to rr."""
-    from prefork import activation
-
     try:
         taken = activation.take(opts["bind"])
     except activation.ActivationError as exc:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import prefork
+from prefork import sdnotify
 
 from . import output
 
@@ -88,8 +89,6 @@ def run_supervised(opts: dict[str, Any], *, title: str, rows: list[tuple[str, st
     boot = BootWatch(supervisor)
     supervisor.primary.internal["boot_error"] = boot
     supervisor.watchers.append(Announcer(supervisor, addresses, boot))
-    from prefork import sdnotify
-
     notifier = sdnotify.from_environ(supervisor, output.log)  # systemd's Type=notify(-reload)
     if notifier is not None:
         supervisor.watchers.append(notifier)
