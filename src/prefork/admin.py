@@ -245,8 +245,11 @@ class AdminServer:
         conn.sock.close()
 
 
+Scrape = Callable[[Callable[[bytes, bool], None]], None]  # metrics.Metrics.scrape
+
+
 def routes(supervisor: Any, status: Callable[[], dict[str, Any]],
-           metrics: Callable[[Callable[[bytes], None]], None] | None) -> dict[str, Callable[[Reply], None]]:
+           metrics: Scrape | None) -> dict[str, Callable[[Reply], None]]:
     """The four endpoints over a Supervisor (on its loop thread)."""
 
     def livez(reply: Reply) -> None:
@@ -265,7 +268,8 @@ def routes(supervisor: Any, status: Callable[[], dict[str, Any]],
 
     table = {"/livez": livez, "/readyz": readyz, "/status": status_route}
     if metrics is not None:
-        table["/metrics"] = lambda reply: metrics(lambda text: reply(200, text, PROMETHEUS))
+        table["/metrics"] = lambda reply: metrics(
+            lambda text, ok: reply(200, text, PROMETHEUS) if ok else reply(500, text, TEXT))
     return table
 
 

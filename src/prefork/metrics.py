@@ -42,7 +42,7 @@ class Metrics:
         self.kinds: dict[str, tuple[str, str]] = {}  # family -> (type, help), as first seen
         self.seq = 0
         self.waiting: set[int] = set()
-        self.callers: list[Callable[[bytes], None]] = []
+        self.callers: list[Callable[[bytes, bool], None]] = []
         self.timer: Any = None
 
     def attach(self) -> None:
@@ -53,8 +53,8 @@ class Metrics:
 
     # -- gathering -------------------------------------------------------------------------------
 
-    def scrape(self, done: Callable[[bytes], None]) -> None:
-        """Ask every worker, then call done(text) once they answered or the time is up."""
+    def scrape(self, done: Callable[[bytes, bool], None]) -> None:
+        """Ask every worker, then call done(text, ok) once they answered or the time is up."""
         self.callers.append(done)
         if self.timer is not None:
             return  # a gathering is under way: this scrape gets its answers too
@@ -91,9 +91,15 @@ class Metrics:
             self.timer.cancel()
             self.timer = None
         callers, self.callers = self.callers, []
-        text = self.render().encode()
+        try:
+            text = self.render().encode()
+        except Exception as exc:  # a bug here costs the scrape (a 500), never the loop
+            text = f"# cannot render the metrics: {type(exc).__name__}: {exc}\n".encode()
+            for done in callers:
+                done(text, False)
+            return
         for done in callers:
-            done(text)
+            done(text, True)
 
     def _on_exit(self, worker: Any, code: Any, signame: Any) -> None:
         """Carry an exited worker's last counts into the sums (counters never go down)."""
