@@ -74,6 +74,8 @@ class Metrics:
             self._finish()
 
     def _on_answer(self, worker: Any, message: Any, fds: list[int]) -> None:
+        if worker.id not in self.sup.members:  # read after its exit: kept, it would never be carried
+            return
         figures = message[2]
         self.last[worker.id] = figures
         worker.stats = figures["stats"]  # fresher than the last heartbeat's: `ctl status` shows it too
@@ -102,11 +104,17 @@ class Metrics:
             done(text, True)
 
     def _on_exit(self, worker: Any, code: Any, signame: Any) -> None:
-        """Carry an exited worker's last counts into the sums (counters never go down)."""
+        """Carry an exited worker's last counts into the sums (counters never go down); a scrape
+        that waited only for it is answered now."""
         figures = self.last.pop(worker.id, None)
-        self.waiting.discard(worker.id)
-        if figures is None:
-            return
+        if figures is not None:
+            self._carry(figures)
+        if worker.id in self.waiting:
+            self.waiting.discard(worker.id)
+            if not self.waiting and self.timer is not None:
+                self._finish()
+
+    def _carry(self, figures: dict[str, Any]) -> None:
         duration = figures.get("duration")
         if duration is not None:
             counts = self.carried_duration[0]
