@@ -384,3 +384,12 @@ def test_notify_addresses_and_watchdog_variables():
     notifier = sdnotify.from_environ(None, logged.append, env)
     assert notifier is not None and notifier.watchdog_s is None and "WATCHDOG_USEC" in logged[-1]
     assert sdnotify.from_environ(None, logged.append, {}) is None
+
+
+def test_help_documents_fd_binds_and_init():
+    """`serve --help` says what fd://N and --init do (and prints at all: a % in a help text, as in
+    --access-log-format's, made argparse fail with KeyError)."""
+    result = run_prefork(["serve", "--help"])
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert "fd://N" in text and "LISTEN_FDS" in text and "PR_SET_CHILD_SUBREAPER" in text, text

@@ -63,7 +63,9 @@ def _add_options(parser: argparse.ArgumentParser, command: str) -> None:
         default = option.default
         shown = "" if default in (None, "", False) else f" (default: {default if not option.repeat else ''})"
         shown = shown.replace(" (default: )", "")
-        kw: dict[str, Any] = {"dest": option.name, "help": option.help + shown, "default": argparse.SUPPRESS}
+        # argparse formats help with %: a literal % (gunicorn's atoms in --access-log-format) is doubled
+        text = (option.help + shown).replace("%", "%%")
+        kw: dict[str, Any] = {"dest": option.name, "help": text, "default": argparse.SUPPRESS}
         if option.flag:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif option.repeat:

@@ -214,8 +214,10 @@ OPTIONS: tuple[Option, ...] = (
            "one per core; WEB_CONCURRENCY is used when neither this, PREFORK_WORKERS nor the config file "
            "sets it",
            metavar="N|auto"),
-    Option("bind", to_binds, ["127.0.0.1:8000"], "address to serve, HOST:PORT or unix:PATH; repeat for more "
-           "(default 127.0.0.1:8000)", ("serve",), "ADDRESS", repeat=True),
+    Option("bind", to_binds, ["127.0.0.1:8000"], "address to serve, HOST:PORT, unix:PATH or fd://N (a "
+           "listening socket passed to prefork as descriptor N); repeat for more (default "
+           "127.0.0.1:8000). Sockets passed by systemd's socket activation (LISTEN_FDS) replace these",
+           ("serve",), "ADDRESS", repeat=True),
     Option("policy", choice(POLICIES), None, "how connections are spread over the workers: reuseport (one "
            "kernel-balanced socket per worker; serve's default), rr (the primary hands them out; run's "
            "default, as Node's), least_conn, none (one shared socket)",
