@@ -103,10 +103,13 @@ def test_pid1_reaps_orphans_and_stops_with_exit_0(tmp_path, signame):
         assert not pid_alive(pid)
 
 
-def test_init_makes_the_primary_reap_orphans_without_a_namespace(tmp_path):
+@pytest.mark.parametrize("preload", [False, True], ids=["spawn", "preload"])
+def test_init_makes_the_primary_reap_orphans_without_a_namespace(tmp_path, preload):
+    """With --preload the workers are the fork template's children: their orphans still come to the
+    primary, the nearest subreaper."""
     port = free_port()
     cmd = Wrapped([], ["serve", APP, "--workers", "1", "--init", "--bind", f"127.0.0.1:{port}",
-                       "--control", str(tmp_path / "ctl.sock")])
+                       "--control", str(tmp_path / "ctl.sock"), *(["--preload"] if preload else [])])
     try:
         cmd.wait_ready(30)
         primary = cmd.proc.pid
