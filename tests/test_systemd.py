@@ -87,6 +87,12 @@ def test_socket_activation(started, tmp_path, policy, preload):
         assert status["policy"] == policy and "reuseport cannot" not in cmd.output, cmd.output
     for _ in range(20):
         assert _get(port, "/").text.startswith("hello from ")
+    if policy != "none":  # the primary accepts: no worker holds the listening socket (forked ones too)
+        listening = os.readlink(f"/proc/{cmd.proc.pid}/fd/3")  # systemd-socket-activate exec'd prefork
+        assert listening.startswith("socket:"), listening
+        for pid in cmd.worker_pids:
+            held = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+            assert listening not in held, (pid, listening)
     for _ in range(4):  # what a worker's app sees (forked workers too), and its exec-time environment
         seen = _get(port, "/env").json()
         assert seen["vars"] == {}, seen

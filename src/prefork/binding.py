@@ -26,6 +26,10 @@ def adopt(family: int, addr: Any, sock: socket.socket) -> None:
     _adopted[_key(family, addr)] = sock
 
 
+def adopted_fds() -> set[int]:
+    return {sock.fileno() for sock in _adopted.values()}
+
+
 def bind_socket(family: int, addr: Any, backlog: int, reuseport: bool = False) -> socket.socket:
     """A listening socket as a plain server would make it (OSError as a plain bind raises it)."""
     inherited = _adopted.get(_key(family, addr)) if _adopted else None

@@ -15,7 +15,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from . import _proc, _stdio
+from . import _proc, _stdio, binding
 from .channel import Channel
 from .events import EventEmitter
 from .inbox import Inbox
@@ -377,7 +377,10 @@ class Primary(Inbox):
 
 
 def _open_fds() -> set[int]:
+    """What a forked worker keeps; not the listening sockets the primary inherited (binding.py):
+    those reach a worker only through its listen(), as any shared socket does."""
     try:
-        return {int(name) for name in os.listdir("/proc/self/fd")}
+        fds = {int(name) for name in os.listdir("/proc/self/fd")}
     except OSError:
-        return {0, 1, 2}
+        fds = {0, 1, 2}
+    return fds - binding.adopted_fds()
