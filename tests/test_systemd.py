@@ -399,3 +399,27 @@ def test_help_documents_fd_binds_and_init():
     assert result.returncode == 0, result.stderr
     text = " ".join(result.stdout.split())
     assert "fd://N" in text and "LISTEN_FDS" in text and "PR_SET_CHILD_SUBREAPER" in text, text
+
+
+def test_notify_a_failed_reload_ends_with_ready(tmp_path):
+    """A reload whose new workers cannot start still ends the reload job (READY=1: the old workers
+    serve on), and STATUS says it failed."""
+    app = tmp_path / "notify_app.py"
+    app.write_text("from tests.apps.ops import app\n")
+    notify = NotifySocket(str(tmp_path / "notify.sock"))
+    control, port = str(tmp_path / "ctl.sock"), free_port()
+    env = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "PYTHONPATH": str(tmp_path)}
+    cmd = Wrapped([], ["serve", "notify_app:app", "--workers", "1", "--bind", f"127.0.0.1:{port}",
+                       "--control", control], env=env)
+    try:
+        ready = notify.wait_for("READY=1")
+        app.write_text("raise RuntimeError('broken on purpose')\n")
+        assert run_prefork(["ctl", "--control", control, "reload"]).returncode == 0
+        reloading = notify.wait_for("RELOADING=1", ready)
+        done = notify.wait_for("READY=1", reloading)
+        assert notify.lines()[done + 1].startswith("STATUS=reload failed ("), notify.lines()
+        assert _get(port, "/").status_code == 200  # the old worker serves on
+        _stop(cmd, control)
+    finally:
+        cmd.kill_all()
+        notify.close()

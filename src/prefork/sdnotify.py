@@ -113,7 +113,8 @@ class Notifier:
     def on_reloaded(self, ok: bool, why: str) -> None:
         # READY=1 either way: the old workers serve on after a failed reload, and notify-reload
         # waits for READY=1 to end the reload job
-        self._last_status = self.status("reload done; " if ok else f"reload failed ({why[:200]}); ")
+        why = " ".join(why.split())[:200]  # one line: a newline would start another field
+        self._last_status = self.status("reload done; " if ok else f"reload failed ({why}); ")
         self.send("READY=1", self._last_status)
 
     def on_stopping(self) -> None:
