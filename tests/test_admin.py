@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from cli_helpers import free_port, pid_alive, prefork_cmd, run_prefork  # noqa: F401
+from cli_helpers import ctl_json, free_port, pid_alive, prefork_cmd, run_prefork  # noqa: F401
 from conftest import wait_until
 
 SLOW = "tests.apps.slow_start:app"
@@ -88,6 +88,9 @@ def test_states_across_a_start_a_kill_and_a_stop(prefork_cmd, tmp_path: Path) ->
     state = json.loads(body)
     assert state["ready"] is True and [w["state"] for w in state["workers"]] == ["ready", "ready"]
     assert state["control"] == str(tmp_path / "ctl.sock")
+    from_ctl = ctl_json(str(tmp_path / "ctl.sock"))  # the same document as `prefork ctl status --json`
+    assert set(from_ctl) == set(state) and from_ctl["pid"] == state["pid"] == cmd.proc.pid
+    assert [w["pid"] for w in from_ctl["workers"]] == [w["pid"] for w in state["workers"]]
     pids = [w["pid"] for w in state["workers"]]
     cmd.worker_pids.update(pids)
 
