@@ -130,8 +130,9 @@ def take(binds: list[list[Any]], environ: Any = None) -> list[tuple[list[Any], s
     items: list[tuple[int, str | None, str]] = []
     if passed:
         items = [(fd, name, "systemd socket activation") for fd, name in passed]
-    taken = {fd for fd, _, _ in items}
-    items += [(b[1], None, "inherited") for b in binds if b[0] == "fd" and b[1] not in taken]
+    for bind in binds:  # once each: two socket objects on one descriptor would close it twice
+        if bind[0] == "fd" and bind[1] not in {fd for fd, _, _ in items}:
+            items.append((bind[1], None, "inherited"))
     out: list[tuple[list[Any], str | None]] = []
     if not passed:
         out = [(b, None) for b in binds if b[0] != "fd"]
