@@ -200,7 +200,7 @@ def test_prefork_run_workers_answer_a_scrape_at_once(prefork_cmd, tmp_path: Path
         assert httpx.get(f"http://127.0.0.1:{port}/", timeout=10).text == "ok\n"
     for _ in range(3):
         reply = httpx.get(f"http://127.0.0.1:{admin}/metrics", timeout=10)
-        assert reply.elapsed.total_seconds() < 0.4, reply.elapsed
+        assert reply.elapsed.total_seconds() < 0.45, reply.elapsed  # the deadline is 0.5 s
         got = samples(reply.text)
         assert got[("script_hits_total", ())] == 7
         assert sum(v for (name, _), v in got.items() if name == "prefork_requests_total") == 7
