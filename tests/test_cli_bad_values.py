@@ -117,9 +117,9 @@ def test_web_concurrency_is_the_weakest_source(tmp_path):
 def test_uvicorn_config_ignores_web_concurrency():
     # serve's workers build uvicorn.Config with workers=1: uvicorn never parses WEB_CONCURRENCY itself
     code = (
-        "from prefork.http.worker import _build_config\n"
+        "from prefork.http.uvconfig import build_config\n"
         "async def app(scope, receive, send): pass\n"
-        "print('workers', _build_config({}, app, 'asgi3').workers)\n"
+        "print('workers', build_config({}, app, 'asgi3').workers)\n"
     )
     env = clean_env({"WEB_CONCURRENCY": "abc"})
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,

@@ -1,0 +1,97 @@
+"""What a `prefork serve` worker gives uvicorn: the app (imported, its interface found), logging, and
+uvicorn's Config with prefork's additions (the access log, WSGI through a thread pool, onewrite.py)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+from .. import logline
+
+FAST = [False]  # onewrite's response path is installed (httptools is there)
+
+
+class BootError(Exception):
+    """The app could not start in this worker; the message is for a person."""
+
+
+def configure_logging(wid: int, level: str, fmt: str = "text") -> None:
+    """Each worker's log lines carry its id, so interleaved output stays readable."""
+    handler = logging.StreamHandler(logline.raw(sys.stderr))
+    handler.setFormatter(logline.json_formatter(wid) if fmt == "json" else
+                         logging.Formatter(f"[worker {wid}] %(levelname)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper() if level != "trace" else 5)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.asgi"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = []
+        logger.propagate = True
+        logger.setLevel(root.level)
+    access = logging.getLogger("uvicorn.access")  # our own CLF middleware logs access instead
+    access.handlers[:] = []
+    access.propagate = False
+
+
+def load_app(opts: dict[str, Any]) -> tuple[Any, str]:
+    from .asgi import import_app, resolve_interface
+
+    spec = opts["app"]
+    app = import_app(spec, factory=opts.get("factory", False), app_dir=opts.get("app_dir"))
+    return app, resolve_interface(app, opts.get("interface", "auto"), spec)
+
+
+def build_config(opts: dict[str, Any], app: Any, interface: str, out: Any = None) -> Any:
+    import uvicorn
+
+    ws = opts.get("ws", "auto")
+    if interface == "wsgi":
+        from .wsgi import wrap_wsgi
+
+        app, interface, ws = wrap_wsgi(app, opts.get("threads") or 8), "asgi3", "none"
+    if opts.get("access_log") or opts.get("access_log_format"):
+        from .asgi import AccessLog
+
+        if interface == "asgi2":
+            from uvicorn.middleware.asgi2 import ASGI2Middleware
+
+            app, interface = ASGI2Middleware(app), "asgi3"
+        out = out or sys.stdout
+
+        def write(line: str) -> None:
+            from prefork import _stdio
+
+            _stdio.write(line, out)  # a closed log pipe is silenced, never an error in a request
+
+        app = AccessLog(app, write, opts.get("access_log_format"), logline.is_json())
+    try:
+        import httptools  # noqa: F401
+
+        from . import onewrite
+
+        FAST[0] = onewrite.install()  # one write per response, headers checked once (onewrite.py)
+        http = "httptools"
+    except ImportError:
+        http = "h11"
+    config = uvicorn.Config(
+        app,
+        interface=interface,  # type: ignore[arg-type]
+        http=http,
+        ws=ws,
+        lifespan=opts.get("lifespan", "auto"),  # type: ignore[arg-type]
+        log_config=None,
+        access_log=False,
+        proxy_headers=bool(opts.get("proxy_headers", False)),
+        forwarded_allow_ips=opts.get("forwarded_allow_ips") or "127.0.0.1",
+        root_path=opts.get("root_path") or "",
+        ssl_certfile=opts.get("certfile"),
+        ssl_keyfile=opts.get("keyfile"),
+        timeout_keep_alive=int(opts.get("keep_alive", 5)),
+        timeout_graceful_shutdown=None,
+        loop="none",
+        server_header=True,
+        workers=1,  # else uvicorn parses WEB_CONCURRENCY (a bad value crashed it); cli/config.py reads it
+    )
+    config.load()
+    return config
