@@ -91,3 +91,22 @@ def test_a_second_sigterm_drains_at_once(prefork_cmd, tmp_path: Path) -> None:  
     assert admin_get(admin, "/livez")[0] == 200
     cmd.proc.send_signal(signal.SIGTERM)
     assert cmd.finish(30) == 0
+
+
+@pytest.mark.timeout(60)
+def test_ctl_stop_waits_the_delay_too_and_now_does_not(prefork_cmd, tmp_path: Path) -> None:  # noqa: F811
+    """`prefork ctl stop` is a graceful stop like SIGTERM: behind a load balancer it must not skip
+    the delay; `ctl stop --now` (no drain) does."""
+    from cli_helpers import run_prefork
+
+    cmd, port, admin = serve(prefork_cmd, tmp_path, "tests.apps.slow_start:app", "--shutdown-delay", "60")
+    cmd.wait_ready()
+    control = str(tmp_path / "ctl.sock")
+    cmd.track_workers(control)
+    assert run_prefork(["ctl", "--control", control, "stop"]).returncode == 0
+    cmd.expect(r"stop requested: not ready any more; serving for 60 s more")
+    assert admin_get(admin, "/readyz")[0] == 503
+    assert httpx.get(f"http://127.0.0.1:{port}/", timeout=10).status_code == 200
+    assert cmd.proc.poll() is None
+    assert run_prefork(["ctl", "--control", control, "stop", "--now"]).returncode == 0
+    assert cmd.finish(30) == 0

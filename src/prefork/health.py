@@ -93,3 +93,32 @@ class Health:
                 "rss": member.rss, "cpu": round(member.cpu_percent, 1),
             })
         return rows
+
+    def status(self) -> dict[str, Any]:
+        """What `ctl status --json` and the admin /status show."""
+        import prefork
+
+        sup = self.sup
+        return {"pid": os.getpid(), "version": prefork.__version__, "policy": prefork.scheduling_policy,
+                "workers": self.rows(), "target": len(sup.slots), "stopping": sup.stopping,
+                "ready": sup.readiness()[0], "restarts": sup.restarts_total, "reloads": dict(sup.reloads),
+                "workers_how": self._how(),
+                "slots": [slot.state for slot in sup.slots], "reload": dict(sup.rolling.status),
+                "last_error": sup.last_error, "addresses": self.addresses()}
+
+    def _how(self) -> str:
+        """How the worker count was found; after a scale, that it was scaled from it."""
+        how, now = self.sup.workers_how, len(self.sup.slots)
+        if how.split(" ", 1)[0] == str(now):
+            return how
+        return f"{now} (scaled; at start {how})"
+
+    def addresses(self) -> list[str]:
+        from .address import Address
+
+        out = []
+        for handle in self.sup.primary.servers.by_id.values():
+            name = handle.sockname
+            name = name if isinstance(name, str) else tuple(name)
+            out.append(str(Address.from_sockname(handle.family, name)))
+        return out

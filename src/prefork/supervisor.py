@@ -28,56 +28,18 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from . import _role, _stdio
 from .health import Health
 from .rolling import Rolling
+from .slots import Member, Slot
 
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 10.0
 MIN_UPTIME = 1.0  # a worker that dies sooner after it was ready counts as a crash loop
 GIVE_UP_AFTER = 5  # boot failures in a row, with no worker ever ready, before giving up
 BEAT_EVERY = 1.0
 MAX_WORKERS = 1024  # what `--workers` and `ctl scale` accept (cli/config.py)
-
-
-@dataclass(eq=False)
-class Slot:
-    index: int
-    restarts: int = 0
-    failures: int = 0  # early deaths (or failed starts) in a row
-    current: Member | None = None
-    incoming: Member | None = None
-    timer: Any = None  # a pending `fill`
-    removed: bool = False
-
-    @property
-    def state(self) -> str:
-        if self.removed:
-            return "removed"
-        if self.incoming is not None:
-            return "replacing"
-        if self.current is None:
-            return "empty"
-        return "booting" if self.current.state == "starting" else self.current.state
-
-
-@dataclass(eq=False)
-class Member:
-    """One worker the supervisor manages."""
-
-    worker: Any
-    slot: Slot
-    started: float = field(default_factory=time.monotonic)
-    ready_at: float = 0.0
-    state: str = "starting"  # starting, ready, draining, hung
-    max_requests: int = 0
-    why_leaving: str = ""
-    waiters: list[Callable[[bool, str], None]] = field(default_factory=list)
-    cpu: tuple[float, float] = (0.0, 0.0)
-    cpu_percent: float = 0.0
-    rss: int = 0
 
 
 class Supervisor:
@@ -115,6 +77,7 @@ class Supervisor:
         self.restarts_total = 0
         self.reloads = {"ok": 0, "failed": 0}
         self.watchers: list[Any] = []
+        self.workers_how = str(workers)  # how the count was found ("2 (cgroup quota 2.0 of 64 CPUs)")
         self.last_error: str | None = None
         self.rolling = Rolling(self)
         self._done = threading.Event()
@@ -143,7 +106,8 @@ class Supervisor:
         self._post(self._scale, n)
 
     def stop(self, graceful: bool = True) -> None:
-        self._post(self._stop, graceful)
+        """Drain and stop (after the shutdown delay, as SIGTERM), or with graceful=False at once."""
+        self._post(self._stop_after_delay, "stop requested") if graceful else self._post(self._stop, False)
 
     def status(self) -> dict[str, Any]:
         return self.primary.loop.run_sync(self._status, timeout=5.0)
@@ -163,11 +127,14 @@ class Supervisor:
         self.rolling.reload()
 
     def handle_term(self) -> None:
+        self._stop_after_delay("SIGTERM")
+
+    def _stop_after_delay(self, why: str) -> None:
         """Graceful stop; with a shutdown delay, first report not ready and serve on for that long
-        (a load balancer or Kubernetes stops sending meanwhile), then drain. A second TERM drains."""
+        (a load balancer or Kubernetes stops sending meanwhile), then drain. A second one drains."""
         if self.shutdown_delay and not self.stopping and not self.delaying:
             self.delaying = True
-            self.log(f"SIGTERM: not ready any more; serving for {self.shutdown_delay:g} s more, "
+            self.log(f"{why}: not ready any more; serving for {self.shutdown_delay:g} s more, "
                      "then draining (--shutdown-delay)")
             self.tell("stopping")
             self.primary.loop.call_later(self.shutdown_delay, self._delay_over)
@@ -446,23 +413,7 @@ class Supervisor:
     # -- figures ---------------------------------------------------------------------------------
 
     def _status(self) -> dict[str, Any]:
-        import prefork
-
-        return {"pid": os.getpid(), "version": prefork.__version__, "policy": prefork.scheduling_policy,
-                "workers": self.health.rows(), "target": len(self.slots), "stopping": self.stopping,
-                "ready": self.readiness()[0], "restarts": self.restarts_total, "reloads": dict(self.reloads),
-                "slots": [slot.state for slot in self.slots], "reload": dict(self.rolling.status),
-                "last_error": self.last_error, "addresses": self._addresses()}
-
-    def _addresses(self) -> list[str]:
-        from .address import Address
-
-        out = []
-        for handle in self.primary.servers.by_id.values():
-            name = handle.sockname
-            name = name if isinstance(name, str) else tuple(name)
-            out.append(str(Address.from_sockname(handle.family, name)))
-        return out
+        return self.health.status()
 
 
 def _default_log(line: str) -> None:

@@ -114,7 +114,8 @@ def build() -> Parser:
     actions.add_parser("reload", help="rolling reload with no dropped connection")
     scale = actions.add_parser("scale", help="change the number of workers")
     scale.add_argument("n", metavar="N", help="the new number of workers (or +K / -K)")
-    actions.add_parser("stop", help="stop gracefully")
+    stop = actions.add_parser("stop", help="stop gracefully (after --shutdown-delay, as SIGTERM)")
+    stop.add_argument("--now", action="store_true", help="stop at once: no shutdown delay, no drain")
     return parser
 
 

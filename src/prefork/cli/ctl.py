@@ -28,6 +28,8 @@ def ctl(ns: Any) -> int:
         message: dict[str, Any] = {"cmd": "scale", "n": int(n) if n.isdigit() else n}
     else:
         message = {"cmd": action}
+        if action == "stop" and ns.now:
+            message["now"] = True
     reply = request(path, message, timeout)
     if not reply.get("ok"):
         raise ControlError(reply.get("error", "the primary refused"))

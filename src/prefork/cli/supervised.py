@@ -54,8 +54,9 @@ def _control_handler(supervisor: Any, path: str, info: dict[str, Any]) -> Callab
                 return {"ok": False, "error": f"{exc} (now {current})"}
             return {"ok": True, "message": f"scaling from {current} to {n} worker(s)"}
         if cmd == "stop":
-            supervisor.stop(graceful=not request.get("now"))
-            return {"ok": True, "message": "stopping"}
+            now = request.get("now") is True
+            supervisor.stop(graceful=not now)
+            return {"ok": True, "message": "stopping at once" if now else "stopping"}
         return {"ok": False, "error": f"unknown command {cmd!r}"}
     return handle
 
@@ -98,7 +99,8 @@ def run_supervised(opts: dict[str, Any], *, title: str, rows: list[tuple[str, st
     except ControlError as exc:
         output.error(str(exc))
         return 1
-    info = {"title": title, "workers_how": how}
+    info = {"title": title}
+    supervisor.workers_how = how
     control.handler = _control_handler(supervisor, control.path, info)
     try:  # the admin endpoint (admin.py): bound now, so a bad address stops us before any worker starts
         admin = open_admin(opts.get("admin"), supervisor,
@@ -140,6 +142,6 @@ class Announcer:
     def on_ready(self) -> None:
         if self.boot.message is not None or self.supervisor.stopping:
             return
-        where = ", ".join(self.addresses or self.supervisor._addresses())
+        where = ", ".join(self.addresses or self.supervisor.health.addresses())
         count = self.supervisor.ready_count()
         output.log(f"ready: {count} worker(s)" + (f" serving on {where}" if where else ""))
