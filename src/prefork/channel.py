@@ -16,10 +16,11 @@ Speed matters here (every message of every worker goes through it):
 - reads go into one reused buffer (`recvmsg_into`: `recvmsg(256 KiB)` allocates and frees that
   much per call, ~9 us against ~1 us here), and a batch of frames is decoded in one pass;
 - writes are coalesced and never copy big payloads (see outbox.py);
-- after a process sent a user message, its reader polls for up to SPIN seconds before it sleeps (on
-  the primary, Primary._on_readable asks `awaiting_reply()`): on a VM a wake-up costs more than a
-  whole round trip, and the answer usually comes within that. It yields the CPU between polls, so
-  it only uses idle time. PREFORK_IPC_SPIN_US sets it (0 turns it off).
+- after a process sent a user message, its reader may poll for up to SPIN seconds before it sleeps
+  (on the primary, Primary._on_readable asks `spin_deadline()`): on a VM a wake-up across CPUs
+  costs more than a whole round trip, and the answer usually comes within that. It polls only when
+  that can help (spin.py: the two processes' CPU placement and how often recent polls caught the
+  answer), and yields the CPU between polls. PREFORK_IPC_SPIN_US sets it (0 turns it off).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from .codec import (  # noqa: F401 - KIND_*, encode and decode are also imported
     serialization_kind,
 )
 from .outbox import HEADER, HEADER_SIZE, HIGH_WATER, MAX_FDS, SMALL, ChannelClosed, Outbox  # noqa: F401
+from .spin import Spin
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -113,6 +115,7 @@ class Channel(Outbox):
         self._fds: collections.deque[int] = collections.deque()
         self.bytes_read = 0  # lets a caller see whether a read made progress
         self._recvmsg_into = sock.recvmsg_into
+        self.spin = Spin(SPIN)  # whether the reader polls for an answer (the primary sets .peer)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -125,9 +128,19 @@ class Channel(Outbox):
     # -- the reader's spin (see the module's docstring) -------------------------------------------
 
     def awaiting_reply(self) -> bool:
-        """Whether this end sent a user message less than SPIN seconds ago and is still open: its
-        reader should poll again for the answer rather than sleep."""
+        """Whether this end sent a user message less than SPIN seconds ago (and not yet asked
+        spin_deadline() about it) and is still open."""
         return not self.closed and _monotonic() < self._sent_user + SPIN
+
+    def spin_deadline(self) -> float:
+        """Until when the reader should poll for the answer to the user message this end sent last
+        (0.0: sleep at once). Asked once per message sent: it forgets the send."""
+        sent = self._sent_user
+        if not sent or self.closed:
+            return 0.0
+        self._sent_user = 0.0
+        budget = self.spin.allowed(sent)
+        return sent + budget if budget else 0.0
 
     # -- sending (outbox.py writes) ---------------------------------------------------------------
 
@@ -170,24 +183,25 @@ class Channel(Outbox):
     def read_messages(self) -> list[tuple[int, Any, list[int]]]:
         """As read(), but the payloads are decoded: [(kind, message, fds)].
 
-        A blocking end that sent a user message less than SPIN seconds ago polls until then before
-        it sleeps in recvmsg: the reply to a request usually comes within that, and catching it
-        awake saves the wake-up, which costs more than the whole round trip on a VM.
+        A blocking end that sent a user message may poll until spin_deadline() before it sleeps in
+        recvmsg: the reply to a request usually comes within that, and catching it awake saves
+        the wake-up, which costs more than the whole round trip across CPUs on a VM.
         """
         if self.error is not None:
             raise self.error
         if not self.blocking:
             if not self._recv(0):
                 return []
-        elif self._sent_user:
-            deadline = self._sent_user + SPIN
+        elif self._sent_user and (deadline := self.spin_deadline()):
             recv = self._recv
             while not recv(_DONTWAIT):
-                if time.monotonic() >= deadline:
-                    self._sent_user = 0.0
+                if _monotonic() >= deadline:
+                    self.spin.outcome(False)
                     recv(0)
                     break
-                _yield()  # lets whatever else wants this core run: the spin only uses idle time
+                _yield()  # lets whatever else wants this CPU run: the spin only uses idle time
+            else:
+                self.spin.outcome(True)
         else:
             self._recv(0)
         return self._parse(True)

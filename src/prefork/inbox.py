@@ -49,14 +49,15 @@ class Inbox:
     def _on_readable(self, worker: Worker) -> None:
         """Read and dispatch what the worker sent.
 
-        When a message handler answered with a user message, keep polling this channel while it
-        awaits the reply (channel.SPIN after each send, 1 ms in all) before going back to the loop:
-        the worker's reply then comes without a wake-up, which on a VM costs more than the round trip.
+        When a message handler answered with a user message, keep polling this channel for the
+        reply until channel.spin_deadline() (0 when polling cannot help: spin.py), 20 SPIN in all,
+        before going back to the loop: the worker's reply then comes without a wake-up, which
+        across CPUs on a VM costs more than the round trip.
         """
         channel = worker._channel
         read = channel.read_messages
         on_message = self._on_message
-        give_up = 0.0
+        deadline = give_up = 0.0
         while True:
             try:
                 batch = read()
@@ -74,10 +75,20 @@ class Inbox:
             if channel.error is not None:  # garbage after the good frames
                 self._channel_failed(worker, channel.error)
                 return
-            if self.loop.has_pending() or not channel.awaiting_reply():
+            if deadline and batch:  # what we polled for came
+                channel.spin.outcome(True)
+                deadline = 0.0
+            if not deadline:
+                deadline = channel.spin_deadline()
+                if not deadline:
+                    return
+                channel.flush_queued()  # what the handlers queued goes out before we wait for the answer
+            if self.loop.has_pending():
                 return
-            channel.flush_queued()  # what the handlers queued goes out before we wait for the answer
             now = time.monotonic()
+            if now >= deadline:
+                channel.spin.outcome(False)
+                return
             if not give_up:
                 give_up = now + 20 * _SPIN
             elif now >= give_up:

@@ -189,6 +189,7 @@ class Primary(Inbox):
                 loop.call_soon(self._flush_soon, alive)
 
         channel.on_backlog = backlog
+        channel.spin.peer = worker.process.pid  # its placement decides whether the reader polls (spin.py)
         loop.add_reader(channel.fileno(), lambda: self._on_readable(worker))
         if self._pidfd_ok:
             try:
