@@ -123,6 +123,10 @@ def prefork_port(tmp_path_factory):
 def test_same_bytes_as_uvicorn(uvicorn_port, prefork_port, name):
     ours = _exchange(prefork_port, REQUESTS[name])
     theirs = _exchange(uvicorn_port, REQUESTS[name])
+    if name == "bad-header":  # nothing was written yet: prefork answers a whole 500, uvicorn closes mute
+        assert theirs == b""
+        assert ours.startswith(b"HTTP/1.1 500 Internal Server Error\r\n")
+        assert ours.endswith(b"connection: close\r\n\r\nInternal Server Error")
+        return
     assert ours == theirs
-    if name not in ("bad-header",):
-        assert ours  # something was answered
+    assert ours  # something was answered

@@ -103,10 +103,9 @@ class AccessLog:
         self.formatter = Formatter(fmt)
         self.json_lines = json_lines
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> Any:
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+            return await self.app(scope, receive, send)
         status = 0
         size = 0
         headers: Any = ()
@@ -123,7 +122,11 @@ class AccessLog:
 
         start = time.perf_counter()
         try:
-            await self.app(scope, receive, counting_send)
+            return await self.app(scope, receive, counting_send)  # what it returns: the server checks it
+        except BaseException:
+            if not size:  # the server answers 500 if nothing was written yet (onewrite.py)
+                status = 500
+            raise
         finally:
             self._log(scope, status or 500, size, time.perf_counter() - start, headers)
 

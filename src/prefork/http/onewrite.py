@@ -13,6 +13,11 @@ Profiled under wrk (keep-alive, hello world) these were the largest costs of a w
 - each (name, value) header pair an app sends is checked once and its line kept (most apps send
   the same few every time), in a bounded table;
 - the default headers are joined once per list uvicorn's clock makes (once a second).
+A held head is flushed at the end of the loop iteration that started the response when no body came
+in it (a streaming app's headers go out at once; hello world stays one write). While nothing has been
+written, an app that fails (raises, sends a second start, a body past its length, an invalid header,
+returns early) gets a whole `500 Internal Server Error` with `Connection: close`; once bytes went out,
+the connection is closed, as uvicorn does.
 Parsing, `receive()`, keep-alive, pipelining and upgrades stay uvicorn's. `install()` makes uvicorn
 build these cycles (by the module-level name it uses), in the worker process only.
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import http
 import re
+from asyncio import get_running_loop
 from typing import Any
 
 from uvicorn.protocols.http import httptools_impl
@@ -82,11 +88,53 @@ def _defaults(headers: list[tuple[bytes, bytes]]) -> bytes:
     return _default[1]
 
 
+_HEADERS_500 = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"21"),
+                (b"connection", b"close")]
+
+
 class Cycle(RequestResponseCycle):
     """uvicorn's request cycle with the response path above (`receive` stays uvicorn's)."""
 
     head: bytes | None = None  # the status line and headers, until the first body message
+    sent = False  # a byte of the response went out: too late for a 500
     leaving = False  # set when the worker drains: every response says `Connection: close`
+
+    async def run_asgi(self, app: Any) -> None:
+        """uvicorn's run_asgi, but an app that fails while nothing was written gets a whole 500."""
+        if self.access_log:
+            return await super().run_asgi(app)
+        try:
+            result = await app(self.scope, self.receive, self.send)
+        except BaseException as exc:
+            self.logger.error("Exception in ASGI application\n", exc_info=exc)
+            await self._failed()
+        else:
+            if result is not None:
+                self.logger.error("ASGI callable should return None, but returned '%s'.", result)
+                await self._failed()
+            elif not self.response_complete and not self.disconnected:
+                said = "completing" if self.response_started else "starting"
+                self.logger.error("ASGI callable returned without %s response.", said)
+                await self._failed()
+        finally:
+            self.on_response = lambda: None
+
+    async def _failed(self) -> None:
+        if self.sent or self.response_complete or self.disconnected:
+            if not self.transport.is_closing():
+                self.transport.close()
+            return
+        self.head, self.response_started, self.keep_alive = None, False, False
+        self.chunked_encoding, self.expected_content_length = None, 0
+        await self.send({"type": "http.response.start", "status": 500, "headers": _HEADERS_500})
+        await self.send({"type": "http.response.body", "body": b"Internal Server Error"})
+
+    def _flush(self) -> None:
+        """End of the iteration that started the response: a head still held goes out alone."""
+        head = self.head
+        if head is not None and not self.disconnected and not self.transport.is_closing():
+            self.head, self.sent = None, True
+            self.transport.write(head)
 
     async def send(self, message: Any) -> None:
         if self.access_log:  # uvicorn's own access log (prefork serve logs its own way)
@@ -132,6 +180,7 @@ class Cycle(RequestResponseCycle):
             parts.append(b"transfer-encoding: chunked\r\n")
         parts.append(b"\r\n")
         self.head = b"".join(parts)
+        get_running_loop().call_soon(self._flush)  # a no-op if the body comes first
 
     def _body(self, body: bytes, more: bool) -> None:
         if self.scope["method"] == "HEAD":
@@ -145,7 +194,7 @@ class Cycle(RequestResponseCycle):
                 raise RuntimeError("the response body is longer than its Content-Length")
             self.expected_content_length -= len(body)
             data = body
-        head, self.head = self.head, None
+        head, self.head, self.sent = self.head, None, True
         if head is None:
             if data:
                 self.transport.write(data)
