@@ -27,7 +27,8 @@ def server(tmp_path_factory):
     """One `prefork serve` of tests/apps/http_errors.py with one worker: (port, Cmd, worker pid)."""
     port = free_port()
     control = str(tmp_path_factory.mktemp("ctl") / "ctl.sock")
-    cmd = Cmd(["serve", APP, "--workers", "1", "--bind", f"127.0.0.1:{port}", "--control", control],
+    cmd = Cmd(["serve", APP, "--workers", "1", "--bind", f"127.0.0.1:{port}", "--control", control,
+               "--access-log"],
               env={"PYTHONPATH": str(ROOT)})
     try:
         cmd.wait_ready()
@@ -72,6 +73,7 @@ def test_a_whole_500_while_nothing_was_written(server, path):
     assert b"\r\nconnection: close" in head and b"\r\ncontent-length: 21" in head
     assert b"transfer-encoding" not in head and b"text/plain; charset=utf-8" in head
     _logged_once(cmd, before, port)
+    assert f'"GET {path} HTTP/1.1" 500 ' in cmd.output  # the access line says what the client got
 
 
 @pytest.mark.parametrize("path", ["/raise-after-body", "/raise-after-yield"])

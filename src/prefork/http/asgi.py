@@ -116,9 +116,9 @@ class AccessLog:
             if kind == "http.response.start":
                 status = message["status"]
                 headers = message.get("headers") or ()
-            elif kind == "http.response.body":
-                size += len(message.get("body", b""))
             await send(message)
+            if kind == "http.response.body":  # counted once taken: a body past its length is not
+                size += len(message.get("body", b""))
 
         start = time.perf_counter()
         try:
