@@ -14,10 +14,17 @@ at least MIN_MSGS messages completed (a 16 MiB round trip takes tens to hundreds
 at limit(seconds) whatever it got.
 prefork's stream is sent from its loop thread (where its callbacks run, as Node's run on its event
 loop); `stream_small_main_thread` (prefork only) sends it from the main thread instead.
-Readers poll briefly after a send (PREFORK_IPC_SPIN_US, default 50; 0 shows the cost of wake-ups).
-Runs alternate node/prefork; the table shows medians and the prefork/node ratio. The last stdout line
-is one JSON line: `{"records": [...], ...}` (see _harness.emit_records) with the medians as extra keys.
-`--serialization pickle` compares with Node's "advanced" serialization.
+Readers may poll briefly after a send (PREFORK_IPC_SPIN_US, default 50; src/prefork/spin.py says when).
+
+Each case runs in three CPU placements (--placements): `one` (both processes on one CPU), `two` (the
+primary on one CPU, the worker on another) and `unpinned`. prefork pins every thread of each process
+with os.sched_setaffinity; Node's primary starts under `taskset -c`, and its worker is moved by
+`taskset -a -p` once online (bench/node/ipc.js). Each side reports where its processes may run, and
+the bench checks it. --variants adds prefork subjects with other polling settings (`nospin`,
+`fixed:50` for always polling 50 us as before issue 15, `adaptive:25`, ...).
+Runs alternate node/prefork; the table shows medians and the prefork/node ratio per placement. The
+last stdout line is one JSON line: `{"records": [...], ...}` (see _harness.emit_records) with the
+medians as extra keys. `--serialization pickle` compares with Node's "advanced" serialization.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ CASES = {  # metric -> the case name of its record
     "stream_small": "streamed, 64 B", "stream_64k": "streamed, 64 KiB", "stream_16m": "streamed, 16 MiB",
 }
 SIDE_FLAG = "--prefork-side"
+PLACEMENTS = {"one": "one CPU", "two": "two CPUs", "unpinned": "unpinned"}  # name -> suffix of the case
 MIN_MSGS = 3  # a measurement goes on past its seconds until this many messages completed ...
 
 
@@ -50,9 +58,34 @@ def limit(seconds: float) -> float:
 
 # -- the prefork side: this same file, run as a primary (and by its worker) ----------------------
 
+def pin_all(cpu: int) -> None:
+    """Every thread of this process on `cpu` (as `taskset -a`); threads started later inherit it."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), {cpu})
+        except OSError:  # a thread that ended meanwhile
+            pass
+
+
+def placed_cpus() -> list[int]:
+    """IPC_CPUS: "" (unpinned), "A" (both on CPU A) or "A,B" (the primary on A, the worker on B)."""
+    return [int(c) for c in os.environ.get("IPC_CPUS", "").split(",") if c]
+
+
+def fix_spin() -> None:
+    """IPC_SPIN_MODE=fixed: poll after every send whatever the placement (prefork before issue 15)."""
+    if os.environ.get("IPC_SPIN_MODE") == "fixed":
+        from prefork import spin
+
+        spin.Spin.allowed = lambda self, now: self.budget  # type: ignore[method-assign]
+
+
 def prefork_worker() -> None:
     import prefork as cluster
 
+    if cpus := placed_cpus():
+        pin_all(cpus[-1])
+    fix_spin()
     me = cluster.worker
     send = me.send
     state = {"mode": "echo", "count": 0}
@@ -248,7 +281,12 @@ def prefork_primary(seconds: float, warmup: float, serialization: str) -> None:
         "stream_16m": measure(stream, huge, 1),
         "stream_small_main_thread": measure(stream_from_thread, small, 256),
     }
-    print(json.dumps({k: round(v, 1) for k, v in result.items()}), flush=True)
+    from prefork.spin import cpus_of
+
+    out: dict[str, Any] = {k: round(v, 1) for k, v in result.items()}
+    out["cpus"] = {"primary": sorted(cpus_of(os.getpid()) or ()),
+                   "worker": sorted(cpus_of(worker.process.pid) or ())}
+    print(json.dumps(out), flush=True)
     worker.kill()
 
 
@@ -258,6 +296,9 @@ def prefork_side(argv: list[str]) -> None:
     if cluster.is_worker:
         prefork_worker()
         return
+    if cpus := placed_cpus():
+        pin_all(cpus[0])  # before the primary starts its threads: they inherit it
+    fix_spin()
     seconds = float(argv[0]) if argv else 2.0
     warmup = float(os.environ.get("IPC_WARMUP", "0.2"))
     prefork_primary(seconds, warmup, os.environ.get("IPC_SERIALIZATION", "json"))
@@ -265,23 +306,60 @@ def prefork_side(argv: list[str]) -> None:
 
 # -- the driver ---------------------------------------------------------------------------------
 
-def run_side(side: str, seconds: float, serialization: str) -> dict[str, float]:
+def placement_cpus(placement: str) -> list[int]:
+    """The CPUs a placement uses: the first two this bench may run on."""
+    mine = sorted(os.sched_getaffinity(0))
+    if placement == "unpinned":
+        return []
+    if placement == "two" and len(mine) < 2:
+        raise SystemExit("the `two` placement needs two CPUs (--placements one,unpinned)")
+    return mine[:1] if placement == "one" else mine[:2]
+
+
+def variant_env(variant: str) -> dict[str, str]:
+    """adaptive (the default), nospin, fixed:US (always polls US), adaptive:US."""
+    mode, _, us = variant.partition(":")
+    if mode == "nospin":
+        return {"PREFORK_IPC_SPIN_US": "0"}
+    if mode not in ("adaptive", "fixed"):
+        raise SystemExit(f"unknown variant {variant!r}: adaptive, nospin, fixed:US, adaptive:US")
+    env = {"IPC_SPIN_MODE": mode}
+    if us or mode == "fixed":
+        env["PREFORK_IPC_SPIN_US"] = us or "50"
+    return env
+
+
+def subject_of(side: str) -> str:
+    """The record's subject: node, prefork (the default build), prefork fixed:50, ..."""
+    return side if side in ("node", "prefork", "prefork:adaptive") else side.replace(":", " ", 1)
+
+
+def run_side(side: str, seconds: float, serialization: str, placement: str) -> dict[str, Any]:
     sys.path.insert(0, str(HERE))
     from _harness import start_process, stop_process
 
+    cpus = placement_cpus(placement)
     if side == "node":
         argv = [NODE, str(HERE / "node" / "ipc.js"), str(seconds)]
-        env = {"IPC_SERIALIZATION": "advanced" if serialization == "pickle" else "json"}
+        if cpus:  # the primary from its start; ipc.js moves the worker once it is online
+            argv = ["taskset", "-c", str(cpus[0]), *argv]
+        env = {"IPC_SERIALIZATION": "advanced" if serialization == "pickle" else "json",
+               "IPC_WORKER_CPUS": str(cpus[-1]) if cpus else ""}
     else:
         argv = [sys.executable, str(Path(__file__).resolve()), SIDE_FLAG, str(seconds)]
-        env = {"IPC_SERIALIZATION": serialization}
+        env = {"IPC_SERIALIZATION": serialization, "IPC_CPUS": ",".join(map(str, cpus)),
+               **variant_env(side.partition(":")[2] or "adaptive")}
     p = start_process(argv, env=env, ready_line=None)
     try:
         # every measurement (and its warm-up) may run up to limit(seconds)
         line = p.next_line(timeout=2 * len(METRICS) * (limit(seconds) + 1) + 120)
     finally:
         stop_process(p, timeout=5)
-    return {k: float(v) for k, v in json.loads(line).items()}
+    got = json.loads(line)
+    where = got.pop("cpus", None)
+    if cpus and where != {"primary": cpus[:1], "worker": cpus[-1:]}:
+        raise RuntimeError(f"{side} did not run where placed ({placement}: {cpus}): {where}")
+    return {k: float(v) for k, v in got.items()}
 
 
 def main() -> None:
@@ -293,28 +371,42 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=2.0)
     ap.add_argument("--serialization", choices=("json", "pickle"), default="json")
     ap.add_argument("--only", choices=("prefork", "node"), default=None, help="run one side only")
+    ap.add_argument("--placements", default="one,two,unpinned", help="of: " + ", ".join(PLACEMENTS))
+    ap.add_argument("--variants", default="", help="more prefork subjects, comma-separated: nospin, "
+                    "fixed:US, adaptive:US (the default prefork is adaptive with PREFORK_IPC_SPIN_US)")
     args = ap.parse_args()
 
+    placements = [p for p in args.placements.split(",") if p]
+    if bad := [p for p in placements if p not in PLACEMENTS]:
+        raise SystemExit(f"unknown placements {bad}: use {', '.join(PLACEMENTS)}")
     sides = [args.only] if args.only else ["node", "prefork"]
-    runs: dict[str, list[dict[str, float]]] = {s: [] for s in sides}
+    if args.only != "node":
+        sides += [f"prefork:{v}" for v in args.variants.split(",") if v]
+    runs: dict[tuple[str, str], list[dict[str, float]]] = {(pl, s): [] for pl in placements for s in sides}
     for i in range(args.runs):
-        for side in sides if i % 2 == 0 else reversed(sides):
-            r = run_side(side, args.seconds, args.serialization)
-            runs[side].append(r)
-            print(f"# run {i + 1} {side}: {json.dumps(r)}", file=sys.stderr, flush=True)
-    med = {s: {k: median([r[k] for r in rs]) for k in METRICS} for s, rs in runs.items()}
-    rows = [{"metric": k, **{s: med[s][k] for s in sides}} for k in METRICS]
-    print_table(rows, ["metric", *sides])
+        for pl in placements:
+            for side in sides if i % 2 == 0 else reversed(sides):
+                r = run_side(side, args.seconds, args.serialization, pl)
+                runs[pl, side].append(r)
+                print(f"# run {i + 1} {pl} {side}: {json.dumps(r)}", file=sys.stderr, flush=True)
+    med = {key: {k: median([r[k] for r in rs]) for k in METRICS} for key, rs in runs.items()}
     out: dict[str, Any] = {"runs": args.runs, "seconds": args.seconds, "serialization": args.serialization}
-    out.update({s: med[s] for s in sides})
-    if runs.get("prefork"):  # not in Node's set: the same stream, sent from the main thread
-        extra = "stream_small_main_thread"
-        out["prefork_" + extra] = median([r[extra] for r in runs["prefork"] if extra in r] or [0.0])
-        print(f"prefork {extra}: {out['prefork_' + extra]:,.0f}/s")
-    if "node" in med and "prefork" in med:
-        out["ratio"] = {k: round(med["prefork"][k] / med["node"][k], 3) for k in METRICS if med["node"][k]}
-    records = [record("ipc", CASES[k], s, "msg/s", round(med[s][k], 1), "msg/s", higher=True)
-               for k in METRICS for s in sides]
+    records = []
+    for pl in placements:
+        print(f"\n{PLACEMENTS[pl]}:")
+        rows = [{"metric": k, **{s: med[pl, s][k] for s in sides}} for k in METRICS]
+        print_table(rows, ["metric", *sides], [(s, "node") for s in sides if s != "node"] if "node" in sides
+                    else [])
+        out[pl] = {s: med[pl, s] for s in sides}
+        for s in sides:
+            if s.startswith("prefork"):  # not in Node's set: the same stream, sent from the main thread
+                extra = "stream_small_main_thread"
+                out[pl][s][extra] = median([r[extra] for r in runs[pl, s] if extra in r] or [0.0])
+        if "node" in sides:
+            out[pl]["ratio"] = {s: {k: round(med[pl, s][k] / med[pl, "node"][k], 3) for k in METRICS
+                                    if med[pl, "node"][k]} for s in sides if s != "node"}
+        records += [record("ipc", f"{CASES[k]}, {PLACEMENTS[pl]}", subject_of(s), "msg/s",
+                           round(med[pl, s][k], 1), "msg/s", higher=True) for k in METRICS for s in sides]
     emit_records(records, **out)
 
 

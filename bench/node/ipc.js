@@ -4,7 +4,9 @@
 //   node bench/node/ipc.js [seconds]
 //
 // env: IPC_SECONDS (default 2, argv[2] wins), IPC_WARMUP (seconds, default 0.2),
-//      IPC_SERIALIZATION ("json" default, or "advanced").
+//      IPC_SERIALIZATION ("json" default, or "advanced"),
+//      IPC_WORKER_CPUS (a taskset CPU list: every thread of the worker is moved there once online;
+//      bench/ipc.py starts the primary itself under `taskset -c`).
 //
 // Prints ONE JSON line on stdout, all values per second:
 //   {"rtt_small": .., "rtt_64k": .., "rtt_16m": .., "stream_small": .., "stream_64k": .., "stream_16m": ..}
@@ -16,6 +18,8 @@
 // (a 16 MiB round trip takes tens to hundreds of ms), and never past LIMIT(seconds) (then it reports
 // the rate of what completed).
 const cluster = require('node:cluster');
+const fs = require('node:fs');
+const { execFileSync } = require('node:child_process');
 
 const CTL = '__ctl';
 const MIN_MSGS = 3;
@@ -48,6 +52,25 @@ function workerMain() {
     if (mode === 'echo') process.send(m);
     else count++;
   });
+}
+
+// The CPUs any thread of `pid` may run on (as bench/ipc.py's prefork side reports them).
+function cpusOf(pid) {
+  const cpus = new Set();
+  for (const tid of fs.readdirSync(`/proc/${pid}/task`)) {
+    let status;
+    try {
+      status = fs.readFileSync(`/proc/${pid}/task/${tid}/status`, 'utf8');
+    } catch {
+      continue; // a thread that ended meanwhile
+    }
+    const list = /^Cpus_allowed_list:\s*(\S+)/m.exec(status)[1];
+    for (const part of list.split(',')) {
+      const [a, b] = part.split('-').map(Number);
+      for (let c = a; c <= (b ?? a); c++) cpus.add(c);
+    }
+  }
+  return [...cpus].sort((x, y) => x - y);
 }
 
 function nowMs() {
@@ -133,6 +156,10 @@ async function primary() {
 
   const worker = cluster.fork();
   await new Promise((resolve) => worker.once('online', resolve));
+  if (process.env.IPC_WORKER_CPUS) {
+    execFileSync('taskset', ['-a', '-p', '-c', process.env.IPC_WORKER_CPUS, String(worker.process.pid)],
+      { stdio: 'ignore' });
+  }
 
   const small = { type: 'ping', n: 123, s: 'hello' + '.'.repeat(29) }; // 64 bytes of JSON
   const big = { type: 'ping', n: 123, s: 'x'.repeat(64 * 1024) };
@@ -157,6 +184,7 @@ async function primary() {
     stream_16m: await measure(stream, huge, 1),
   };
   for (const k of Object.keys(result)) result[k] = Math.round(result[k] * 10) / 10;
+  result.cpus = { primary: cpusOf(process.pid), worker: cpusOf(worker.process.pid) };
   process.stdout.write(JSON.stringify(result) + '\n');
 
   const killTimer = setTimeout(() => worker.process.kill('SIGKILL'), 3000);
