@@ -272,15 +272,14 @@ def prefork_primary(seconds: float, warmup: float, serialization: str) -> None:
             fn(waiter, msg, warmup, *extra, 1)
         return fn(waiter, msg, seconds, *extra)
 
-    result = {
-        "rtt_small": measure(rtt, small),
-        "rtt_64k": measure(rtt, big),
-        "rtt_16m": measure(rtt, huge),
-        "stream_small": measure(stream, small, 256),
-        "stream_64k": measure(stream, big, 16),
-        "stream_16m": measure(stream, huge, 1),
-        "stream_small_main_thread": measure(stream_from_thread, small, 256),
+    cases = {
+        "rtt_small": (rtt, small), "rtt_64k": (rtt, big), "rtt_16m": (rtt, huge),
+        "stream_small": (stream, small, 256), "stream_64k": (stream, big, 16),
+        "stream_16m": (stream, huge, 1),
+        "stream_small_main_thread": (stream_from_thread, small, 256),
     }
+    wanted = os.environ.get("IPC_METRICS", "").split(",")
+    result = {k: measure(*case) for k, case in cases.items() if k in wanted or wanted == [""]}
     from prefork.spin import cpus_of
 
     out: dict[str, Any] = {k: round(v, 1) for k, v in result.items()}
@@ -372,10 +371,16 @@ def main() -> None:
     ap.add_argument("--serialization", choices=("json", "pickle"), default="json")
     ap.add_argument("--only", choices=("prefork", "node"), default=None, help="run one side only")
     ap.add_argument("--placements", default="one,two,unpinned", help="of: " + ", ".join(PLACEMENTS))
+    ap.add_argument("--metrics", default=",".join(METRICS), help="a subset of: " + ", ".join(METRICS))
     ap.add_argument("--variants", default="", help="more prefork subjects, comma-separated: nospin, "
                     "fixed:US, adaptive:US (the default prefork is adaptive with PREFORK_IPC_SPIN_US)")
     args = ap.parse_args()
 
+    metrics = [m for m in args.metrics.split(",") if m]
+    if bad := [m for m in metrics if m not in METRICS]:
+        raise SystemExit(f"unknown metrics {bad}: use {', '.join(METRICS)}")
+    if metrics != list(METRICS):
+        os.environ["IPC_METRICS"] = ",".join(metrics)  # both sides measure only these
     placements = [p for p in args.placements.split(",") if p]
     if bad := [p for p in placements if p not in PLACEMENTS]:
         raise SystemExit(f"unknown placements {bad}: use {', '.join(PLACEMENTS)}")
@@ -389,24 +394,25 @@ def main() -> None:
                 r = run_side(side, args.seconds, args.serialization, pl)
                 runs[pl, side].append(r)
                 print(f"# run {i + 1} {pl} {side}: {json.dumps(r)}", file=sys.stderr, flush=True)
-    med = {key: {k: median([r[k] for r in rs]) for k in METRICS} for key, rs in runs.items()}
+    med = {key: {k: median([r[k] for r in rs]) for k in metrics} for key, rs in runs.items()}
     out: dict[str, Any] = {"runs": args.runs, "seconds": args.seconds, "serialization": args.serialization}
     records = []
     for pl in placements:
         print(f"\n{PLACEMENTS[pl]}:")
-        rows = [{"metric": k, **{s: med[pl, s][k] for s in sides}} for k in METRICS]
+        rows = [{"metric": k, **{s: med[pl, s][k] for s in sides}} for k in metrics]
         print_table(rows, ["metric", *sides], [(s, "node") for s in sides if s != "node"] if "node" in sides
                     else [])
         out[pl] = {s: med[pl, s] for s in sides}
         for s in sides:
             if s.startswith("prefork"):  # not in Node's set: the same stream, sent from the main thread
                 extra = "stream_small_main_thread"
-                out[pl][s][extra] = median([r[extra] for r in runs[pl, s] if extra in r] or [0.0])
+                if got := [r[extra] for r in runs[pl, s] if extra in r]:
+                    out[pl][s][extra] = median(got)
         if "node" in sides:
-            out[pl]["ratio"] = {s: {k: round(med[pl, s][k] / med[pl, "node"][k], 3) for k in METRICS
+            out[pl]["ratio"] = {s: {k: round(med[pl, s][k] / med[pl, "node"][k], 3) for k in metrics
                                     if med[pl, "node"][k]} for s in sides if s != "node"}
         records += [record("ipc", f"{CASES[k]}, {PLACEMENTS[pl]}", subject_of(s), "msg/s",
-                           round(med[pl, s][k], 1), "msg/s", higher=True) for k in METRICS for s in sides]
+                           round(med[pl, s][k], 1), "msg/s", higher=True) for k in metrics for s in sides]
     emit_records(records, **out)
 
 

@@ -4,6 +4,7 @@
 //   node bench/node/ipc.js [seconds]
 //
 // env: IPC_SECONDS (default 2, argv[2] wins), IPC_WARMUP (seconds, default 0.2),
+//      IPC_METRICS (comma-separated keys of the result to measure; all by default),
 //      IPC_SERIALIZATION ("json" default, or "advanced"),
 //      IPC_WORKER_CPUS (a taskset CPU list: every thread of the worker is moved there once online;
 //      bench/ipc.py starts the primary itself under `taskset -c`).
@@ -175,14 +176,15 @@ async function primary() {
     return fn === rtt ? rtt(worker, msg, seconds) : stream(worker, msg, seconds, batch);
   };
 
-  const result = {
-    rtt_small: await measure(rtt, small),
-    rtt_64k: await measure(rtt, big),
-    rtt_16m: await measure(rtt, huge),
-    stream_small: await measure(stream, small, 256),
-    stream_64k: await measure(stream, big, 16),
-    stream_16m: await measure(stream, huge, 1),
+  const cases = {
+    rtt_small: [rtt, small], rtt_64k: [rtt, big], rtt_16m: [rtt, huge],
+    stream_small: [stream, small, 256], stream_64k: [stream, big, 16], stream_16m: [stream, huge, 1],
   };
+  const wanted = (process.env.IPC_METRICS || '').split(',').filter(Boolean); // bench/ipc.py --metrics
+  const result = {};
+  for (const [k, [fn, msg, batch]] of Object.entries(cases)) {
+    if (!wanted.length || wanted.includes(k)) result[k] = await measure(fn, msg, batch);
+  }
   for (const k of Object.keys(result)) result[k] = Math.round(result[k] * 10) / 10;
   result.cpus = { primary: cpusOf(process.pid), worker: cpusOf(worker.process.pid) };
   process.stdout.write(JSON.stringify(result) + '\n');
