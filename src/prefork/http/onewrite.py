@@ -39,6 +39,8 @@ _PLAIN, _LENGTH, _CHUNKED, _CLOSE = range(4)  # what a header means for the fram
 _lines: dict[tuple[bytes, bytes], tuple[bytes, int, int]] = {}
 _LINES_MAX = 512
 _default: list[Any] = [None, b""]  # the default-headers list seen last, and its joined lines
+_held: list[Any] = []  # cycles that started a response in this loop iteration
+_flush_on: list[Any] = [None]  # the loop a flush of _held is scheduled on (one call_soon per iteration)
 
 
 def _status_line(code: int) -> bytes:
@@ -130,11 +132,10 @@ class Cycle(RequestResponseCycle):
         await self.send({"type": "http.response.body", "body": b"Internal Server Error"})
 
     def _flush(self) -> None:
-        """End of the iteration that started the response: a head still held goes out alone."""
-        head = self.head
-        if head is not None and not self.disconnected and not self.transport.is_closing():
-            self.head, self.sent = None, True
-            self.transport.write(head)
+        if not self.disconnected and not self.transport.is_closing():
+            self.transport.write(self.head)
+            self.sent = True
+        self.head = None
 
     async def send(self, message: Any) -> None:
         if self.access_log:  # uvicorn's own access log (prefork serve logs its own way)
@@ -180,7 +181,11 @@ class Cycle(RequestResponseCycle):
             parts.append(b"transfer-encoding: chunked\r\n")
         parts.append(b"\r\n")
         self.head = b"".join(parts)
-        get_running_loop().call_soon(self._flush)  # a no-op if the body comes first
+        loop = get_running_loop()
+        if _flush_on[0] is not loop:  # not one call_soon per response: 1 us, 3 % of a hello world
+            _flush_on[0] = loop
+            loop.call_soon(_flush_held)
+        _held.append(self)
 
     def _body(self, body: bytes, more: bool) -> None:
         if self.scope["method"] == "HEAD":
@@ -210,6 +215,16 @@ class Cycle(RequestResponseCycle):
             if not self.keep_alive:
                 self.transport.close()
             self.on_response()
+
+
+def _flush_held() -> None:
+    """End of the iteration that started these responses: a head still held goes out alone."""
+    _flush_on[0] = None
+    held = _held[:]
+    _held.clear()
+    for cycle in held:
+        if cycle.head is not None:  # else its body came in the same iteration (or it failed)
+            cycle._flush()
 
 
 def install() -> bool:
