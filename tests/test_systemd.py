@@ -280,7 +280,39 @@ def test_no_watchdog_before_a_worker_is_ready(tmp_path):
         ready = notify.wait_for("READY=1")
         notify.wait_for("WATCHDOG=1", ready)
         assert "WATCHDOG=1" not in notify.lines()[:ready], notify.lines()
+        # the only worker dies: while its replacement imports the app (2 s), no worker is ready and
+        # no ping may go out, though the loop runs; they resume once the replacement is ready
+        old = cmd.track_workers(control)
+        os.kill(old[0], signal.SIGKILL)
+        killed = time.monotonic()
+        assert wait_until(lambda: ctl_json(control)["workers"][0]["pid"] != old[0], 20)
+        assert wait_until(lambda: ctl_json(control)["workers"][0]["state"] == "ready", 30)
+        # the replacement was forked after the death was seen and sleeps 2 s at import: from 0.5 s
+        # after the kill (time for the primary to see it) to 1.8 s, no worker could be ready
+        pings = [t - killed for t, m in list(notify.messages) if m == "WATCHDOG=1"]
+        assert not [t for t in pings if 0.5 < t < 1.8], pings
+        later = lambda: [t for t, m in list(notify.messages) if m == "WATCHDOG=1" and t > killed + 1.8]
+        assert wait_until(later, 10), pings  # and they came back
         _stop(cmd, control)
+    finally:
+        cmd.kill_all()
+        notify.close()
+
+
+def test_sigterm_while_starting_with_a_delay_sends_no_ready(tmp_path):
+    """A stop that begins before the first workers are ready: STOPPING=1, never a READY=1 after it."""
+    notify = NotifySocket(str(tmp_path / "notify.sock"))
+    control, port = str(tmp_path / "ctl.sock"), free_port()
+    env = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "APP_START_DELAY": "2"}
+    cmd = Wrapped([], ["serve", APP, "--workers", "1", "--bind", f"127.0.0.1:{port}", "--control", control,
+                       "--shutdown-delay", "4"], env=env)
+    try:
+        assert wait_until(lambda: os.path.exists(control) and ctl_json(control)["workers"], 20)
+        os.kill(cmd.proc.pid, signal.SIGTERM)
+        notify.wait_for("STOPPING=1")
+        assert cmd.finish(30) == 0, cmd.output
+        assert "READY=1" not in notify.lines(), notify.lines()
+        assert "ready: 1 worker" not in cmd.output
     finally:
         cmd.kill_all()
         notify.close()

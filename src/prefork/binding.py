@@ -30,6 +30,14 @@ def adopted_fds() -> set[int]:
     return {sock.fileno() for sock in _adopted.values()}
 
 
+def forget_adopted() -> None:
+    """In a worker forked from the primary: the inherited sockets are the primary's. Their fds were
+    closed at the fork (forkstart.py) and the numbers may be reused, so detach, never close, them."""
+    for sock in _adopted.values():
+        sock.detach()
+    _adopted.clear()
+
+
 def bind_socket(family: int, addr: Any, backlog: int, reuseport: bool = False) -> socket.socket:
     """A listening socket as a plain server would make it (OSError as a plain bind raises it)."""
     inherited = _adopted.get(_key(family, addr)) if _adopted else None

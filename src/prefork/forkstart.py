@@ -100,6 +100,9 @@ def _become_worker(env: dict[str, str], channel_fd: int, own_group: bool, keep_f
 
     reset_in_child()
     _close_inherited(keep_fds | {channel_fd})
+    from .binding import forget_adopted
+
+    forget_adopted()
     os.environ.clear()
     os.environ.update(env)
     from . import _role

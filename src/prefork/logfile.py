@@ -5,9 +5,9 @@ starts inherits them: one file, no relaying. logrotate moves the file away and s
 supervisor then calls `on_reopen` on its loop thread (supervisor.py), which opens the path anew,
 points 1 and 2 at the new file, and tells every worker to do the same through its channel (an
 internal "reopen" message), since a worker's descriptors still point at the old file. A worker
-handles it on its channel's reading thread (`follow_reopen`). The channel rather than a signal:
-SIGUSR1's default action ends a process, and a worker that is still starting (or a `prefork run`
-script with a handler of its own) must not be ended or disturbed by it.
+reopens on its callback lane (`follow_reopen`), where the app's own code may run. The channel
+rather than a signal: SIGUSR1's default action ends a process, and a worker that is still
+starting (or a `prefork run` script with a handler of its own) must not be ended or disturbed by it.
 """
 
 from __future__ import annotations
@@ -90,11 +90,18 @@ def follow_reopen(path: str | None = None) -> bool:
     def on_reopen(message: Any, fds: list[int]) -> None:
         target = message.get("path") if isinstance(message, dict) else None
         target = target if isinstance(target, str) and target else path
-        if target:
-            try:
-                point_stdio(target)
-            except LogFileError as exc:
-                print(f"prefork: cannot reopen the log file: {exc}", file=sys.stderr, flush=True)
+        # on the callback lane, not the channel's reading thread: flushing sys.stdout may run the
+        # app's own stream object (dispatch.py)
+        child.dispatcher.post(reopen, target)
 
     child.internal["reopen"] = on_reopen
     return True
+
+
+def reopen(path: str | None) -> None:
+    """Reopen `path` as fds 1 and 2 (a worker's SIGUSR1 or the primary's message); never raises."""
+    if path:
+        try:
+            point_stdio(path)
+        except LogFileError as exc:
+            print(f"prefork: cannot reopen the log file: {exc}", file=sys.stderr, flush=True)

@@ -256,7 +256,7 @@ class Supervisor:
         self.ever_ready = True
         self.log(f"worker {worker.id} (pid {worker.process.pid}) is ready")
         self._settle(member, True, "")
-        if not self.all_ready and self.slots and all(
+        if not self.all_ready and not (self.delaying or self.stopping) and self.slots and all(
                 s.removed or (s.current is not None and s.current.state == "ready") for s in self.slots):
             self.all_ready = True
             self.tell("ready")

@@ -76,7 +76,7 @@ def run(opts: dict[str, Any], app: Any = None) -> int:
         logfile.follow_reopen(opts.get("log_file"))
     # the primary reopens --log-file on SIGUSR1 and tells us through the channel; the signal sent to
     # this worker itself does the same (as gunicorn's workers), rather than end it (its default)
-    signal.signal(signal.SIGUSR1, lambda *_: _reopen_log(opts.get("log_file")))
+    signal.signal(signal.SIGUSR1, lambda *_: logfile.reopen(opts.get("log_file")))
     try:
         if app is None:
             app, interface = load_app(opts)
@@ -102,14 +102,6 @@ def run(opts: dict[str, Any], app: Any = None) -> int:
         _report_boot_error(child, text)
         return BOOT_ERROR
     return 0
-
-
-def _reopen_log(path: str | None) -> None:
-    if path:
-        try:
-            logfile.point_stdio(path)
-        except logfile.LogFileError as exc:
-            print(f"prefork: cannot reopen the log file: {exc}", file=sys.stderr, flush=True)
 
 
 def _loop_factory() -> Any:
