@@ -6,6 +6,8 @@ import os
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from tests.apps.lifespan import lifespan
+
 HITS = Counter("app_hits", "Requests the app saw.", ["path"])
 WORKER_PID = Gauge("app_worker_pid", "The pid of the worker (a per-worker gauge).")
 SIZES = Histogram("app_body_bytes", "Sizes of the bodies sent.", buckets=(1, 10, 100))
@@ -14,13 +16,7 @@ WORKER_PID.set(os.getpid())
 
 async def app(scope, receive, send):
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        return await lifespan(receive, send)
     HITS.labels(path=scope["path"]).inc()
     body = f"{os.getpid()}\n".encode()
     SIZES.observe(len(body))

@@ -6,6 +6,8 @@ import asyncio
 import os
 import time
 
+from tests.apps.lifespan import lifespan
+
 _gate = os.environ.get("SLOW_START_GATE")
 _deadline = time.monotonic() + 30
 while _gate and not os.path.exists(_gate) and time.monotonic() < _deadline:
@@ -14,13 +16,7 @@ while _gate and not os.path.exists(_gate) and time.monotonic() < _deadline:
 
 async def app(scope, receive, send):
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        return await lifespan(receive, send)
     if scope["path"] == "/sleep":
         await asyncio.sleep(float(scope["query_string"] or b"1"))
     body = f"{os.getpid()}\n".encode()
