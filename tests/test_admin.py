@@ -9,6 +9,7 @@ import signal
 import socket
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -175,6 +176,51 @@ def test_bind_errors_are_one_line(tmp_path: Path) -> None:
     result = run_prefork(["serve", "tests.apps.hello:asgi", "--bind", f"127.0.0.1:{free_port()}",
                           "--admin", "no-such-host.invalid:9000", "--control", str(tmp_path / "c.sock")])
     assert result.returncode == 2 and "unknown host" in result.stderr, result  # cli/config.py's check
+    result = run_prefork(["serve", "tests.apps.hello:asgi", "--admin", "9000x"])
+    assert result.returncode == 2 and "expected HOST:PORT" in result.stderr, result
+    assert "unix:" not in result.stderr and "fd://" not in result.stderr, result.stderr  # TCP only
+
+
+SILENT = '''
+import time, prefork
+from prefork import _role
+if prefork.is_worker:
+    _role.child.internal["m"] = lambda message, fds: None  # never answers a scrape: each waits 0.5 s
+    while True:
+        time.sleep(1)
+'''
+
+
+@pytest.mark.timeout(60)
+def test_probes_are_answered_while_scrapes_wait(prefork_cmd, tmp_path: Path) -> None:  # noqa: F811
+    """70 scrapes wait on a worker that does not answer: past MAX_WAITING they are answered 503 at
+    once, so the connection table keeps room and a probe is answered, not closed."""
+    script = tmp_path / "silent.py"
+    script.write_text(SILENT)
+    admin = free_port()
+    cmd = prefork_cmd("run", "--workers", "1", "--ready", "online", "--admin", f"127.0.0.1:{admin}",
+                      "--control", str(tmp_path / "ctl.sock"), str(script))
+    cmd.wait_ready()
+    for _ in range(3):
+        scrapes = []
+        try:
+            for _ in range(70):
+                sock = socket.create_connection(("127.0.0.1", admin), timeout=10)
+                sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                scrapes.append(sock)
+            assert raw(admin, b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 200 ")
+            assert raw(admin, b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 200 ")
+            replies = Counter()
+            for sock in scrapes:
+                out = b""
+                while chunk := sock.recv(65536):
+                    out += chunk
+                replies[out[:12]] += 1
+            assert replies[b"HTTP/1.1 200"] >= 16 and replies[b"HTTP/1.1 503"] >= 1, replies
+            assert set(replies) == {b"HTTP/1.1 200", b"HTTP/1.1 503"}, replies
+        finally:
+            for sock in scrapes:
+                sock.close()
 
 
 def _cpu_seconds(pid: int) -> float:

@@ -4,9 +4,12 @@ Served by the primary, on its loop thread (loop.py), with non-blocking sockets: 
 proves the loop runs (what /livez claims), and the supervisor's state is read where it is owned.
 A probe or a scraper is a peer like any other, so everything is bounded: the request head
 (MAX_HEAD), the time a connection may take to send it (DEADLINE), the connections open at once
-(MAX_CONNECTIONS; past it the oldest one still sending its head is closed, so idle connections
-cannot lock a probe out, else the new one is). Every answer ends the connection (`Connection: close`):
-probes open one per request anyway, and no keep-alive state is kept.
+(MAX_CONNECTIONS; past it the oldest one still sending its head is closed, else the oldest one
+whose answer waits for its client to read it, so idle clients cannot lock a probe out), and the
+requests waiting for a late answer (MAX_WAITING, the scrapes of /metrics: past it a scrape is
+answered 503 at once). So the table always has room: /livez and /readyz are always answered.
+Every answer ends the connection (`Connection: close`): probes open one per request anyway, and no
+keep-alive state is kept.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from .binding import ACCEPT_RETRY_S, OUT_OF_RESOURCES
 MAX_HEAD = 8192
 DEADLINE = 5.0
 MAX_CONNECTIONS = 64
+MAX_WAITING = 16  # requests whose route answers later (scrapes): well under MAX_CONNECTIONS
 ACCEPT_BATCH = 64
 JSON = "application/json"
 TEXT = "text/plain; charset=utf-8"
@@ -62,7 +66,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 class _Connection:
-    __slots__ = ("sock", "head", "out", "timer", "closed", "asked")
+    __slots__ = ("sock", "head", "out", "timer", "closed", "asked", "waiting")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -71,6 +75,7 @@ class _Connection:
         self.timer: Any = None
         self.closed = False
         self.asked = False  # its head is complete: it is being answered
+        self.waiting = False  # its route will answer later
 
 
 class AdminServer:
@@ -83,6 +88,7 @@ class AdminServer:
         self.metrics = metrics  # metrics.Metrics: attached to the primary when serving starts
         self.loop: Any = None
         self.connections: dict[_Connection, None] = {}  # in the order they came
+        self.waiting = 0  # connections whose route answers later
         host, port = sock.getsockname()[:2]
         self.url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
@@ -140,9 +146,19 @@ class AdminServer:
             self.loop.add_reader(self.sock.fileno(), self._accept)
 
     def _evict(self) -> bool:
-        """Close the oldest connection that has not sent its whole head yet (a probe sends it at once)."""
-        for conn in self.connections:
+        """Close the oldest connection that has not sent its whole head yet (a probe sends it at
+        once), else the oldest whose answer its client does not read; never one waiting for its
+        answer (at most MAX_WAITING of those). A head that is there but not yet read is read and
+        answered first."""
+        for conn in list(self.connections):
             if not conn.asked:
+                self._read(conn)  # a head that came already is answered (a scrape maybe 503) first
+                if not conn.closed and not conn.asked:
+                    self._end(conn)
+                if conn.closed:
+                    return True
+        for conn in self.connections:
+            if conn.out:
                 self._end(conn)
                 return True
         return False
@@ -193,6 +209,10 @@ class AdminServer:
             self._answer(conn, 404, b"not found: try /livez /readyz /metrics /status\n", TEXT, body)
             return
 
+        if self.waiting >= MAX_WAITING and target == b"/metrics":
+            self._answer(conn, 503, b"too many scrapes at once\n", TEXT, body, b"Retry-After: 1\r\n")
+            return
+
         def reply(status: int, payload: bytes, kind: str) -> None:
             self._answer(conn, status, payload, kind, body)
 
@@ -200,16 +220,25 @@ class AdminServer:
             route(reply)
         except Exception as exc:  # a route's bug costs this answer, never the loop
             self._answer(conn, 500, f"{type(exc).__name__}: {exc}\n".encode(), TEXT, body)
+        if not conn.out and not conn.closed:  # it answers later
+            conn.waiting = True
+            self.waiting += 1
 
     def _answer(self, conn: _Connection, status: int, payload: bytes, kind: str, body: bool,
                 extra: bytes = b"") -> None:
         if conn.closed or conn.out:
             return
+        self._unwait(conn)
         head = (f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\nContent-Type: {kind}\r\n"
                 f"Content-Length: {len(payload)}\r\nCache-Control: no-store\r\nConnection: close\r\n"
                 ).encode() + extra + b"\r\n"
         conn.out = head + payload if body else head
         self._write(conn)
+
+    def _unwait(self, conn: _Connection) -> None:
+        if conn.waiting:
+            conn.waiting = False
+            self.waiting -= 1
 
     def _write(self, conn: _Connection) -> None:
         if conn.closed:
@@ -231,6 +260,7 @@ class AdminServer:
         if conn.closed:
             return
         conn.closed = True
+        self._unwait(conn)
         self.connections.pop(conn, None)
         if conn.timer is not None:
             conn.timer.cancel()

@@ -283,23 +283,23 @@ class Child:
         built on the serving loop when there is one, else on the callback lane: never on this
         reading thread, as an app's prometheus_client collectors are app code."""
         close_fds(fds)
-        if len(message) != 2 or type(message[1]) is not int:
+        if len(message) not in (2, 4) or not all(type(n) is int for n in message[1:]):
             return
-        seq = message[1]
+        seq, budget = message[1], message[2:]  # the samples and characters it may send
         responder = self.metrics_responder  # not heartbeat_responder: http.server's waits 0.5 s polls
         if responder is not None:
             try:
-                responder(lambda: self._send_metrics(seq))
+                responder(lambda: self._send_metrics(seq, *budget))
                 return
             except RuntimeError:  # its loop has ended: the callback lane answers
                 self.metrics_responder = None
-        self.dispatcher.post(self._send_metrics, seq)
+        self.dispatcher.post(self._send_metrics, seq, *budget)
 
-    def _send_metrics(self, seq: int) -> None:
+    def _send_metrics(self, seq: int, *budget: int) -> None:
         from .worker_metrics import answer
 
         try:
-            figures = answer(self)
+            figures = answer(self, *budget)
         except Exception as exc:  # a broken collector of the app's: the counters still go
             figures = {"stats": dict(self.stats), "cut": f"the app's registry failed: {exc!r}"[:1000]}
         try:

@@ -1,10 +1,18 @@
 """The primary's /metrics (admin.py): prefork's own figures and the workers' merged, rendered by hand.
 
 The primary never imports prometheus_client (an optional extra, and the primary stays small): the
-0.0.4 text format is written here. At each scrape the primary asks every connected worker for its
-figures (["m", seq], worker_metrics.py builds the answer) and renders once all have answered or
-after ANSWER_WITHIN, without blocking its loop; a worker that did not answer in time contributes
-the figures it sent last. Scrapes that come while one is gathering share its answers.
+0.0.4 text format is written here (metrics_text.py). At each scrape the primary asks every
+connected worker for its figures (["m", seq, samples, chars], worker_metrics.py builds the answer)
+and renders once all have answered or after ANSWER_WITHIN; a worker that did not answer in time
+contributes the figures it sent last. A scrape that comes while one is gathering waits for the
+next gathering, which starts when that one ends: what it shows was asked for after it came, so a
+count is exact for a client that scrapes right after its requests.
+
+The work is bounded for the whole cluster, not per worker: a scrape's budget (BUDGET_SAMPLES,
+BUDGET_CHARS) is shared by the workers, each told its share, and a worker past it cuts its families
+(`prefork_metrics_truncated` says which, and the log says so once). Checking and digesting an
+answer, and rendering, run on the loop thread in slices of at most SLICE seconds (`_run`), so a
+probe of /readyz is answered between two slices while a scrape of 20,000 samples goes on.
 
 An app's prometheus_client samples are merged into one exposition for the whole cluster:
 counters, histograms' _bucket/_count/_sum and summaries' _count/_sum are summed across workers per
@@ -12,23 +20,32 @@ label set; gauges (and every other sample) get a `worker` label. So that a sum n
 a worker exits, the last figures seen from each exited worker are carried into the sums; what it
 counted after its last scrape is lost (prometheus_client's multiprocess mode keeps it in files, at
 the price of PROMETHEUS_MULTIPROC_DIR, files to clean, and gauges that need a mode to be merged).
-Everything here runs on the primary's loop thread.
+A family named prefork_* is prefork's own: a worker's is dropped when digested (never carried, never
+rendered). Everything here runs on the primary's loop thread.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from .worker_metrics import BOUNDS
+from . import protocol
+from .metrics_text import Digested, digest, escape_help, escape_label, family, number, render_app
+from .metrics_text import render_own as _render_own
+from .worker_metrics import BOUNDS, MAX_CHARS, MAX_SAMPLES
 
 ANSWER_WITHIN = 0.5
 MAX_KEPT = 50_000  # families and carried series the primary keeps at most (workers come and go)
-STATES = ("starting", "ready", "draining", "hung")
+BUDGET_SAMPLES = 20_000  # of the apps' registries, per scrape, for all workers together
+BUDGET_CHARS = 2 << 20  # their names, help texts and label text, likewise
+SLICE = 0.002  # seconds of work on the loop before it polls again
 _SUMMED = {"counter": ("",), "histogram": ("_bucket", "_count", "_sum"), "summary": ("_count", "_sum")}
 
-Key = tuple[str, tuple[tuple[str, str], ...]]  # sample name, sorted labels
+# the names the tests and other modules use
+_escape_help, _escape_label, _number, _family = escape_help, escape_label, number, family
+
+Key = str  # a sample's name and sorted labels, as rendered: 'x_total{path="/"}'
 
 
 class Metrics:
@@ -36,18 +53,25 @@ class Metrics:
 
     def __init__(self, supervisor: Any) -> None:
         self.sup = supervisor
-        self.last: dict[int, dict[str, Any]] = {}  # worker id -> the figures it sent last
+        self.loop: Any = None
+        self.last: dict[int, Digested] = {}  # worker id -> the figures it sent last
         self.carried: dict[str, dict[Key, float]] = {}  # exited workers' summed samples, per family
         self.carried_duration = [[0] * (len(BOUNDS) + 1), 0.0]
         self.kinds: dict[str, tuple[str, str]] = {}  # family -> (type, help), as first seen
         self.seq = 0
+        self.budget = (BUDGET_SAMPLES, BUDGET_CHARS)  # each worker's share in the current gathering
         self.waiting: set[int] = set()
-        self.callers: list[Callable[[bytes, bool], None]] = []
+        self.callers: list[Callable[[bytes, bool], None]] = []  # of the gathering under way
+        self.next_callers: list[Callable[[bytes, bool], None]] = []  # came during it: the next one
         self.timer: Any = None
+        self.rendering = False
+        self.jobs: list[Iterator[None]] = []  # digests waiting for the loop, in order
+        self.told_cut = False
 
     def attach(self) -> None:
         """On the loop: hear the workers' answers and exits."""
         primary = self.sup.primary
+        self.loop = primary.loop
         primary.internal["M"] = self._on_answer
         primary.cluster.on("exit", self._on_exit)
 
@@ -55,53 +79,99 @@ class Metrics:
 
     def scrape(self, done: Callable[[bytes, bool], None]) -> None:
         """Ask every worker, then call done(text, ok) once they answered or the time is up."""
+        if self.timer is not None or self.rendering:
+            self.next_callers.append(done)  # its answers were asked for before this scrape came
+            return
         self.callers.append(done)
-        if self.timer is not None:
-            return  # a gathering is under way: this scrape gets its answers too
+        self._gather()
+
+    def _gather(self) -> None:
+        """Ask every connected worker for its figures, for self.callers."""
         self.seq += 1
         self.waiting = set()
-        for member in self.sup.members.values():
+        members = list(self.sup.members.values())
+        share = max(1, len(members))
+        self.budget = (max(200, BUDGET_SAMPLES // share), max(64 << 10, BUDGET_CHARS // share))
+        for member in members:
             worker = member.worker
             channel = worker._channel
             if worker.is_connected() and channel is not None:
                 try:
-                    channel.send_internal(["m", self.seq])
+                    channel.send_internal(["m", self.seq, *self.budget])
                 except Exception:  # a channel that just closed: its last figures stand
                     continue
                 self.waiting.add(worker.id)
-        self.timer = self.sup.primary.loop.call_later(ANSWER_WITHIN, self._finish)
+        self.timer = self.loop.call_later(ANSWER_WITHIN, self._finish)
         if not self.waiting:
             self._finish()
 
     def _on_answer(self, worker: Any, message: Any, fds: list[int]) -> None:
+        """An "M" whose envelope protocol.py checked: its families are checked and digested in
+        slices, in order of arrival."""
+        self.jobs.append(self._digest(worker, message[1], message[2]))
+        if len(self.jobs) == 1:
+            self._run()
+
+    def _digest(self, worker: Any, seq: int, figures: dict[str, Any]) -> Iterator[None]:
+        samples, chars = self.budget if seq == self.seq else (MAX_SAMPLES, MAX_CHARS)
+        try:
+            digested = yield from digest(worker.id, figures, samples, chars, self.kinds, MAX_KEPT)
+        except protocol.Invalid as exc:
+            self.sup.primary._bad_message(worker, "M", str(exc))
+            digested = None
         if worker.id not in self.sup.members:  # read after its exit: kept, it would never be carried
             return
-        figures = message[2]
-        self.last[worker.id] = figures
-        worker.stats = figures["stats"]  # fresher than the last heartbeat's: `ctl status` shows it too
-        kinds = self.kinds
-        for family in figures.get("families", ()):
-            if family[0] not in kinds and len(kinds) < MAX_KEPT:
-                kinds[family[0]] = (family[1], family[2])
-        if message[1] == self.seq and worker.id in self.waiting:
+        if digested is not None:
+            self.last[worker.id] = digested
+            worker.stats = digested.stats  # fresher than the last heartbeat's: `ctl status` shows it too
+            if digested.cut and not self.told_cut:
+                self.told_cut = True
+                self.sup.log(f"/metrics: worker {worker.id}'s figures were cut ({digested.cut}); "
+                             "prefork_metrics_truncated says when it happens again")
+        if seq == self.seq and worker.id in self.waiting:
             self.waiting.discard(worker.id)
-            if not self.waiting:
+            if not self.waiting and self.timer is not None:
                 self._finish()
+
+    def _run(self) -> None:
+        """Run the queued jobs for SLICE seconds, then let the loop poll and come back."""
+        end = time.monotonic() + SLICE
+        jobs = self.jobs
+        while jobs:
+            try:
+                next(jobs[0])
+            except StopIteration:
+                jobs.pop(0)
+            except Exception as exc:  # a bug here costs that job, never the loop
+                jobs.pop(0)
+                self.sup.log(f"/metrics: {type(exc).__name__}: {exc}")
+            if jobs and time.monotonic() >= end:
+                self.loop.call_soon(self._run)
+                return
 
     def _finish(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        self.rendering = True
+        self.jobs.append(self._render_job())
+        if len(self.jobs) == 1:
+            self._run()
+
+    def _render_job(self) -> Iterator[None]:
         callers, self.callers = self.callers, []
         try:
-            text = self.render().encode()
+            out: list[str] = []
+            yield from self.render(out)
+            text, ok = "".join(out).encode(), True
         except Exception as exc:  # a bug here costs the scrape (a 500), never the loop
-            text = f"# cannot render the metrics: {type(exc).__name__}: {exc}\n".encode()
-            for done in callers:
-                done(text, False)
-            return
+            text, ok = f"# cannot render the metrics: {type(exc).__name__}: {exc}\n".encode(), False
+        self.rendering = False
         for done in callers:
-            done(text, True)
+            done(text, ok)
+        if self.next_callers:  # one gathering for all the scrapes that came during this one
+            self.callers, self.next_callers = self.next_callers, []
+            self._gather()
 
     def _on_exit(self, worker: Any, code: Any, signame: Any) -> None:
         """Carry an exited worker's last counts into the sums (counters never go down); a scrape
@@ -114,147 +184,28 @@ class Metrics:
             if not self.waiting and self.timer is not None:
                 self._finish()
 
-    def _carry(self, figures: dict[str, Any]) -> None:
-        duration = figures.get("duration")
-        if duration is not None:
+    def _carry(self, figures: Digested) -> None:
+        if figures.duration is not None:
             counts = self.carried_duration[0]
-            for i, n in enumerate(duration[0]):
+            for i, n in enumerate(figures.duration[0]):
                 counts[i] += n
-            self.carried_duration[1] += duration[1]
+            self.carried_duration[1] += figures.duration[1]
         kept = sum(len(series) for series in self.carried.values())
-        for name, _kind, _help, samples in self._families(figures):
+        for name, (kind, summed, _apart) in figures.families.items():
+            if self.kinds.get(name, ("",))[0] != kind or kind not in _SUMMED:
+                continue
             carried = self.carried.setdefault(name, {})
-            for key, value in samples:
+            for key, value in summed.items():
                 if key in carried or kept < MAX_KEPT:  # bounded: a worker may invent label sets
                     kept += key not in carried
                     carried[key] = carried.get(key, 0.0) + value
 
-    def _families(self, figures: dict[str, Any]) -> list[tuple[str, str, str, list[tuple[Key, float]]]]:
-        """A worker's families whose samples are summed, each with only those samples."""
-        out = []
-        for name, kind, doc, samples in figures.get("families", ()):
-            if self.kinds.get(name, ("",))[0] != kind or kind not in _SUMMED:
-                continue
-            summed = [(_key(s, labels), value) for s, labels, value in samples if _summed(name, kind, s)]
-            out.append((name, kind, doc, summed))
-        return out
-
     # -- rendering -------------------------------------------------------------------------------
 
-    def render(self) -> str:
-        sup, out = self.sup, []
-        members = sorted(sup.members.values(), key=lambda m: m.worker.id)
-        states = {state: 0 for state in STATES}
-        for member in members:
-            states[member.state] = states.get(member.state, 0) + 1
-        _family(out, "prefork_workers", "gauge", "Workers by state.",
-                [("", {"state": state}, n) for state, n in states.items()])
-        _family(out, "prefork_ready", "gauge", "1 when the primary takes traffic (/readyz is 200).",
-                [("", {}, int(sup.readiness()[0]))])
-        _family(out, "prefork_worker_restarts_total", "counter", "Workers started again after they died.",
-                [("", {}, sup.restarts_total)])
-        _family(out, "prefork_reloads_total", "counter", "Rolling reloads, by result.",
-                [("", {"result": r}, sup.reloads.get(r, 0)) for r in ("ok", "failed")])
-        _family(out, "prefork_handoffs_total", "counter",
-                "Connections the primary handed to workers (policies rr and least_conn).",
-                [("", {}, _handoffs())])
-        stats = [(str(m.worker.id), m.worker.stats) for m in members]
-        _family(out, "prefork_requests_total", "counter", "Requests served, per worker.",
-                [("", {"worker": w}, s.get("requests", 0)) for w, s in stats])
-        _family(out, "prefork_connections", "gauge", "Connections open now, per worker.",
-                [("", {"worker": w}, s.get("open", 0)) for w, s in stats])
-        _family(out, "prefork_worker_rss_bytes", "gauge", "Resident memory of each worker.",
-                [("", {"worker": str(m.worker.id)}, m.rss) for m in members])
-        self._render_durations(out, members)
-        self._render_app(out, members)
-        return "".join(out)
-
-    def _render_durations(self, out: list[str], members: list[Any]) -> None:
-        counts, total = list(self.carried_duration[0]), self.carried_duration[1]
-        seen = any(counts)
-        for member in members:
-            duration = self.last.get(member.worker.id, {}).get("duration")
-            if duration is not None:
-                seen = True
-                counts = [a + b for a, b in zip(counts, duration[0], strict=True)]
-                total += duration[1]
-        if not seen:
-            return
-        samples: list[tuple[str, dict[str, str], float]] = []
-        running = 0
-        for bound, n in zip((*BOUNDS, math.inf), counts, strict=True):
-            running += n
-            samples.append(("_bucket", {"le": _number(bound)}, running))
-        samples += [("_count", {}, running), ("_sum", {}, total)]
-        _family(out, "prefork_request_duration_seconds", "histogram",
-                "Time from a request's first byte to the end of its response (prefork serve).", samples)
-
-    def _render_app(self, out: list[str], members: list[Any]) -> None:
-        """The apps' prometheus_client families, merged (module docstring)."""
-        sums: dict[str, dict[Key, float]] = {n: dict(c) for n, c in self.carried.items()}
-        apart: dict[str, list[tuple[str, dict[str, str], float]]] = {}
-        for member in members:
-            wid = str(member.worker.id)
-            for name, kind, _doc, samples in self.last.get(member.worker.id, {}).get("families", ()):
-                if self.kinds.get(name, ("",))[0] != kind or name.startswith("prefork_"):
-                    continue
-                total = sums.setdefault(name, {})
-                for sample, labels, value in samples:
-                    if _summed(name, kind, sample):
-                        key = _key(sample, labels)
-                        total[key] = total.get(key, 0.0) + value
-                    else:
-                        label = "worker" if "worker" not in labels else "prefork_worker"
-                        apart.setdefault(name, []).append((sample, {**labels, label: wid}, value))
-        for name in sorted(set(sums) | set(apart)):
-            kind, doc = self.kinds.get(name, ("untyped", ""))
-            rows = [(s, dict(labels), v) for (s, labels), v in sums.get(name, {}).items()]  # as first seen
-            rows += apart.get(name, [])
-            _family(out, name, "histogram" if kind == "gaugehistogram" else kind, doc, rows, absolute=True)
-
-
-def _summed(family: str, kind: str, sample: str) -> bool:
-    suffixes = _SUMMED.get(kind)
-    return suffixes is not None and any(sample == family + s for s in suffixes)
-
-
-def _key(sample: str, labels: dict[str, str]) -> Key:
-    return sample, tuple(sorted(labels.items()))
-
-
-def _handoffs() -> int:
-    from .policies.round_robin import handed_out
-
-    return handed_out[0]
-
-
-def _family(out: list[str], name: str, kind: str, doc: str,
-            samples: list[tuple[str, dict[str, str], float]], absolute: bool = False) -> None:
-    """HELP, TYPE and the samples; a sample's name is the family's plus its suffix, or (absolute)
-    the sample's own."""
-    out.append(f"# HELP {name} {_escape_help(doc)}\n# TYPE {name} {kind}\n")
-    for sample, labels, value in samples:
-        full = sample if absolute else name + sample
-        if labels:
-            text = ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels.items())
-            out.append(f"{full}{{{text}}} {_number(value)}\n")
-        else:
-            out.append(f"{full} {_number(value)}\n")
-
-
-def _escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def _escape_label(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _number(value: float) -> str:
-    if isinstance(value, int):
-        return str(value)
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if math.isnan(value):
-        return "NaN"
-    return str(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)
+    def render(self, out: list[str]) -> Iterator[None]:
+        """Append the exposition to `out`, a slice at a time (a generator: see _run)."""
+        members = sorted(self.sup.members.values(), key=lambda m: m.worker.id)
+        last = {m.worker.id: self.last[m.worker.id] for m in members if m.worker.id in self.last}
+        _render_own(out, self.sup, members, last, self.carried_duration)
+        yield
+        yield from render_app(out, self.kinds, self.carried, [last[w] for w in sorted(last)])

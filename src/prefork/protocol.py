@@ -15,7 +15,8 @@ Worker to primary:
 Primary to worker:
     {"t": "disconnect"}, ["p"] (heartbeat), {"t": "L", "seq": int, ...} (listen's answer),
     ["+", handle id, slot id] + a listening socket, ["-", handle id, slot id],
-    ["m", seq] (a scrape of /metrics: answer with "M")
+    ["m", seq, samples, chars] (a scrape of /metrics: answer with "M", at most that many samples
+    and characters of the app's registry: the primary's budget for a scrape, shared by the workers)
 
 Everything a worker sends is checked here before the primary acts on it (`check`): a worker is
 another process, which may be buggy or hostile, and a bad message must cost it an error, never
@@ -27,9 +28,10 @@ from __future__ import annotations
 import re
 import socket
 from collections.abc import Callable
+from itertools import islice
 from typing import Any
 
-from .worker_metrics import BOUNDS, MAX_CHARS, MAX_SAMPLES
+from .worker_metrics import BOUNDS, MAX_SAMPLES
 
 POLICIES = ("rr", "none", "reuseport", "least_conn")
 FAMILIES = (int(socket.AF_INET), int(socket.AF_INET6), int(socket.AF_UNIX))
@@ -95,7 +97,7 @@ def _pong(message: Any, fds: list[int]) -> None:
     if len(message) != 2 or type(message[1]) is not dict or len(message[1]) > MAX_STATS:
         raise Invalid(f"P: counters must be an object of at most {MAX_STATS} entries")
     for key, value in message[1].items():
-        if type(value) is not int or value < 0:
+        if type(value) is not int or not 0 <= value < MAX_VALUE:
             raise Invalid(f"P: counter {key!r} must be a whole number (0 or more), not {value!r}")
 
 
@@ -105,8 +107,18 @@ FAMILY_TYPES = ("counter", "gauge", "histogram", "summary", "untyped", "gaugehis
 MAX_LABELS = 32
 
 
+SUFFIXES = ("", "_total", "_count", "_sum", "_bucket", "_created", "_gcount", "_gsum", "_info")
+MAX_VALUE = 2**63  # an int figure's bound: a bigger one would overflow when summed as a float
+
+
+def _number(value: Any) -> bool:
+    return type(value) is float or (type(value) is int and -MAX_VALUE < value < MAX_VALUE)
+
+
 def _figures(message: Any, fds: list[int]) -> None:
-    """["M", seq, figures]: the worker's answer to a scrape, bounded in samples and characters."""
+    """["M", seq, figures]: the worker's answer to a scrape, its envelope and size. Each family's
+    samples are checked by check_family, which metrics.py runs a slice at a time: a big answer
+    must not hold the primary's loop (the primary acts on nothing it has not checked)."""
     _fds(fds, (0,))
     if len(message) != 3 or type(message[2]) is not dict or len(message[2]) > 8:
         raise Invalid('M: expected ["M", seq, {figures}]')
@@ -117,33 +129,43 @@ def _figures(message: Any, fds: list[int]) -> None:
     if duration is not None and not (
             type(duration) is list and len(duration) == 2 and type(duration[0]) is list
             and len(duration[0]) == len(BOUNDS) + 1
-            and all(type(n) is int and n >= 0 for n in duration[0]) and type(duration[1]) in (int, float)):
+            and all(type(n) is int and 0 <= n < MAX_VALUE for n in duration[0]) and _number(duration[1])):
         raise Invalid(f"M: duration must be [{len(BOUNDS) + 1} counts, sum]")
     if body.get("cut") is not None:
         _text(body["cut"], "M: cut")
     families = body.get("families", [])
     if type(families) is not list:
         raise Invalid("M: families must be a list")
-    count = chars = 0
+    count = 0
     for family in families:
         if type(family) is not list or len(family) != 4 or family[1] not in FAMILY_TYPES \
                 or type(family[0]) is not str or not _METRIC_NAME.fullmatch(family[0]) \
-                or type(family[2]) is not str or type(family[3]) is not list:
+                or type(family[2]) is not str or len(family[2]) > 4096 or type(family[3]) is not list:
             raise Invalid("M: a family must be [name, type, help, samples]")
         count += 1 + len(family[3])
-        chars += len(family[0]) + len(family[2])
-        for sample in family[3]:
-            if type(sample) is not list or len(sample) != 3 or type(sample[0]) is not str \
-                    or not _METRIC_NAME.fullmatch(sample[0]) or type(sample[1]) is not dict \
-                    or len(sample[1]) > MAX_LABELS or type(sample[2]) not in (int, float):
-                raise Invalid("M: a sample must be [name, {labels}, value]")
-            chars += len(sample[0])
-            for key, value in sample[1].items():
-                if not _LABEL_NAME.fullmatch(key) or type(value) is not str:
-                    raise Invalid(f"M: bad label {key!r}")
-                chars += len(key) + len(value)
-        if count > MAX_SAMPLES + 1 or chars > MAX_CHARS + 4096:
-            raise Invalid(f"M: more than {MAX_SAMPLES} samples or {MAX_CHARS} characters")
+        if count > MAX_SAMPLES + 1:
+            raise Invalid(f"M: more than {MAX_SAMPLES} samples")
+
+
+def check_family(family: list[Any], start: int = 0, stop: int | None = None) -> int:
+    """Raise Invalid unless each sample of a family (its shape checked by _figures), from start
+    to stop, is [name, {labels}, value], named as its family or the family plus one of SUFFIXES (no
+    other family's series, no prefork_* one); return their characters (names, label text, and
+    with the first sample the family's name and help)."""
+    name = family[0]
+    names = {name + suffix for suffix in SUFFIXES}
+    chars = len(name) + len(family[2]) if start == 0 else 0
+    for sample in islice(family[3], start, stop):
+        if type(sample) is not list or len(sample) != 3 or sample[0] not in names \
+                or type(sample[1]) is not dict or len(sample[1]) > MAX_LABELS or not _number(sample[2]):
+            raise Invalid(f"M: a sample of {name} must be [{name}[suffix], {{labels}}, value], not "
+                          f"{str(sample)[:200]}")
+        chars += len(sample[0])
+        for key, value in sample[1].items():
+            if type(value) is not str or not _LABEL_NAME.fullmatch(key):
+                raise Invalid(f"M: bad label {str(key)[:100]!r}")
+            chars += len(key) + len(value)
+    return chars
 
 
 def _close(message: Any, fds: list[int]) -> None:

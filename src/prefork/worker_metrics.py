@@ -61,13 +61,14 @@ def time_requests(cls: Any, base: Any, durations: Durations) -> None:
     cls.on_response_complete = on_response_complete
 
 
-def answer(child: Any) -> dict[str, Any]:
-    """What the worker reports: {"stats": {...}, "duration": [counts, sum]?, "families": [...]?}."""
+def answer(child: Any, max_samples: int = MAX_SAMPLES, max_chars: int = MAX_CHARS) -> dict[str, Any]:
+    """What the worker reports: {"stats": {...}, "duration": [counts, sum]?, "families": [...]?,
+    "cut": why?}; the app's samples within the budget the primary asked for (its "m" message)."""
     out: dict[str, Any] = {"stats": dict(child.stats)}
     durations = getattr(child, "durations", None)
     if durations is not None:
         out["duration"] = [list(durations.counts), durations.total]
-    families, cut = app_families()
+    families, cut = app_families(min(max_samples, MAX_SAMPLES), min(max_chars, MAX_CHARS))
     if families:
         out["families"] = families
     if cut:
@@ -75,10 +76,10 @@ def answer(child: Any) -> dict[str, Any]:
     return out
 
 
-def app_families() -> tuple[list[list[Any]], str]:
+def app_families(max_samples: int = MAX_SAMPLES, max_chars: int = MAX_CHARS) -> tuple[list[list[Any]], str]:
     """The app's prometheus_client registry as [[name, type, help, [[sample, {labels}, value]...]]]
     in the 0.0.4 text format's names and types (as prometheus_client's generate_latest munges
-    them); bounded by MAX_SAMPLES and MAX_CHARS (the rest is left out, and why is returned)."""
+    them); bounded by max_samples and max_chars (the rest is left out, and why is returned)."""
     client = sys.modules.get("prometheus_client")
     registry = getattr(client, "REGISTRY", None)
     if registry is None:
@@ -104,11 +105,16 @@ def app_families() -> tuple[list[list[Any]], str]:
             labels = {str(k): str(v) for k, v in sample.labels.items()}
             count += 1
             chars += len(sample.name) + sum(len(k) + len(v) for k, v in labels.items())
-            if count > MAX_SAMPLES or chars > MAX_CHARS:
-                return out, f"more than {MAX_SAMPLES} samples or {MAX_CHARS} characters: the rest left out"
+            if count > max_samples or chars > max_chars:
+                return out, _cut(max_samples, max_chars)
             samples.append([sample.name, labels, float(sample.value)])
         count += 1  # a family counts as a sample: a registry of empty families is bounded too
-        if count > MAX_SAMPLES or chars > MAX_CHARS:
-            return out, f"more than {MAX_SAMPLES} samples or {MAX_CHARS} characters: the rest left out"
+        if count > max_samples or chars > max_chars:
+            return out, _cut(max_samples, max_chars)
         out.append([name, kind, doc, samples])
     return out, ""
+
+
+def _cut(max_samples: int, max_chars: int) -> str:
+    return (f"more than this worker's share of a scrape ({max_samples} samples, {max_chars} characters):"
+            " the rest left out")

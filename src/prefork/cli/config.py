@@ -114,7 +114,10 @@ def to_size(value: Any) -> int:
 
 def to_address(value: Any) -> list[Any]:
     """HOST:PORT for --admin (TCP only: a load balancer's or the kubelet's probes reach it)."""
-    bind = parse_bind(value)
+    try:
+        bind = parse_bind(value)
+    except ValueError as exc:  # its words name every --bind form: only HOST:PORT is one here
+        raise ValueError(str(exc).replace(", unix:PATH or fd://N", "").replace(" or unix:PATH", "")) from None
     if bind[0] != "tcp":
         raise ValueError(f"expected HOST:PORT (e.g. 0.0.0.0:9000), not {value!r}")
     return bind
