@@ -9,8 +9,9 @@ import asyncio
 from typing import Any
 
 import pytest
-import uvicorn_upstream
 from uvicorn.protocols.http import httptools_impl
+
+from . import uvicorn_upstream
 
 try:
     _theirs = uvicorn_upstream.conftest()

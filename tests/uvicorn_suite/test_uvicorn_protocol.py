@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import inspect
 
-import uvicorn_upstream
+from . import uvicorn_upstream
 
 _upstream = uvicorn_upstream.load()  # imported once already by conftest.py
 pytestmark = _upstream.pytestmark
