@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import io
 import os
 import sys
@@ -14,6 +15,7 @@ import tempfile
 import urllib.request
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 # version -> (sdist URL on files.pythonhosted.org, its sha256, from https://pypi.org/simple/uvicorn/).
 # pyproject.toml bounds uvicorn below the next minor; a newer uvicorn needs its line here.
@@ -110,6 +112,12 @@ def load() -> ModuleType:
         for name in [n for n in sys.modules if n == "tests" or n.startswith("tests.")]:
             _loaded.append(sys.modules.pop(name))  # kept alive here: their functions use their globals
     return _loaded[0]
+
+
+def suite_tests() -> dict[str, Any]:
+    """name -> function: the tests of test_http.py that take `http_protocol_cls` (the ones run here)."""
+    return {name: test for name, test in vars(load()).items()
+            if name.startswith("test_") and "http_protocol_cls" in inspect.signature(test).parameters}
 
 
 def conftest() -> ModuleType:
