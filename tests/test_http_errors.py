@@ -76,7 +76,7 @@ def test_a_whole_500_while_nothing_was_written(server, path):
     assert f'"GET {path} HTTP/1.1" 500 ' in cmd.output  # the access line says what the client got
 
 
-@pytest.mark.parametrize("path", ["/raise-after-body", "/raise-after-yield"])
+@pytest.mark.parametrize("path", ["/raise-after-body", "/raise-after-yield", "/trailers-after-yield"])
 def test_after_bytes_went_out_the_connection_closes(server, path):
     port, cmd, _pid = server
     before = _failures(cmd)

@@ -26,6 +26,10 @@ async def app(scope, receive, send):
         await send(START)
         await asyncio.sleep(0.2)
         raise RuntimeError("failed after the head was flushed")
+    elif path == "/trailers-after-yield":  # trailers are not supported (as uvicorn): the app fails
+        await send({**START, "trailers": True})
+        await asyncio.sleep(0.2)
+        await send({"type": "http.response.trailers", "headers": [], "more_trailers": False})
     elif path == "/second-start":
         await send(START)
         await send(START)
