@@ -18,6 +18,7 @@ from test_admin import admin_get, serve
 
 from prefork import protocol
 from prefork.metrics import _escape_help, _escape_label, _number
+from prefork.metrics_text import Digested, digest
 from prefork.worker_metrics import BOUNDS
 
 
@@ -132,38 +133,52 @@ def test_the_primarys_memory_stays_small(prefork_cmd, tmp_path: Path) -> None:  
     assert buckets == ["1.0", "10.0", "100.0", "+Inf"]  # in their order, +Inf last
 
 
-def checked(message: list) -> None:
-    """What the primary checks of an "M" before it uses it: the envelope, then each family."""
+def checked(message: list) -> Digested:
+    """What the primary checks of an "M" before it uses it: the envelope, then each line (digest)."""
     protocol.check("M", message, [])
-    for family in message[2].get("families", []):
-        protocol.check_family(family)
+    steps = digest(1, message[2], 10_000, 4 << 20, {}, 100)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
 def test_figures_messages_are_checked() -> None:
     good = {"stats": {"requests": 1}, "duration": [[0] * (len(BOUNDS) + 1), 0.5],
-            "families": [["x_total", "counter", "help", [["x_total", {"a": "b"}, 1.0]]],
-                         ["h", "histogram", "", [["h_bucket", {"le": "+Inf"}, 2],
-                                                 ["h_sum", {}, -(2**63) + 1]]]]}
-    checked(["M", 1, good])
+            "families": [["x_total", "counter", "help", 'x_total{a="b"} 1.0\n', ""],
+                         ["h", "histogram", "", 'h_bucket{le="+Inf"} 2\nh_sum -1e+20\n', ""],
+                         ["g", "gauge", "", "", 'g{worker="x"} NaN\ng +Inf\ng 3\n'],
+                         ["prefork_ready", "gauge", "", "", "prefork_ready 0\n"]]}
+    families = checked(["M", 1, good]).families
+    assert families["g"] == ("gauge", "", 'g{worker="x",prefork_worker="1"} NaN\ng{worker="1"} +Inf\n')
+    assert families["h"][1] == 'h_bucket{le="+Inf"} 2\nh_sum -1e+20\n'
+    assert "prefork_ready" not in families  # prefork's own names are dropped
+    fam = "families"
     bad = [
         ["M", 1],
         ["M", -1, good],
         ["M", 1, {"stats": {"requests": -1}}],
-        ["M", 1, {"stats": {"requests": 2**63}}],
+        ["M", 1, {"stats": {"requests": 2**63}}],  # would overflow a float sum
+        ["M", 1, {"stats": {"requests": 10**400}}],
         ["M", 1, {"stats": {}, "duration": [[0], 0.0]}],
         ["M", 1, {"stats": {}, "duration": [[0] * (len(BOUNDS) + 1), 10**400]}],
-        ["M", 1, {"stats": {}, "families": [["bad name", "counter", "", []]]}],
-        ["M", 1, {"stats": {}, "families": [["x", "weird", "", []]]}],
-        ["M", 1, {"stats": {}, "families": [["x", "gauge", "", [["x", {"bad-label": "v"}, 1]]]]}],
-        ["M", 1, {"stats": {}, "families": [["x", "gauge", "", [["x", {}, "1"]]]]}],
-        ["M", 1, {"stats": {}, "families": [["x", "gauge", "", [["x", {}, 1]] * 10_001]]}],
-        # an int that would overflow a float sum (every scrape a 500 before)
-        ["M", 1, {"stats": {}, "families": [["x", "gauge", "", [["x", {}, 10**400]]]]}],
-        ["M", 1, {"stats": {}, "families": [["x", "gauge", "", [["x", {}, 2**63]]]]}],
-        ["M", 1, {"stats": {}, "families": [["x", "gauge", "", [["x", {}, True]]]]}],
+        ["M", 1, {"stats": {}, fam: [["bad name", "counter", "", "", ""]]}],
+        ["M", 1, {"stats": {}, fam: [["x", "weird", "", "", ""]]}],
+        ["M", 1, {"stats": {}, fam: [["x", "gauge", "", [["x", {}, 1]], ""]]}],  # lists: the old form
+        ["M", 1, {"stats": {}, fam: [["x", "gauge", "", "", 'x{bad-label="v"} 1\n']]}],
+        ["M", 1, {"stats": {}, fam: [["x", "gauge", "", "", 'x{a="b",a="c"} 1\n']]}],
+        ["M", 1, {"stats": {}, fam: [["x", "gauge", "", "", 'x{a="b"""} 1\n']]}],
+        ["M", 1, {"stats": {}, fam: [["x", "gauge", "", "", "x 1_0\n"]]}],
+        ["M", 1, {"stats": {}, fam: [["x", "gauge", "", "", "x 1\n# HELP x y\n"]]}],
+        ["M", 1, {"stats": {}, fam: [["x", "gauge", "", "", "x 1"]]}],  # no newline
+        ["M", 1, {"stats": {}, fam: [["x", "gauge", "", "", "x 1\n" * 10_001]]}],
         # a sample named as another family's series, or as prefork's own
-        ["M", 1, {"stats": {}, "families": [["x", "gauge", "", [["prefork_ready", {}, 1]]]]}],
-        ["M", 1, {"stats": {}, "families": [["x", "gauge", "", [["x_other", {}, 1]]]]}],
+        ["M", 1, {"stats": {}, fam: [["x", "gauge", "", "", "prefork_ready 1\n"]]}],
+        ["M", 1, {"stats": {}, fam: [["x", "gauge", "", "", "x_other 1\n"]]}],
+        # a summed sample in the worker's own lines, or the other way round
+        ["M", 1, {"stats": {}, fam: [["x_total", "counter", "", "", "x_total 1\n"]]}],
+        ["M", 1, {"stats": {}, fam: [["x", "gauge", "", "x 1\n", ""]]}],
     ]
     for message in bad:
         with pytest.raises(protocol.Invalid):
@@ -231,12 +246,13 @@ if prefork.is_worker:
     child = _role.child
 
     def on_m(message, fds):  # a worker that sends what a well-behaved one never would
-        families = [["evil_total", "counter", "x", [["evil_total", {}, 10**400]]],
-                    ["ok_total", "counter", "x", [["ok_total", {}, 3], ["prefork_ready", {}, 0]]],
-                    ["prefork_requests_total", "counter", "x", [["prefork_requests_total", {}, 7]]]]
-        child.channel.send_internal(["M", message[1], {"stats": {"requests": 1}, "families": families}])
-        good = [["fine_total", "counter", "x", [["fine_total", {}, 5]]],
-                ["prefork_requests_total", "counter", "x", [["prefork_requests_total", {}, 7]]]]
+        bad = [{"stats": {"requests": 10**400}},
+               {"stats": {"requests": 1}, "families": [["ok", "gauge", "x", "", "prefork_ready 0\\n"]]},
+               {"stats": {"requests": 1}, "families": [["ok", "gauge", "x", "", "ok 10_0\\n"]]}]
+        for figures in bad:
+            child.channel.send_internal(["M", message[1], figures])
+        good = [["fine_total", "counter", "x", "fine_total 5\\nfine_total 6\\n", ""],
+                ["prefork_requests_total", "counter", "x", "prefork_requests_total 7\\n", ""]]
         child.channel.send_internal(["M", message[1], {"stats": {"requests": 1}, "families": good}])
     child.internal["m"] = on_m
     while True:
@@ -246,8 +262,9 @@ if prefork.is_worker:
 
 @pytest.mark.timeout(60)
 def test_a_workers_bad_figures_cost_it_not_the_scrape(prefork_cmd, tmp_path: Path) -> None:  # noqa: F811
-    """An int too big for a float sum, a sample named as prefork's own, a prefork_* family: refused
-    or dropped, in the live figures and in an exited worker's carried ones; /metrics stays a 200."""
+    """An int too big for a float sum, a sample named as prefork's own, a bad number: refused; a
+    prefork_* family and a repeated series: dropped, in the live figures and in an exited worker's
+    carried ones; /metrics stays a 200."""
     script = tmp_path / "hostile.py"
     script.write_text(HOSTILE)
     admin = free_port()
@@ -263,7 +280,7 @@ def test_a_workers_bad_figures_cost_it_not_the_scrape(prefork_cmd, tmp_path: Pat
 
     assert wait_until(lambda: scrape().get(("fine_total", ())) == 5, 20), cmd.output
     got = scrape()
-    assert ("evil_total", ()) not in got and ("ok_total", ()) not in got
+    assert ("ok", ()) not in got
     own = [k for k in got if k[0] == "prefork_requests_total"]
     assert own == [("prefork_requests_total", (("worker", "1"),))], own
     assert got[("prefork_ready", ())] == 1

@@ -31,7 +31,16 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import protocol
-from .metrics_text import Digested, digest, escape_help, escape_label, family, number, render_app
+from .metrics_text import (
+    Digested,
+    digest,
+    escape_help,
+    escape_label,
+    family,
+    number,
+    render_app,
+    summed_values,
+)
 from .metrics_text import render_own as _render_own
 from .worker_metrics import BOUNDS, MAX_CHARS, MAX_SAMPLES
 
@@ -40,7 +49,6 @@ MAX_KEPT = 50_000  # families and carried series the primary keeps at most (work
 BUDGET_SAMPLES = 20_000  # of the apps' registries, per scrape, for all workers together
 BUDGET_CHARS = 2 << 20  # their names, help texts and label text, likewise
 SLICE = 0.002  # seconds of work on the loop before it polls again
-_SUMMED = {"counter": ("",), "histogram": ("_bucket", "_count", "_sum"), "summary": ("_count", "_sum")}
 
 # the names the tests and other modules use
 _escape_help, _escape_label, _number, _family = escape_help, escape_label, number, family
@@ -191,11 +199,11 @@ class Metrics:
                 counts[i] += n
             self.carried_duration[1] += figures.duration[1]
         kept = sum(len(series) for series in self.carried.values())
-        for name, (kind, summed, _apart) in figures.families.items():
-            if self.kinds.get(name, ("",))[0] != kind or kind not in _SUMMED:
+        for name, (kind, summed, _own) in figures.families.items():
+            if self.kinds.get(name, ("",))[0] != kind or not summed:
                 continue
             carried = self.carried.setdefault(name, {})
-            for key, value in summed.items():
+            for key, value in summed_values(summed):
                 if key in carried or kept < MAX_KEPT:  # bounded: a worker may invent label sets
                     kept += key not in carried
                     carried[key] = carried.get(key, 0.0) + value

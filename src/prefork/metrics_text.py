@@ -1,10 +1,12 @@
 """The pieces of the primary's /metrics (metrics.py): a worker's answer digested into rendered keys,
 and the 0.0.4 text format written by hand (the primary never imports prometheus_client).
 
-`digest` and `render_app` are generators: they yield every STEP samples, so that metrics.py runs
-them a slice at a time on the loop thread. A digested answer keeps one string (a sample's name and
-its sorted labels, as rendered) and one number per sample, not the decoded lists and dicts: the
-primary's memory stays small with 20,000 series.
+A worker sends its samples as lines of the text format (worker_metrics.py), one string per family
+and kind of sample: decoding that is one string, not a list and a dict per sample, and a
+digested answer keeps those strings (checked, the worker label added to the lines not summed),
+so the primary's memory stays small with 20,000 series. `digest` and `render_app` are
+generators: they yield every STEP samples, so that metrics.py runs them a slice at a time on the
+loop thread.
 """
 
 from __future__ import annotations
@@ -14,18 +16,17 @@ from collections.abc import Iterator
 from typing import Any
 
 from . import protocol
-from .worker_metrics import BOUNDS
+from .worker_metrics import BOUNDS, SUMMED, escape_label, number
 
 STEP = 250  # samples between two yields
 STATES = ("starting", "ready", "draining", "hung")
-_SUMMED = {"counter": ("",), "histogram": ("_bucket", "_count", "_sum"), "summary": ("_count", "_sum")}
 
-Family = tuple[str, dict[str, float], dict[str, float]]  # kind, summed samples, the worker's own
+Family = tuple[str, str, str]  # kind, summed sample lines, the worker's own (with its worker label)
 
 
 class Digested:
-    """A worker's checked answer: families by name, each (kind, {key: value} summed across workers,
-    {key with its worker label: value})."""
+    """A worker's checked answer: families by name, each (kind, summed lines, own lines), lines of
+    the text format joined in one string each (what the primary keeps of a worker)."""
 
     __slots__ = ("stats", "duration", "cut", "families")
 
@@ -38,47 +39,58 @@ class Digested:
 
 def digest(wid: int, figures: dict[str, Any], max_samples: int, max_chars: int,
            kinds: dict[str, tuple[str, str]], max_kinds: int) -> Iterator[None]:
-    """Check (protocol.check_family) and digest an answer whose envelope protocol.check passed;
-    past max_samples or max_chars the rest is cut. Returns a Digested (raises protocol.Invalid)."""
+    """Check (protocol.check_line) and digest an answer whose envelope protocol.check passed; past
+    max_samples or max_chars the rest is cut. Returns a Digested (raises protocol.Invalid)."""
     out = Digested(figures["stats"], figures.get("duration"), figures.get("cut") or "")
     count = chars = 0
-    worker = str(wid)
-    for family in figures.get("families", ()):
-        name, kind, doc, samples = family
-        count += 1 + len(samples)
-        if count > max_samples:
-            out.cut = out.cut or f"more than {max_samples} samples"
-            break
-        summed: dict[str, float] = {}
-        apart: dict[str, float] = {}
-        suffixes = _SUMMED.get(kind, ())
-        for start in range(0, max(1, len(samples)), STEP):
-            chars += protocol.check_family(family, start, start + STEP)
-            if chars > max_chars:
-                break
-            for sample, labels, value in samples[start:start + STEP]:
-                if sample[len(name):] in suffixes:
-                    summed[_key(sample, labels)] = value  # a repeated label set: the last one counts
-                else:
-                    label = "worker" if "worker" not in labels else "prefork_worker"
-                    apart[_key(sample, labels, f'{label}="{worker}"')] = value
-            yield
-        if chars > max_chars:
-            out.cut = out.cut or f"more than {max_chars} characters"
+    label = f'worker="{wid}"'
+    for name, kind, doc, summed, own in figures.get("families", ()):
+        count += 1 + summed.count("\n") + own.count("\n")
+        chars += len(name) + len(doc) + len(summed) + len(own)
+        if count > max_samples or chars > max_chars:
+            out.cut = out.cut or f"more than {max_samples} samples or {max_chars} characters"
             break
         if name in out.families or name.startswith("prefork_"):  # prefork's own names are not the app's
             continue
+        names, sums = protocol.family_names(name), {name + s for s in SUMMED.get(kind, ())}
+        seen: set[str] = set()
+        kept: tuple[list[str], list[str]] = ([], [])
+        for text, mine in ((summed, kept[0]), (own, kept[1])):
+            lines = text.split("\n")
+            if lines.pop():
+                raise protocol.Invalid(f"M: {name}'s lines must each end with a newline")
+            for start in range(0, len(lines), STEP):
+                for line in lines[start:start + STEP]:
+                    labels, keys = protocol.check_line(names, line)
+                    key, _, value = line.rpartition(" ")
+                    sample = key.partition("{")[0]
+                    if (sample in sums) is not (mine is kept[0]):
+                        raise protocol.Invalid(f"M: {sample} is in the wrong list of {name}")
+                    if key in seen:  # a series twice: the first one stands
+                        continue
+                    seen.add(key)
+                    if mine is kept[0]:
+                        mine.append(line)
+                    else:
+                        extra = f"prefork_{label}" if "worker" in keys else label
+                        mine.append(f"{sample}{{{labels},{extra}}} {value}" if labels
+                                    else f"{sample}{{{extra}}} {value}")
+                yield
         if name not in kinds and len(kinds) < max_kinds:
             kinds[name] = (kind, doc)
-        out.families[name] = (kind, summed, apart)
+        out.families[name] = (kind, _joined(kept[0]), _joined(kept[1]))
     return out
 
 
-def _key(sample: str, labels: dict[str, str], extra: str = "") -> str:
-    text = ",".join(f'{k}="{escape_label(v)}"' for k, v in sorted(labels.items()))
-    if extra:
-        text = f"{text},{extra}" if text else extra
-    return f"{sample}{{{text}}}" if text else sample
+def _joined(lines: list[str]) -> str:
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def summed_values(lines: str) -> Iterator[tuple[str, float]]:
+    """(key, value) of a digested family's summed lines (checked: each is 'key value')."""
+    for line in lines.split("\n")[:-1]:
+        key, _, value = line.rpartition(" ")
+        yield key, float(value)
 
 
 def render_app(out: list[str], kinds: dict[str, tuple[str, str]], carried: dict[str, dict[str, float]],
@@ -88,29 +100,33 @@ def render_app(out: list[str], kinds: dict[str, tuple[str, str]], carried: dict[
     names = set(carried)
     for figures in lasts:
         names.update(figures.families)
-    rows = 0
     for name in sorted(names):
         if name not in kinds:
             continue
         kind, doc = kinds[name]
         others = {name + s for s in protocol.SUFFIXES if s and name + s in kinds}
         sums = dict(carried.get(name, ()))
-        apart: list[tuple[str, float]] = []
+        own: list[str] = []
         for figures in lasts:
             mine = figures.families.get(name)
             if mine is None or mine[0] != kind:
                 continue
-            for key, value in mine[1].items():
+            for i, (key, value) in enumerate(summed_values(mine[1]), 1):
                 sums[key] = sums.get(key, 0.0) + value
-            apart.extend(mine[2].items())
+                if i % STEP == 0:
+                    yield
+            own.append(mine[2])
         out.append(_head(name, "histogram" if kind == "gaugehistogram" else kind, doc))
-        for key, value in (*sums.items(), *apart):
-            if others and key.partition("{")[0] in others:
-                continue
-            out.append(f"{key} {number(value)}\n")
-            rows += 1
-            if rows % STEP == 0:
-                yield
+        rows = [f"{key} {number(value)}\n" for key, value in sums.items()
+                if not others or key.partition("{")[0] not in others]
+        out.append("".join(rows))
+        del rows
+        yield
+        for text in own:
+            if others:
+                text = "".join(f"{line}\n" for line in text.split("\n")[:-1]
+                               if line.partition("{")[0].partition(" ")[0] not in others)
+            out.append(text)
 
 
 def render_own(out: list[str], sup: Any, members: list[Any], last: dict[int, Digested],
@@ -190,17 +206,3 @@ def family(out: list[str], name: str, kind: str, doc: str,
 
 def escape_help(text: str) -> str:
     return text.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def escape_label(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def number(value: float) -> str:
-    if isinstance(value, int):
-        return str(value)
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if math.isnan(value):
-        return "NaN"
-    return str(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)

@@ -10,7 +10,8 @@ Worker to primary:
     {"t": "listen", "seq": int, "family": int, "addr": ..., "backlog": int | None,
      "policy": str} + its hand-off link's two ends (rr, least_conn)     a listen() call
     ["x", handle id]                                  it closed its listener on that handle
-    ["M", seq, {"stats": {...}, "duration": [[int, ...], float], "families": [...], "cut": str}]
+    ["M", seq, {"stats": {...}, "duration": [[int, ...], float], "families": [[name, type, help,
+     summed lines, own lines], ...], "cut": str}]
                                                       its figures for /metrics (worker_metrics.py)
 Primary to worker:
     {"t": "disconnect"}, ["p"] (heartbeat), {"t": "L", "seq": int, ...} (listen's answer),
@@ -28,10 +29,9 @@ from __future__ import annotations
 import re
 import socket
 from collections.abc import Callable
-from itertools import islice
 from typing import Any
 
-from .worker_metrics import BOUNDS, MAX_SAMPLES
+from .worker_metrics import BOUNDS, MAX_CHARS, MAX_SAMPLES
 
 POLICIES = ("rr", "none", "reuseport", "least_conn")
 FAMILIES = (int(socket.AF_INET), int(socket.AF_INET6), int(socket.AF_UNIX))
@@ -116,9 +116,9 @@ def _number(value: Any) -> bool:
 
 
 def _figures(message: Any, fds: list[int]) -> None:
-    """["M", seq, figures]: the worker's answer to a scrape, its envelope and size. Each family's
-    samples are checked by check_family, which metrics.py runs a slice at a time: a big answer
-    must not hold the primary's loop (the primary acts on nothing it has not checked)."""
+    """["M", seq, figures]: the worker's answer to a scrape, its envelope and size. Each sample line
+    is checked by check_line, which metrics_text.py runs a slice at a time: a big answer must not
+    hold the primary's loop (the primary acts on nothing it has not checked)."""
     _fds(fds, (0,))
     if len(message) != 3 or type(message[2]) is not dict or len(message[2]) > 8:
         raise Invalid('M: expected ["M", seq, {figures}]')
@@ -136,36 +136,43 @@ def _figures(message: Any, fds: list[int]) -> None:
     families = body.get("families", [])
     if type(families) is not list:
         raise Invalid("M: families must be a list")
-    count = 0
+    count = chars = 0
     for family in families:
-        if type(family) is not list or len(family) != 4 or family[1] not in FAMILY_TYPES \
+        if type(family) is not list or len(family) != 5 or family[1] not in FAMILY_TYPES \
                 or type(family[0]) is not str or not _METRIC_NAME.fullmatch(family[0]) \
-                or type(family[2]) is not str or len(family[2]) > 4096 or type(family[3]) is not list:
-            raise Invalid("M: a family must be [name, type, help, samples]")
-        count += 1 + len(family[3])
-        if count > MAX_SAMPLES + 1:
-            raise Invalid(f"M: more than {MAX_SAMPLES} samples")
+                or type(family[2]) is not str or len(family[2]) > 4096 \
+                or type(family[3]) is not str or type(family[4]) is not str:
+            raise Invalid("M: a family must be [name, type, help, summed lines, own lines]")
+        count += 1 + family[3].count("\n") + family[4].count("\n")
+        chars += len(family[0]) + len(family[2]) + len(family[3]) + len(family[4])
+        if count > MAX_SAMPLES + 1 or chars > MAX_CHARS + 4096:
+            raise Invalid(f"M: more than {MAX_SAMPLES} samples or {MAX_CHARS} characters")
 
 
-def check_family(family: list[Any], start: int = 0, stop: int | None = None) -> int:
-    """Raise Invalid unless each sample of a family (its shape checked by _figures), from start
-    to stop, is [name, {labels}, value], named as its family or the family plus one of SUFFIXES (no
-    other family's series, no prefork_* one); return their characters (names, label text, and
-    with the first sample the family's name and help)."""
-    name = family[0]
-    names = {name + suffix for suffix in SUFFIXES}
-    chars = len(name) + len(family[2]) if start == 0 else 0
-    for sample in islice(family[3], start, stop):
-        if type(sample) is not list or len(sample) != 3 or sample[0] not in names \
-                or type(sample[1]) is not dict or len(sample[1]) > MAX_LABELS or not _number(sample[2]):
-            raise Invalid(f"M: a sample of {name} must be [{name}[suffix], {{labels}}, value], not "
-                          f"{str(sample)[:200]}")
-        chars += len(sample[0])
-        for key, value in sample[1].items():
-            if type(value) is not str or not _LABEL_NAME.fullmatch(key):
-                raise Invalid(f"M: bad label {str(key)[:100]!r}")
-            chars += len(key) + len(value)
-    return chars
+_EXP = r"(?:[eE][-+]?[0-9]{1,4})?"
+_VALUE = rf"[-+]?(?:[0-9]{{1,400}}(?:\.[0-9]*)?{_EXP}|\.[0-9]+{_EXP}|Inf|NaN)"
+_LABEL = r'[a-zA-Z_][a-zA-Z0-9_]{0,99}="(?:[^"\\\n]|\\[\\"n])*"'
+_LINE = re.compile(rf"([a-zA-Z_:][a-zA-Z0-9_:]{{0,199}})(?:\{{({_LABEL}(?:,{_LABEL})*)\}})? ({_VALUE})")
+_LABEL_NAMES = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]{0,99})="(?:[^"\\\n]|\\[\\"n])*"')  # labels in turn
+
+
+def check_line(names: set[str], line: str) -> tuple[str, list[str]]:
+    """Raise Invalid unless `line` (without its newline) is a sample of the 0.0.4 text format whose
+    name is one of `names` (family_names: no other family's series, no prefork_* one), with
+    distinct labels and a number; return its labels' text and their names."""
+    match = _LINE.fullmatch(line)
+    if match is None or match.group(1) not in names:
+        raise Invalid(f"M: not a sample of its family: {line[:200]!r}")
+    labels = match.group(2) or ""
+    keys = _LABEL_NAMES.findall(labels)
+    if len(keys) > MAX_LABELS or len(set(keys)) != len(keys):
+        raise Invalid(f"M: too many or repeated labels: {line[:200]!r}")
+    return labels, keys
+
+
+def family_names(name: str) -> set[str]:
+    """The sample names a family may have: its name, or that plus a known suffix (check_line)."""
+    return {name + suffix for suffix in SUFFIXES}
 
 
 def _close(message: Any, fds: list[int]) -> None:

@@ -12,6 +12,7 @@ prometheus_client is never imported here: only looked up in sys.modules (the app
 from __future__ import annotations
 
 import bisect
+import math
 import sys
 import time
 from typing import Any
@@ -21,6 +22,8 @@ BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 
 MAX_SAMPLES = 10_000  # of the app's registry, per answer
 MAX_CHARS = 4 << 20  # names, help texts and label text of the app's samples, per answer
 _OPENMETRICS_ONLY = ("_created", "_gsum", "_gcount")  # not in the 0.0.4 text format
+# the samples the primary sums across workers, by family type (the others get a worker label)
+SUMMED = {"counter": ("",), "histogram": ("_bucket", "_count", "_sum"), "summary": ("_count", "_sum")}
 
 
 class Durations:
@@ -77,9 +80,12 @@ def answer(child: Any, max_samples: int = MAX_SAMPLES, max_chars: int = MAX_CHAR
 
 
 def app_families(max_samples: int = MAX_SAMPLES, max_chars: int = MAX_CHARS) -> tuple[list[list[Any]], str]:
-    """The app's prometheus_client registry as [[name, type, help, [[sample, {labels}, value]...]]]
-    in the 0.0.4 text format's names and types (as prometheus_client's generate_latest munges
-    them); bounded by max_samples and max_chars (the rest is left out, and why is returned)."""
+    """The app's prometheus_client registry as [[name, type, help, summed, own]], in the 0.0.4 text
+    format's names and types (as prometheus_client's generate_latest munges them). summed and own
+    are sample lines of that format ('name{labels} value\n', labels sorted): summed those the
+    primary sums across workers (SUMMED), own the others, to which it adds a worker label. Text,
+    not lists: it decodes as one string and keeps little (metrics_text.py). Bounded by max_samples
+    and max_chars (the rest is left out, and why is returned)."""
     client = sys.modules.get("prometheus_client")
     registry = getattr(client, "REGISTRY", None)
     if registry is None:
@@ -97,22 +103,45 @@ def app_families(max_samples: int = MAX_SAMPLES, max_chars: int = MAX_CHARS) -> 
         elif kind == "unknown":
             kind = "untyped"
         doc = str(metric.documentation)[:4096]
+        summed_names = {name + suffix for suffix in SUMMED.get(kind, ())}
+        summed: list[str] = []
+        own: list[str] = []
+        count += 1  # a family counts as a sample: a registry of empty families is bounded too
         chars += len(name) + len(doc)
-        samples = []
         for sample in metric.samples:
             if sample.name.endswith(_OPENMETRICS_ONLY) and sample.name.startswith(metric.name):
                 continue
-            labels = {str(k): str(v) for k, v in sample.labels.items()}
+            line = f"{sample_key(sample.name, sample.labels)} {number(float(sample.value))}\n"
             count += 1
-            chars += len(sample.name) + sum(len(k) + len(v) for k, v in labels.items())
+            chars += len(line)
             if count > max_samples or chars > max_chars:
-                return out, _cut(max_samples, max_chars)
-            samples.append([sample.name, labels, float(sample.value)])
-        count += 1  # a family counts as a sample: a registry of empty families is bounded too
+                break
+            (summed if sample.name in summed_names else own).append(line)
         if count > max_samples or chars > max_chars:
             return out, _cut(max_samples, max_chars)
-        out.append([name, kind, doc, samples])
+        out.append([name, kind, doc, "".join(summed), "".join(own)])
     return out, ""
+
+
+def sample_key(name: str, labels: dict[str, str]) -> str:
+    """A sample's name and labels as the text format writes them, labels sorted (a key to sum by)."""
+    if not labels:
+        return name
+    return name + "{" + ",".join(f'{k}="{escape_label(str(v))}"' for k, v in sorted(labels.items())) + "}"
+
+
+def escape_label(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def number(value: float) -> str:
+    if isinstance(value, int):
+        return str(value)
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if math.isnan(value):
+        return "NaN"
+    return str(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)
 
 
 def _cut(max_samples: int, max_chars: int) -> str:
