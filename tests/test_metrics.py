@@ -151,7 +151,7 @@ def test_figures_messages_are_checked() -> None:
                          ["g", "gauge", "", "", 'g{worker="x"} NaN\ng +Inf\ng 3\n'],
                          ["prefork_ready", "gauge", "", "", "prefork_ready 0\n"]]}
     families = checked(["M", 1, good]).families
-    assert families["g"] == ("gauge", "", 'g{worker="x",prefork_worker="1"} NaN\ng{worker="1"} +Inf\n')
+    assert families["g"] == ("gauge", "", b'g{worker="x",prefork_worker="1"} NaN\ng{worker="1"} +Inf\n')
     assert families["h"][1] == 'h_bucket{le="+Inf"} 2\nh_sum -1e+20\n'
     assert "prefork_ready" not in families  # prefork's own names are dropped
     fam = "families"

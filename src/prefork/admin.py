@@ -17,7 +17,9 @@ from __future__ import annotations
 import errno
 import json
 import socket
+from collections import deque
 from collections.abc import Callable
+from itertools import islice
 from typing import Any
 
 from .binding import ACCEPT_RETRY_S, OUT_OF_RESOURCES
@@ -34,8 +36,9 @@ _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Al
             431: "Request Header Fields Too Large", 500: "Internal Server Error",
             503: "Service Unavailable"}
 
+Payload = bytes | list[bytes]
 # reply(status, body, content type); a route calls it once, now or later (on the loop thread)
-Reply = Callable[[int, bytes, str], None]
+Reply = Callable[[int, Payload, str], None]
 
 
 class AdminError(Exception):
@@ -71,7 +74,7 @@ class _Connection:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.head = bytearray()
-        self.out = b""
+        self.out: deque[memoryview] = deque()  # what is left to send
         self.timer: Any = None
         self.closed = False
         self.asked = False  # its head is complete: it is being answered
@@ -213,7 +216,7 @@ class AdminServer:
             self._answer(conn, 503, b"too many scrapes at once\n", TEXT, body, b"Retry-After: 1\r\n")
             return
 
-        def reply(status: int, payload: bytes, kind: str) -> None:
+        def reply(status: int, payload: Payload, kind: str) -> None:
             self._answer(conn, status, payload, kind, body)
 
         try:
@@ -224,15 +227,17 @@ class AdminServer:
             conn.waiting = True
             self.waiting += 1
 
-    def _answer(self, conn: _Connection, status: int, payload: bytes, kind: str, body: bool,
+    def _answer(self, conn: _Connection, status: int, payload: Payload, kind: str, body: bool,
                 extra: bytes = b"") -> None:
+        """Answer; a payload may be a list of parts (a big /metrics), sent without joining them."""
         if conn.closed or conn.out:
             return
         self._unwait(conn)
+        parts = [payload] if isinstance(payload, bytes) else payload
         head = (f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\nContent-Type: {kind}\r\n"
-                f"Content-Length: {len(payload)}\r\nCache-Control: no-store\r\nConnection: close\r\n"
-                ).encode() + extra + b"\r\n"
-        conn.out = head + payload if body else head
+                f"Content-Length: {sum(map(len, parts))}\r\nCache-Control: no-store\r\n"
+                "Connection: close\r\n").encode() + extra + b"\r\n"
+        conn.out.extend(memoryview(part) for part in ([head, *parts] if body else [head]) if part)
         self._write(conn)
 
     def _unwait(self, conn: _Connection) -> None:
@@ -243,15 +248,21 @@ class AdminServer:
     def _write(self, conn: _Connection) -> None:
         if conn.closed:
             return
+        out = conn.out
         try:
-            sent = conn.sock.send(conn.out)
+            sent = conn.sock.sendmsg(list(islice(out, 64)))
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:
             self._end(conn)
             return
-        conn.out = conn.out[sent:]
-        if not conn.out:
+        while sent:  # drop what went, without copying what is left
+            if sent >= len(out[0]):
+                sent -= len(out.popleft())
+            else:
+                out[0] = out[0][sent:]
+                sent = 0
+        if not out:
             self._end(conn)
         else:  # the rest when the socket takes more
             self.loop.add_writer(conn.sock.fileno(), lambda: self._write(conn))
@@ -275,7 +286,7 @@ class AdminServer:
         conn.sock.close()
 
 
-Scrape = Callable[[Callable[[bytes, bool], None]], None]  # metrics.Metrics.scrape
+Scrape = Callable[[Callable[[list[bytes], bool], None]], None]  # metrics.Metrics.scrape
 
 
 def routes(supervisor: Any, status: Callable[[], dict[str, Any]],

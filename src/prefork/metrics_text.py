@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from itertools import islice
 from typing import Any
 
 from . import protocol
@@ -21,7 +22,7 @@ from .worker_metrics import BOUNDS, SUMMED, escape_label, number
 STEP = 250  # samples between two yields
 STATES = ("starting", "ready", "draining", "hung")
 
-Family = tuple[str, str, str]  # kind, summed sample lines, the worker's own (with its worker label)
+Family = tuple[str, str, bytes]  # kind, summed sample lines, the worker's own (with its worker label)
 
 
 class Digested:
@@ -78,7 +79,7 @@ def digest(wid: int, figures: dict[str, Any], max_samples: int, max_chars: int,
                 yield
         if name not in kinds and len(kinds) < max_kinds:
             kinds[name] = (kind, doc)
-        out.families[name] = (kind, _joined(kept[0]), _joined(kept[1]))
+        out.families[name] = (kind, _joined(kept[0]), _joined(kept[1]).encode())  # as it is sent
     return out
 
 
@@ -93,7 +94,7 @@ def summed_values(lines: str) -> Iterator[tuple[str, float]]:
         yield key, float(value)
 
 
-def render_app(out: list[str], kinds: dict[str, tuple[str, str]], carried: dict[str, dict[str, float]],
+def render_app(out: list[bytes], kinds: dict[str, tuple[str, str]], carried: dict[str, dict[str, float]],
                lasts: list[Digested]) -> Iterator[None]:
     """The apps' families, merged (metrics.py's docstring); a sample whose name is another family's
     is left out, so no series is written twice."""
@@ -106,7 +107,7 @@ def render_app(out: list[str], kinds: dict[str, tuple[str, str]], carried: dict[
         kind, doc = kinds[name]
         others = {name + s for s in protocol.SUFFIXES if s and name + s in kinds}
         sums = dict(carried.get(name, ()))
-        own: list[str] = []
+        own: list[bytes] = []
         for figures in lasts:
             mine = figures.families.get(name)
             if mine is None or mine[0] != kind:
@@ -116,17 +117,18 @@ def render_app(out: list[str], kinds: dict[str, tuple[str, str]], carried: dict[
                 if i % STEP == 0:
                     yield
             own.append(mine[2])
-        out.append(_head(name, "histogram" if kind == "gaugehistogram" else kind, doc))
-        rows = [f"{key} {number(value)}\n" for key, value in sums.items()
-                if not others or key.partition("{")[0] not in others]
-        out.append("".join(rows))
-        del rows
-        yield
-        for text in own:
+        out.append(_head(name, "histogram" if kind == "gaugehistogram" else kind, doc).encode())
+        rows = iter(sums.items())
+        while some := list(islice(rows, STEP)):
+            out.append("".join(f"{key} {number(value)}\n" for key, value in some
+                               if not others or key.partition("{")[0] not in others).encode())
+            yield
+        del rows, sums
+        for block in own:
             if others:
-                text = "".join(f"{line}\n" for line in text.split("\n")[:-1]
-                               if line.partition("{")[0].partition(" ")[0] not in others)
-            out.append(text)
+                block = b"".join(line + b"\n" for line in block.split(b"\n")[:-1]
+                                 if line.partition(b"{")[0].partition(b" ")[0].decode() not in others)
+            out.append(block)
 
 
 def render_own(out: list[str], sup: Any, members: list[Any], last: dict[int, Digested],
