@@ -48,6 +48,7 @@ ANSWER_WITHIN = 0.5
 MAX_KEPT = 50_000  # families and carried series the primary keeps at most (workers come and go)
 BUDGET_SAMPLES = 20_000  # of the apps' registries, per scrape, for all workers together
 BUDGET_CHARS = 2 << 20  # their names, help texts and label text, likewise
+MAX_QUEUED = 4  # a worker's answers waiting to be digested: one that sends unasked costs no memory
 SLICE = 0.002  # seconds of work on the loop before it polls again
 
 # the names the tests and other modules use
@@ -74,6 +75,7 @@ class Metrics:
         self.timer: Any = None
         self.rendering = False
         self.jobs: list[Iterator[None]] = []  # digests waiting for the loop, in order
+        self.queued: dict[int, int] = {}  # worker id -> its answers in self.jobs
         self.told_cut = False
 
     def attach(self) -> None:
@@ -116,7 +118,11 @@ class Metrics:
 
     def _on_answer(self, worker: Any, message: Any, fds: list[int]) -> None:
         """An "M" whose envelope protocol.py checked: its families are checked and digested in
-        slices, in order of arrival."""
+        slices, in order of arrival; past MAX_QUEUED of a worker's, one it did not ask for."""
+        queued = self.queued.get(worker.id, 0)
+        if queued >= MAX_QUEUED:
+            return
+        self.queued[worker.id] = queued + 1
         self.jobs.append(self._digest(worker, message[1], message[2]))
         if len(self.jobs) == 1:
             self._run()
@@ -128,6 +134,10 @@ class Metrics:
         except protocol.Invalid as exc:
             self.sup.primary._bad_message(worker, "M", str(exc))
             digested = None
+        finally:
+            left = self.queued.pop(worker.id, 1) - 1
+            if left:
+                self.queued[worker.id] = left
         if worker.id not in self.sup.members:  # read after its exit: kept, it would never be carried
             return
         if digested is not None:
