@@ -11,7 +11,7 @@ count is exact for a client that scrapes right after its requests.
 The work is bounded for the whole cluster, not per worker: a scrape's budget (BUDGET_SAMPLES,
 BUDGET_CHARS) is shared by the workers, each told its share, and a worker past it cuts its families
 (`prefork_metrics_truncated` says which, and the log says so once). Checking and digesting an
-answer, and rendering, run on the loop thread in slices of at most SLICE seconds (`_run`), so a
+answer, and rendering, run on the loop thread in slices of about SLICE seconds (`_run`), so a
 probe of /readyz is answered between two slices while a scrape of 20,000 samples goes on.
 
 An app's prometheus_client samples are merged into one exposition for the whole cluster:
