@@ -39,7 +39,8 @@ class Dispatcher:
         self._run = run  # runs one callback, reporting its exception (never raises)
         self._may_block = may_block  # False while someone waits for an answer only a reader reads
         self._queue: collections.deque[tuple[Callable[..., Any], tuple[Any, ...]]] = collections.deque()
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()  # taken directly on the per-message path (Condition's with is Python)
+        self._cond = threading.Condition(self._lock)
         self._reading = False
         self._eof = False
         self._runner: threading.Thread | None = None  # the thread running a callback now
@@ -77,10 +78,11 @@ class Dispatcher:
     def _serve(self) -> None:
         """One of the two threads. Each turn ends its last job and picks the next in one critical
         section (a lock taken once per job: this is every message's path)."""
-        cond, queue = self._cond, self._queue
+        cond, lock, queue = self._cond, self._lock, self._queue
+        me = threading.current_thread()
         job, calls = "", None
         while True:
-            with cond:
+            with lock:
                 if job == "run":
                     self._runner = None
                 elif job == "read":
@@ -92,8 +94,12 @@ class Dispatcher:
                 while True:
                     if queue and self._runner is None:
                         # every callback waiting, in order: one lock for a batch of messages
-                        todo = [queue.popleft() for _ in range(min(len(queue), RUN_BATCH))]
-                        self._runner = threading.current_thread()
+                        if len(queue) <= RUN_BATCH:
+                            todo = list(queue)
+                            queue.clear()
+                        else:
+                            todo = [queue.popleft() for _ in range(RUN_BATCH)]
+                        self._runner = me
                         job = "run"
                         break
                     if not self._reading and not self._eof:
