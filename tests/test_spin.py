@@ -64,6 +64,27 @@ def test_a_primary_and_its_worker_on_one_cpu_never_poll_and_on_two_may(py) -> No
     assert lines == ["same worker False primary False", "apart worker True primary True"], result
 
 
+def test_a_worker_forked_by_the_template_watches_its_primary_not_its_parent(py) -> None:
+    """Its parent is the fork template (template.py); `taskset -p` on the primary must be seen."""
+    result = py.run("""
+        import os
+        import prefork as cluster
+
+        def target():
+            me = cluster.worker
+            me.send([os.getppid(), me._channel.spin.peer])
+            me.disconnect()
+
+        if cluster.is_primary:
+            cluster.setup_primary(start="fork", target=target)
+            w = cluster.fork()
+            w.on("message", lambda m, h: print("parent is primary", m[0] == os.getpid(),
+                                               "peer is primary", m[1] == os.getpid(), flush=True))
+    """, timeout=30)
+    assert result.returncode == 0, result
+    assert result.stdout.split() == "parent is primary False peer is primary True".split(), result
+
+
 @pytest.fixture
 def sleeper():
     """A real process to place: pinned to the first CPU, ended by pid."""

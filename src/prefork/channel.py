@@ -53,7 +53,7 @@ from .codec import (  # noqa: F401 - KIND_*, encode and decode are also imported
     serialization_kind,
 )
 from .outbox import HEADER, HEADER_SIZE, HIGH_WATER, MAX_FDS, SMALL, ChannelClosed, Outbox  # noqa: F401
-from .spin import Spin
+from .spin import Spin, creator_of
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -115,7 +115,8 @@ class Channel(Outbox):
         self._fds: collections.deque[int] = collections.deque()
         self.bytes_read = 0  # lets a caller see whether a read made progress
         self._recvmsg_into = sock.recvmsg_into
-        self.spin = Spin(SPIN)  # whether the reader polls for an answer (the primary sets .peer)
+        # whether the reader polls for an answer; a worker's peer is the primary (the primary sets .peer)
+        self.spin = Spin(SPIN, creator_of(sock) if blocking else None)
 
     def fileno(self) -> int:
         return self.sock.fileno()

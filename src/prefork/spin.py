@@ -20,6 +20,8 @@ Each decision costs a comparison or two; the masks are read at most once per REC
 from __future__ import annotations
 
 import os
+import socket
+import struct
 
 RECHECK = 1.0  # seconds between two reads of the affinity masks
 LOW = 0.3  # below this share of polls that caught the answer, stop polling ...
@@ -54,12 +56,14 @@ def placement_allows(peer: int | None) -> bool:
     return len(own | theirs) > 1
 
 
-def _default_peer() -> int:
-    """A worker's peer: its primary (not its parent, which may be the fork template)."""
+def creator_of(sock: socket.socket) -> int | None:
+    """The pid that made this socketpair (SO_PEERCRED): from a worker's end, its primary, even when
+    its parent is the fork template (template.py)."""
     try:
-        return int(os.environ.get("PREFORK_PRIMARY_PID", ""))
-    except ValueError:
-        return os.getppid()
+        pid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+    except (OSError, AttributeError, struct.error):
+        return None
+    return pid if pid > 0 and pid != os.getpid() else None
 
 
 class Spin:
@@ -69,7 +73,7 @@ class Spin:
 
     def __init__(self, budget: float, peer: int | None = None) -> None:
         self.budget = budget  # seconds a wait may poll (PREFORK_IPC_SPIN_US)
-        self.peer = peer  # the peer's pid (None: a worker's primary)
+        self.peer = peer  # the peer's pid (None: this process's parent)
         self.placed = False  # whether the placement allows polling, as of the last check
         self.score = 1.0  # running share of polls that caught the answer
         self._next_check = 0.0
@@ -100,7 +104,7 @@ class Spin:
             self.placed = False
             return
         if self.peer is None:
-            self.peer = _default_peer()
+            self.peer = os.getppid()
         try:
             self.placed = placement_allows(self.peer)
         except OSError:
