@@ -49,7 +49,7 @@ MAX_KEPT = 50_000  # families and carried series the primary keeps at most (work
 BUDGET_SAMPLES = 20_000  # of the apps' registries, per scrape, for all workers together
 BUDGET_CHARS = 2 << 20  # their names, help texts and label text, likewise
 MAX_QUEUED = 4  # a worker's answers waiting to be digested: one that sends unasked costs no memory
-SLICE = 0.002  # seconds of work on the loop before it polls again
+SLICE = 0.001  # seconds of work on the loop before it polls again
 
 # the names the tests and other modules use
 _escape_help, _escape_label, _number, _family = escape_help, escape_label, number, family
