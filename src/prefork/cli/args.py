@@ -8,7 +8,8 @@ from typing import Any, NoReturn
 
 import prefork
 
-from .config import OPTIONS, UsageError
+from .config import UsageError
+from .options import OPTIONS
 
 DESCRIPTION = "prefork: the Node.js cluster model for Python (a primary, N workers, shared ports)."
 EPILOG = """examples:
@@ -66,12 +67,13 @@ def _add_options(parser: argparse.ArgumentParser, command: str) -> None:
         # argparse formats help with %: a literal % (gunicorn's atoms in --access-log-format) is doubled
         text = (option.help + shown).replace("%", "%%")
         kw: dict[str, Any] = {"dest": option.name, "help": text, "default": argparse.SUPPRESS}
+        flags = (flag, *option.aliases)
         if option.flag:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
         elif option.repeat:
-            parser.add_argument(flag, action="append", metavar=option.metavar, **kw)
+            parser.add_argument(*flags, action="append", metavar=option.metavar, **kw)
         else:
-            parser.add_argument(flag, metavar=option.metavar or "VALUE", **kw)
+            parser.add_argument(*flags, metavar=option.metavar or "VALUE", **kw)
     parser.add_argument("--config", metavar="FILE", default=None,
                         help="read options from FILE (TOML; [tool.prefork] table or top level); "
                              "default: [tool.prefork] in ./pyproject.toml. Flags win, then PREFORK_* "

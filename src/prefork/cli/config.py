@@ -11,7 +11,6 @@ import os
 import re
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from prefork import cpus
@@ -73,6 +72,25 @@ def to_backlog(value: Any) -> int:
     if n is None or not 1 <= n <= MAX_BACKLOG:
         raise ValueError(f"expected a whole number from 1 to {MAX_BACKLOG}, not {value!r}")
     return n
+
+
+def in_range(low: int, high: int, note: str = "") -> Callable[[Any], int]:
+    """A whole number from low to high; `note` says what 0 means, when it means something."""
+    def convert(value: Any) -> int:
+        n = _int(value)
+        if n is None or not low <= n <= high:
+            raise ValueError(f"expected a whole number from {low} to {high}{note}, not {value!r}")
+        return n
+    return convert
+
+
+def seconds_upto(high: float, note: str = "") -> Callable[[Any], float]:
+    def convert(value: Any) -> float:
+        seconds = to_seconds(value)
+        if seconds > high:
+            raise ValueError(f"expected a number of seconds from 0 to {high:g}{note}, not {value!r}")
+        return seconds
+    return convert
 
 
 def to_seconds(value: Any) -> float:
@@ -197,91 +215,20 @@ def show_bind(bind: list[Any], tls: bool = False) -> str:
     return f"{'https' if tls else 'http'}://{host}:{bind[2]}"
 
 
-# -- the table -------------------------------------------------------------------------------------
+# -- the table lives in options.py; resolution below ------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Option:
-    name: str  # python name; flag is --name-with-dashes, variable PREFORK_NAME
-    convert: Callable[[Any], Any]
-    default: Any
-    help: str
-    commands: tuple[str, ...] = ("serve", "run")
-    metavar: str | None = None
-    flag: bool = False  # a switch (--x / --no-x)
-    repeat: bool = False  # --bind may be given several times
+def __getattr__(name: str) -> Any:
+    """OPTIONS, BY_NAME and Option moved to options.py (which imports the converters above):
+    `from prefork.cli.config import BY_NAME` keeps working without a circular import."""
+    if name in ("OPTIONS", "BY_NAME", "Option"):
+        from . import options
+
+        return getattr(options, name)
+    raise AttributeError(name)
 
 
-OPTIONS: tuple[Option, ...] = (
-    Option("workers", to_workers, "auto", f"number of worker processes (1 to {MAX_WORKERS}), or 'auto' for "
-           "one per core; WEB_CONCURRENCY is used when neither this, PREFORK_WORKERS nor the config file "
-           "sets it",
-           metavar="N|auto"),
-    Option("bind", to_binds, ["127.0.0.1:8000"], "address to serve, HOST:PORT, unix:PATH or fd://N (a "
-           "listening socket passed to prefork as descriptor N); repeat for more (default "
-           "127.0.0.1:8000). Sockets passed by systemd's socket activation (LISTEN_FDS) replace these",
-           ("serve",), "ADDRESS", repeat=True),
-    Option("policy", choice(POLICIES), None, "how connections are spread over the workers: reuseport (one "
-           "kernel-balanced socket per worker; serve's default), rr (the primary hands them out; run's "
-           "default, as Node's), least_conn, none (one shared socket)",
-           metavar="|".join(POLICIES)),
-    Option("interface", choice(INTERFACES), "auto", "the app's interface (detected by default)", ("serve",),
-           "auto|asgi|wsgi"),
-    Option("factory", to_bool, False, "APP is a function returning the app", ("serve",), flag=True),
-    Option("preload", to_bool, False, "import the app in the primary before starting workers (fails fast "
-           "on a broken app)", ("serve",), flag=True),
-    Option("timeout", to_seconds, 30.0, "kill and replace a worker that does not answer the primary's "
-           "heartbeat for this long (0: never)", metavar="SECONDS"),
-    Option("graceful_timeout", to_seconds, 30.0, "how long a stopping worker may finish its requests "
-           "before it is killed", metavar="SECONDS"),
-    Option("ready_timeout", to_seconds, 30.0, "how long a new worker may take to be ready",
-           metavar="SECONDS"),
-    Option("max_requests", to_count, 0, "replace a worker after it has served this many requests (0: never)",
-           metavar="N"),
-    Option("max_requests_jitter", to_count, 0, "add up to this many to --max-requests, per worker, so "
-           "workers are not all replaced at once", metavar="N"),
-    Option("max_memory", to_size, None, "replace a worker whose RSS grows beyond this (e.g. 512M)",
-           metavar="SIZE"),
-    Option("log_level", choice(LOG_LEVELS), "info", "critical, error, warning, info, debug (shows "
-           "tracebacks) or trace", metavar="LEVEL"),
-    Option("access_log", to_bool, False, "write one Common Log Format line per request to stdout",
-           ("serve",), flag=True),
-    Option("proxy_headers", to_bool, False, "trust X-Forwarded-For/-Proto from --forwarded-allow-ips",
-           ("serve",), flag=True),
-    Option("forwarded_allow_ips", to_str, "127.0.0.1", "comma-separated proxy addresses to trust ('*': "
-           "all)", ("serve",), "IPS"),
-    Option("root_path", to_str, "", "the ASGI root_path (the app is mounted below this URL path)",
-           ("serve",), "PATH"),
-    Option("certfile", to_str, None, "TLS certificate (PEM); serves HTTPS", ("serve",), "FILE"),
-    Option("keyfile", to_str, None, "TLS private key (PEM)", ("serve",), "FILE"),
-    Option("threads", to_positive, 8, "threads per worker for a WSGI app", ("serve",), "N"),
-    Option("keep_alive", to_positive, 5, "seconds an idle keep-alive connection stays open", ("serve",),
-           "SECONDS"),
-    Option("backlog", to_backlog, None, f"listen backlog (1 to {MAX_BACKLOG})", ("serve",), "N"),
-    Option("ready", choice(READY), "listening", "when a new worker counts as ready (for reloads): when "
-           "it listens, when it is online, or when it sends 'ready'", ("run",), "|".join(READY)),
-    Option("admin", to_address, None, "serve /livez, /readyz, /metrics and /status on HOST:PORT, from the "
-           "primary (off by default)", metavar="HOST:PORT"),
-    Option("shutdown_delay", to_seconds, 0.0, "on SIGTERM, report not ready (/readyz 503) and keep serving "
-           "for this long before draining, so a load balancer stops sending first", metavar="SECONDS"),
-    Option("init", to_bool, False, "reap every child that reparents to the primary, as an init process "
-           "(on by itself when the primary is PID 1); also makes the primary a child subreaper "
-           "(PR_SET_CHILD_SUBREAPER), so orphans of the app's subprocesses come to it, not to PID 1",
-           flag=True),
-    Option("log_format", choice(LOG_FORMATS), "text", "text, or json: one JSON object per line (ts, level, "
-           "msg, worker) for every line prefork writes", metavar="text|json"),
-    Option("access_log_format", to_str, None, "access log line with gunicorn's atoms, e.g. "
-           "'%(h)s %(r)s %(s)s %(b)s %(D)s' (implies --access-log)", ("serve",), "FORMAT"),
-    Option("log_file", to_str, None, "write the log here instead of stdout/stderr; SIGUSR1 reopens it "
-           "(logrotate)", metavar="PATH"),
-    Option("control", to_str, None, "control socket path (default: $XDG_RUNTIME_DIR/prefork/prefork.sock "
-           "or /tmp/prefork-UID/prefork.sock)", metavar="PATH"),
-    Option("app", to_str, None, "MODULE:APP (may come from the config file)", ("serve",)),
-)
-BY_NAME = {o.name: o for o in OPTIONS}
-
-
-def _convert(option: Option, value: Any, where: str) -> Any:
+def _convert(option: Any, value: Any, where: str) -> Any:
     try:
         return option.convert(value)
     except ValueError as exc:
@@ -345,6 +292,8 @@ def _toml_reader(path: str) -> Any:
 def resolve(command: str, flags: dict[str, Any], config_path: str | None,
             environ: dict[str, str] | None = None) -> dict[str, Any]:
     """Defaults < config file < PREFORK_* variables < flags, each value checked."""
+    from .options import BY_NAME, OPTIONS
+
     environ = os.environ if environ is None else environ
     explicit = config_path is not None
     path = config_path or environ.get("PREFORK_CONFIG") or "pyproject.toml"

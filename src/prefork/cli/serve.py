@@ -103,6 +103,9 @@ def serve(opts: dict[str, Any]) -> int:
         "root_path": opts["root_path"], "certfile": _abs(opts["certfile"]), "keyfile": _abs(opts["keyfile"]),
         "threads": opts["threads"], "keep_alive": opts["keep_alive"], "backlog": opts["backlog"],
         "graceful_timeout": opts["graceful_timeout"] or None, "app_dir": cwd,
+        "timeout_header": opts["timeout_header"], "limit_request_line": opts["limit_request_line"],
+        "limit_request_fields": opts["limit_request_fields"],
+        "limit_request_field_size": opts["limit_request_field_size"],
         "policy": opts.get("policy") or prefork.scheduling_policy,
         **output.worker_log_options(opts),  # checks --access-log-format: exit 2 before any worker
     }

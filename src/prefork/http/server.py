@@ -12,6 +12,7 @@ from email.utils import formatdate
 from typing import Any
 
 from ..binding import ACCEPT_RETRY_S, OUT_OF_RESOURCES
+from . import limits
 from .uvconfig import FAST, BootError
 
 IDLE_GRACE = 2.0  # seconds a draining worker waits for the next request of an idle keep-alive connection
@@ -40,6 +41,7 @@ class Server:
         self.least_conn = opts.get("policy") == "least_conn"
         self._protocols: dict[int, Any] = {}
         self._connecting = 0
+        self.sweep: limits.Sweep | None = None  # closes connections whose request head is late
         stats = getattr(child, "stats", None) if child is not None else None
         if stats is None:
             stats = {"connections": 0, "requests": 0, "in_flight": 0}
@@ -110,6 +112,7 @@ class Server:
 
             def connection_made(self, transport: Any) -> None:
                 server.connections_total += 1
+                self.made = time.perf_counter()  # when its first head may begin (limits.Sweep)
                 super().connection_made(transport)
 
             def connection_lost(self, exc: Exception | None) -> None:
@@ -120,6 +123,8 @@ class Server:
             from ..worker_metrics import time_requests
 
             time_requests(Counted, base, self.durations)
+            if limits.install(Counted, base, self.opts) and self.opts.get("timeout_header", 10.0):
+                self.sweep = limits.Sweep(float(self.opts.get("timeout_header", 10.0)))
         if FAST[0]:
             return Counted  # onewrite's cycle adds `Connection: close` itself while we leave
 
@@ -228,6 +233,11 @@ class Server:
             date = [(b"date", formatdate(now, usegmt=True).encode())]
             self.state.default_headers = date + self.config.encoded_headers
         self._count()
+        if self.sweep is not None:
+            try:
+                self.sweep.maybe(self.state.connections)
+            except Exception:  # the clock must go on (the Date header, the counters)
+                logging.getLogger("prefork.serve").exception("the request head sweep failed")
         if not self.stopped.is_set():
             self.loop.call_later(0.1, self._tick)
 

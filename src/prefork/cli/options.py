@@ -1,0 +1,131 @@
+"""The option table of `prefork serve` and `prefork run`: each option's name, converter (config.py),
+default, help and flag spellings. args.py builds the parser from it, config.py resolves it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .config import (
+    INTERFACES,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    MAX_BACKLOG,
+    MAX_WORKERS,
+    POLICIES,
+    READY,
+    choice,
+    in_range,
+    seconds_upto,
+    to_address,
+    to_backlog,
+    to_binds,
+    to_bool,
+    to_count,
+    to_positive,
+    to_seconds,
+    to_size,
+    to_str,
+    to_workers,
+)
+
+MAX_LINE = 1 << 20  # gunicorn stops at 8190; longer lines are rare but legitimate (long query strings)
+MAX_FIELDS = 32768  # gunicorn's maximum, also what its 0 means
+MAX_FIELD = 1 << 20
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # python name; flag is --name-with-dashes, variable PREFORK_NAME
+    convert: Callable[[Any], Any]
+    default: Any
+    help: str
+    commands: tuple[str, ...] = ("serve", "run")
+    metavar: str | None = None
+    flag: bool = False  # a switch (--x / --no-x)
+    repeat: bool = False  # --bind may be given several times
+    aliases: tuple[str, ...] = ()  # other spellings of the flag (uvicorn's, gunicorn's, granian's)
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("workers", to_workers, "auto", f"number of worker processes (1 to {MAX_WORKERS}), or 'auto' for "
+           "one per core; WEB_CONCURRENCY is used when neither this, PREFORK_WORKERS nor the config file "
+           "sets it",
+           metavar="N|auto"),
+    Option("bind", to_binds, ["127.0.0.1:8000"], "address to serve, HOST:PORT, unix:PATH or fd://N (a "
+           "listening socket passed to prefork as descriptor N); repeat for more (default "
+           "127.0.0.1:8000). Sockets passed by systemd's socket activation (LISTEN_FDS) replace these",
+           ("serve",), "ADDRESS", repeat=True),
+    Option("policy", choice(POLICIES), None, "how connections are spread over the workers: reuseport (one "
+           "kernel-balanced socket per worker; serve's default), rr (the primary hands them out; run's "
+           "default, as Node's), least_conn, none (one shared socket)",
+           metavar="|".join(POLICIES)),
+    Option("interface", choice(INTERFACES), "auto", "the app's interface (detected by default)", ("serve",),
+           "auto|asgi|wsgi"),
+    Option("factory", to_bool, False, "APP is a function returning the app", ("serve",), flag=True),
+    Option("preload", to_bool, False, "import the app in the primary before starting workers (fails fast "
+           "on a broken app)", ("serve",), flag=True),
+    Option("timeout", to_seconds, 30.0, "kill and replace a worker that does not answer the primary's "
+           "heartbeat for this long (0: never)", metavar="SECONDS"),
+    Option("graceful_timeout", to_seconds, 30.0, "how long a stopping worker may finish its requests "
+           "before it is killed", metavar="SECONDS"),
+    Option("ready_timeout", to_seconds, 30.0, "how long a new worker may take to be ready",
+           metavar="SECONDS"),
+    Option("max_requests", to_count, 0, "replace a worker after it has served this many requests (0: never)",
+           metavar="N"),
+    Option("max_requests_jitter", to_count, 0, "add up to this many to --max-requests, per worker, so "
+           "workers are not all replaced at once", metavar="N"),
+    Option("max_memory", to_size, None, "replace a worker whose RSS grows beyond this (e.g. 512M)",
+           metavar="SIZE"),
+    Option("log_level", choice(LOG_LEVELS), "info", "critical, error, warning, info, debug (shows "
+           "tracebacks) or trace", metavar="LEVEL"),
+    Option("access_log", to_bool, False, "write one Common Log Format line per request to stdout",
+           ("serve",), flag=True),
+    Option("proxy_headers", to_bool, False, "trust X-Forwarded-For/-Proto from --forwarded-allow-ips",
+           ("serve",), flag=True),
+    Option("forwarded_allow_ips", to_str, "127.0.0.1", "comma-separated proxy addresses to trust ('*': "
+           "all)", ("serve",), "IPS"),
+    Option("root_path", to_str, "", "the ASGI root_path (the app is mounted below this URL path)",
+           ("serve",), "PATH"),
+    Option("certfile", to_str, None, "TLS certificate (PEM); serves HTTPS", ("serve",), "FILE"),
+    Option("keyfile", to_str, None, "TLS private key (PEM)", ("serve",), "FILE"),
+    Option("threads", to_positive, 8, "threads per worker for a WSGI app", ("serve",), "N"),
+    Option("keep_alive", to_positive, 5, "seconds an idle keep-alive connection stays open", ("serve",),
+           "SECONDS"),
+    Option("backlog", to_backlog, None, f"listen backlog (1 to {MAX_BACKLOG})", ("serve",), "N"),
+    Option("timeout_header", seconds_upto(3600, " (0: no limit)"), 10.0, "close a connection that has not "
+           "sent a whole request head (request line and headers) this many seconds after it opened or "
+           "after the head began (slowloris); 0: no limit. HTTP/1 over httptools only", ("serve",),
+           "SECONDS", aliases=("--http1-header-read-timeout",)),
+    Option("limit_request_line", in_range(0, MAX_LINE, " (0: no limit)"), 4094, "longest request line "
+           "(method, target, version) in bytes, as gunicorn; longer gets 414 URI Too Long (the target is "
+           "what grows, RFC 9112 3) and the connection closes; 0: no limit", ("serve",), "BYTES"),
+    Option("limit_request_fields", in_range(0, MAX_FIELDS, f" (0: {MAX_FIELDS})"), 100, "most header "
+           "fields in a request, as gunicorn; more gets 431 Request Header Fields Too Large (RFC 6585) and "
+           f"the connection closes; 0: {MAX_FIELDS}", ("serve",), "N"),
+    Option("limit_request_field_size", in_range(0, MAX_FIELD, " (0: no limit)"), 8190, "largest header "
+           "field (name and value) in bytes, as gunicorn; larger gets 431 and the connection closes, as "
+           "soon as that many bytes of it have come (it is never buffered whole); 0: no limit",
+           ("serve",), "BYTES", aliases=("--limit-request-field_size",)),
+    Option("ready", choice(READY), "listening", "when a new worker counts as ready (for reloads): when "
+           "it listens, when it is online, or when it sends 'ready'", ("run",), "|".join(READY)),
+    Option("admin", to_address, None, "serve /livez, /readyz, /metrics and /status on HOST:PORT, from the "
+           "primary (off by default)", metavar="HOST:PORT"),
+    Option("shutdown_delay", to_seconds, 0.0, "on SIGTERM, report not ready (/readyz 503) and keep serving "
+           "for this long before draining, so a load balancer stops sending first", metavar="SECONDS"),
+    Option("init", to_bool, False, "reap every child that reparents to the primary, as an init process "
+           "(on by itself when the primary is PID 1); also makes the primary a child subreaper "
+           "(PR_SET_CHILD_SUBREAPER), so orphans of the app's subprocesses come to it, not to PID 1",
+           flag=True),
+    Option("log_format", choice(LOG_FORMATS), "text", "text, or json: one JSON object per line (ts, level, "
+           "msg, worker) for every line prefork writes", metavar="text|json"),
+    Option("access_log_format", to_str, None, "access log line with gunicorn's atoms, e.g. "
+           "'%(h)s %(r)s %(s)s %(b)s %(D)s' (implies --access-log)", ("serve",), "FORMAT"),
+    Option("log_file", to_str, None, "write the log here instead of stdout/stderr; SIGUSR1 reopens it "
+           "(logrotate)", metavar="PATH"),
+    Option("control", to_str, None, "control socket path (default: $XDG_RUNTIME_DIR/prefork/prefork.sock "
+           "or /tmp/prefork-UID/prefork.sock)", metavar="PATH"),
+    Option("app", to_str, None, "MODULE:APP (may come from the config file)", ("serve",)),
+)
+BY_NAME = {o.name: o for o in OPTIONS}

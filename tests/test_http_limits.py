@@ -1,0 +1,172 @@
+"""The request head's limits of `prefork serve` (src/prefork/http/limits.py), over real sockets:
+--timeout-header (slowloris) and gunicorn's --limit-request-line/-fields/-field-size."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from cli_helpers import Cmd, free_port
+
+APP = "tests.apps.hello:asgi"
+pytestmark = pytest.mark.timeout(60)
+
+
+def _start(folder: Path, *extra: str) -> tuple[Cmd, int]:
+    port = free_port()
+    cmd = Cmd(["serve", APP, "--workers", "1", "--bind", f"127.0.0.1:{port}", "--control",
+               str(folder / "ctl.sock"), *extra])
+    try:
+        cmd.wait_ready(30)
+    except BaseException:
+        cmd.kill_all()
+        raise
+    return cmd, port
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    cmd, port = _start(tmp_path_factory.mktemp("limits"), "--timeout-header", "1")
+    yield port
+    cmd.kill_all()
+
+
+@pytest.fixture(scope="module")
+def loose(tmp_path_factory):
+    """0 lifts the line and field size limits; 2 fields at most."""
+    cmd, port = _start(tmp_path_factory.mktemp("loose"), "--limit-request-line", "0",
+                       "--limit-request-field_size", "0", "--limit-request-fields", "2")
+    yield port
+    cmd.kill_all()
+
+
+def _connect(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+    return sock
+
+
+def _read_all(sock: socket.socket, deadline: float = 20.0) -> bytes:
+    """Everything until the server closes (an RST after a refusal counts as the end too)."""
+    sock.settimeout(deadline)
+    data = b""
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+    except ConnectionResetError:
+        return data
+
+
+def _ask(port: int, head: bytes) -> bytes:
+    """The response head (a 200 leaves the connection open: no wait for the keep-alive timeout)."""
+    with _connect(port) as sock:
+        sock.sendall(head)
+        data = b""
+        try:
+            while b"\r\n\r\n" not in data:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        except ConnectionResetError:
+            pass
+        return data
+
+
+def test_a_trickled_head_is_closed_after_the_timeout(server):
+    with _connect(server) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        start = time.monotonic()
+        sock.settimeout(0.5)
+        got = b""
+        while time.monotonic() - start < 20:
+            try:
+                chunk = sock.recv(4096)
+            except TimeoutError:
+                try:
+                    sock.sendall(b"X")  # one byte of a header every 0.5 s
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+                continue
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            got += chunk
+        elapsed = time.monotonic() - start
+    assert got.startswith(b"HTTP/1.1 408 "), got
+    assert 0.8 <= elapsed < 10, elapsed
+
+
+def test_a_silent_connection_is_closed(server):
+    with _connect(server) as sock:
+        start = time.monotonic()
+        assert _read_all(sock) == b""
+        assert 0.8 <= time.monotonic() - start < 10
+
+
+def test_a_normal_client_is_unaffected(server):
+    with _connect(server) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.settimeout(20)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200 ")
+        time.sleep(1.6)  # idle between requests: the keep-alive timeout's (5 s), not the head's
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        time.sleep(0.3)  # a head in two pieces, well within the limit
+        sock.sendall(b"\r\n")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200 ")
+
+
+def test_request_line_limit_414(server):
+    assert _ask(server, b"GET /" + b"a" * 4076 + b" HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 200 ")
+    reply = _ask(server, b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 414 "), reply[:200]
+    assert b"connection: close" in reply
+
+
+def test_field_count_limit_431(server):
+    fields = b"".join(b"X-%d: v\r\n" % i for i in range(99))
+    assert _ask(server, b"GET / HTTP/1.1\r\nHost: x\r\n" + fields + b"\r\n").startswith(b"HTTP/1.1 200 ")
+    fields = b"".join(b"X-%d: v\r\n" % i for i in range(100))
+    reply = _ask(server, b"GET / HTTP/1.1\r\nHost: x\r\n" + fields + b"\r\n")
+    assert reply.startswith(b"HTTP/1.1 431 "), reply[:200]
+
+
+def test_field_size_limit_431(server):
+    ok = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"v" * 8000 + b"\r\n\r\n"
+    assert _ask(server, ok).startswith(b"HTTP/1.1 200 ")
+    reply = _ask(server, b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"v" * 9000 + b"\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 431 "), reply[:200]
+
+
+def test_a_64_mib_header_value_is_cut_early(server):
+    """The worker answers 431 and closes long before the value ends: it never holds it whole."""
+    chunk = b"v" * (256 << 10)
+    sent = 0
+    with _connect(server) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Huge: ")
+        try:
+            while sent < 64 << 20:
+                sock.sendall(chunk)
+                sent += len(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        reply = b""
+        try:
+            reply = _read_all(sock, 5)
+        except OSError:
+            pass
+    # what the kernel's buffers take before the cut (a few MiB at most), not 64 MiB
+    assert sent < 16 << 20, sent
+    assert reply == b"" or reply.startswith(b"HTTP/1.1 431 "), reply[:200]
+
+
+def test_zero_lifts_the_limits(loose):
+    line = b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\nHost: x\r\nX-Big: " + b"v" * 20000 + b"\r\n\r\n"
+    assert _ask(loose, line).startswith(b"HTTP/1.1 200 ")
+    reply = _ask(loose, b"GET / HTTP/1.1\r\nHost: x\r\nA: 1\r\nB: 2\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 431 "), reply[:200]
