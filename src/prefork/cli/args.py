@@ -56,6 +56,15 @@ def _count(text: str) -> int:
     return n
 
 
+def _checked(convert: Any) -> Any:
+    def check(text: str) -> Any:
+        try:
+            return convert(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return check
+
+
 def _add_options(parser: argparse.ArgumentParser, command: str) -> None:
     for option in OPTIONS:
         if command not in option.commands or option.name == "app":
@@ -68,6 +77,8 @@ def _add_options(parser: argparse.ArgumentParser, command: str) -> None:
         text = (option.help + shown).replace("%", "%%")
         kw: dict[str, Any] = {"dest": option.name, "help": text, "default": argparse.SUPPRESS}
         flags = (flag, *option.aliases)
+        if option.aliases and not option.flag:  # checked here, so the message names both spellings
+            kw["type"] = _checked(option.convert)
         if option.flag:
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
         elif option.repeat:

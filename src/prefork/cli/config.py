@@ -86,8 +86,11 @@ def in_range(low: int, high: int, note: str = "") -> Callable[[Any], int]:
 
 def seconds_upto(high: float, note: str = "") -> Callable[[Any], float]:
     def convert(value: Any) -> float:
-        seconds = to_seconds(value)
-        if seconds > high:
+        try:
+            seconds = to_seconds(value)
+        except ValueError:
+            seconds = -1.0
+        if not 0 <= seconds <= high:
             raise ValueError(f"expected a number of seconds from 0 to {high:g}{note}, not {value!r}")
         return seconds
     return convert

@@ -33,6 +33,7 @@ from .config import (
 MAX_LINE = 1 << 20  # gunicorn stops at 8190; longer lines are rare but legitimate (long query strings)
 MAX_FIELDS = 32768  # gunicorn's maximum, also what its 0 means
 MAX_FIELD = 1 << 20
+MAX_CONCURRENCY = 1 << 20  # far above the descriptors a worker may hold
 
 
 @dataclass(frozen=True)
@@ -91,8 +92,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("certfile", to_str, None, "TLS certificate (PEM); serves HTTPS", ("serve",), "FILE"),
     Option("keyfile", to_str, None, "TLS private key (PEM)", ("serve",), "FILE"),
     Option("threads", to_positive, 8, "threads per worker for a WSGI app", ("serve",), "N"),
-    Option("keep_alive", to_positive, 5, "seconds an idle keep-alive connection stays open", ("serve",),
-           "SECONDS"),
+    Option("keep_alive", in_range(1, 24 * 3600), 5, "seconds an idle keep-alive connection stays open "
+           "(1 to 86400)", ("serve",), "SECONDS", aliases=("--timeout-keep-alive",)),
+    Option("limit_concurrency", in_range(1, MAX_CONCURRENCY), None, "per worker: once this many "
+           "connections are open or requests in progress, a new request gets 503 Service Unavailable "
+           "(uvicorn's; the connection asking counts, so 1 refuses everything)", ("serve",), "N"),
     Option("backlog", to_backlog, None, f"listen backlog (1 to {MAX_BACKLOG})", ("serve",), "N"),
     Option("timeout_header", seconds_upto(3600, " (0: no limit)"), 10.0, "close a connection that has not "
            "sent a whole request head (request line and headers) this many seconds after it opened or "

@@ -106,6 +106,7 @@ def serve(opts: dict[str, Any]) -> int:
         "timeout_header": opts["timeout_header"], "limit_request_line": opts["limit_request_line"],
         "limit_request_fields": opts["limit_request_fields"],
         "limit_request_field_size": opts["limit_request_field_size"],
+        "limit_concurrency": opts["limit_concurrency"],
         "policy": opts.get("policy") or prefork.scheduling_policy,
         **output.worker_log_options(opts),  # checks --access-log-format: exit 2 before any worker
     }

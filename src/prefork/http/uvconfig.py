@@ -88,6 +88,7 @@ def build_config(opts: dict[str, Any], app: Any, interface: str, out: Any = None
         ssl_certfile=opts.get("certfile"),
         ssl_keyfile=opts.get("keyfile"),
         timeout_keep_alive=int(opts.get("keep_alive", 5)),
+        limit_concurrency=opts.get("limit_concurrency"),  # per worker: 503 past it (uvicorn's protocol)
         timeout_graceful_shutdown=None,
         loop="none",
         server_header=True,
