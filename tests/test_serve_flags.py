@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_helpers import Cmd, free_port, prefork_cmd, run_prefork  # noqa: F401
+from cli_helpers import free_port, prefork_cmd, run_prefork  # noqa: F401
+from wrapped import Wrapped
 
 APP = "tests.apps.hello:asgi"
 pytestmark = pytest.mark.timeout(60)
@@ -78,3 +79,81 @@ def test_timeout_keep_alive_closes_an_idle_connection(prefork_cmd, tmp_path):  #
         start = time.monotonic()
         assert sock.recv(100) == b""
         assert 0.8 <= time.monotonic() - start < 10
+
+
+BAD_BINDS = [
+    ("--host", "no such host.invalid", "unknown host"),
+    ("--port", "70000", "from 0 to 65535"),
+    ("--fd", "-1", "from 0 to"),
+    ("--uds", "", "expected a path"),
+]
+
+
+@pytest.mark.parametrize(("flag", "value", "words"), BAD_BINDS, ids=[f for f, _, _ in BAD_BINDS])
+def test_bad_bind_aliases(flag, value, words):
+    result = run_prefork(["serve", APP, flag, value])
+    assert result.returncode == 2, result
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert flag in result.stderr and words in result.stderr, result.stderr
+
+
+def _answers(port: int | None = None, path: str | None = None) -> bytes:
+    """The response; a refused connection is retried for a while: "ready" comes with a worker's first
+    listening socket, its others follow within moments (src/prefork/supervisor.py, ready=listening)."""
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            return _answer(port, path)
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def _answer(port: int | None = None, path: str | None = None) -> bytes:
+    if path is not None:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.settimeout(20)
+        sock.connect(path)
+    else:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+    with sock:
+        return _get(sock)
+
+
+def test_host_port_uds_and_bind_together(prefork_cmd, tmp_path):  # noqa: F811
+    port, other = free_port(), free_port()
+    uds = str(tmp_path / "app.sock")
+    cmd = prefork_cmd("serve", APP, "--workers", "1", "--host", "127.0.0.1", "--port", str(port),
+                      "--uds", uds, "--bind", f"127.0.0.1:{other}", "--control", str(tmp_path / "ctl.sock"))
+    cmd.wait_ready(30)
+    assert _answers(port).startswith(b"HTTP/1.1 200 ")
+    assert _answers(other).startswith(b"HTTP/1.1 200 ")
+    assert _answers(path=uds).startswith(b"HTTP/1.1 200 ")
+
+
+def test_port_alone_replaces_the_default_address(prefork_cmd, tmp_path):  # noqa: F811
+    port = free_port()
+    cmd = prefork_cmd("serve", APP, "--workers", "1", "--port", str(port), "--control",
+                      str(tmp_path / "ctl.sock"))
+    cmd.wait_ready(30)
+    assert _answers(port).startswith(b"HTTP/1.1 200 ")
+    assert f"http://127.0.0.1:{port}" in cmd.output and "127.0.0.1:8000" not in cmd.output
+
+
+def test_fd_serves_an_inherited_socket(tmp_path):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    port, fd = listener.getsockname()[1], listener.fileno()
+    try:
+        cmd = Wrapped([], ["serve", APP, "--workers", "1", "--fd", str(fd), "--control",
+                           str(tmp_path / "ctl.sock")], pass_fds=(fd,))
+    finally:
+        listener.close()  # prefork holds its own copy now
+    try:
+        cmd.wait_ready(30)
+        cmd.track_workers(str(tmp_path / "ctl.sock"))
+        assert _answers(port).startswith(b"HTTP/1.1 200 ")
+    finally:
+        cmd.kill_all()

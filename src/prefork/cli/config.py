@@ -209,6 +209,21 @@ def to_binds(value: Any) -> list[list[Any]]:
     return [parse_bind(item) for item in items]
 
 
+def to_host(value: Any) -> str:
+    """A host name or address for --host (IPv6 with or without brackets)."""
+    text = to_str(value).strip().strip("[]")
+    if not text:
+        raise ValueError("expected a host name or address, e.g. 0.0.0.0 or ::1")
+    return str(parse_bind(f"[{text}]:0" if ":" in text else f"{text}:0")[1])
+
+
+def to_path(value: Any) -> str:
+    text = to_str(value)
+    if not text.strip():
+        raise ValueError("expected a path, e.g. /run/app.sock")
+    return text
+
+
 def show_bind(bind: list[Any], tls: bool = False) -> str:
     if bind[0] == "unix":
         return f"unix:{bind[1]}"
@@ -337,4 +352,22 @@ def resolve(command: str, flags: dict[str, Any], config_path: str | None,
             out[name] = [_convert(option, [v], flag)[0] for v in value]
         else:
             out[name] = value if isinstance(value, bool) else _convert(option, value, flag)
+    if command == "serve":
+        bind_given = "bind" in table or "PREFORK_BIND" in environ or "bind" in flags
+        _alias_binds(out, bind_given)
     return out
+
+
+def _alias_binds(out: dict[str, Any], bind_given: bool) -> None:
+    """uvicorn's --host/--port, --uds and --fd add to the --bind addresses (and replace the default
+    one when no --bind was given); --host alone serves port 8000, --port alone host 127.0.0.1."""
+    extra: list[list[Any]] = []
+    if out.get("host") is not None or out.get("port") is not None:
+        host = out.get("host") or "127.0.0.1"
+        extra.append(parse_bind(f"{f'[{host}]' if ':' in host else host}:{out.get('port') or 8000}"))
+    if out.get("uds") is not None:
+        extra.append(parse_bind(f"unix:{out['uds']}"))
+    if out.get("fd") is not None:
+        extra.append(["fd", out["fd"]])
+    if extra:
+        out["bind"] = (out["bind"] if bind_given else []) + extra

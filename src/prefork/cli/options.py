@@ -23,6 +23,8 @@ from .config import (
     to_binds,
     to_bool,
     to_count,
+    to_host,
+    to_path,
     to_positive,
     to_seconds,
     to_size,
@@ -58,6 +60,14 @@ OPTIONS: tuple[Option, ...] = (
            "listening socket passed to prefork as descriptor N); repeat for more (default "
            "127.0.0.1:8000). Sockets passed by systemd's socket activation (LISTEN_FDS) replace these",
            ("serve",), "ADDRESS", repeat=True),
+    Option("host", to_host, None, "uvicorn's: serve HOST:PORT (with --port; port 8000 when only --host is "
+           "given), in addition to any --bind", ("serve",), "HOST"),
+    Option("port", in_range(0, 65535), None, "uvicorn's: serve HOST:PORT (host 127.0.0.1 when only --port "
+           "is given; 0: any free port)", ("serve",), "PORT"),
+    Option("uds", to_path, None, "uvicorn's: serve this unix socket (as --bind unix:PATH)", ("serve",),
+           "PATH"),
+    Option("fd", in_range(0, 1 << 20), None, "uvicorn's: serve the listening socket inherited as "
+           "descriptor N (as --bind fd://N)", ("serve",), "N"),
     Option("policy", choice(POLICIES), None, "how connections are spread over the workers: reuseport (one "
            "kernel-balanced socket per worker; serve's default), rr (the primary hands them out; run's "
            "default, as Node's), least_conn, none (one shared socket)",
