@@ -75,6 +75,7 @@ def uvicorn_port():
             "--log-level",
             "critical",
             "--no-access-log",
+            "--no-server-header",  # prefork names no server by default (--server-header: prefork)
             APP,
         ],
         cwd=ROOT,

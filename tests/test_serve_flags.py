@@ -157,3 +157,35 @@ def test_fd_serves_an_inherited_socket(tmp_path):
         assert _answers(port).startswith(b"HTTP/1.1 200 ")
     finally:
         cmd.kill_all()
+
+
+def _head(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        return _get(sock).split(b"\r\n\r\n")[0].lower()
+
+
+def test_default_headers_date_and_no_server(prefork_cmd, tmp_path):  # noqa: F811
+    _cmd, port = _serve(prefork_cmd, tmp_path)
+    head = _head(port)
+    assert b"\r\ndate: " in head and b"\r\nserver:" not in head, head
+
+
+def test_header_server_header_no_date_header(prefork_cmd, tmp_path):  # noqa: F811
+    _cmd, port = _serve(prefork_cmd, tmp_path, "--header", "X-Frame-Options: DENY", "--header", "X-A:1",
+                        "--server-header", "--no-date-header")
+    head = _head(port)
+    assert b"\r\nserver: prefork\r\n" in head and b"\r\nx-frame-options: deny\r\n" in head, head
+    assert b"\r\nx-a: 1\r\n" in head and b"\r\ndate:" not in head, head
+
+
+def test_a_header_names_the_server(prefork_cmd, tmp_path):  # noqa: F811
+    _cmd, port = _serve(prefork_cmd, tmp_path, "--header", "Server: edge", "--server-header")
+    head = _head(port)
+    assert head.count(b"\r\nserver:") == 1 and b"\r\nserver: edge" in head, head
+
+
+@pytest.mark.parametrize("value", ["no colon", "bad name: x", "X-A: \x01"])
+def test_bad_header_is_one_line_exit_2(value):
+    result = run_prefork(["serve", APP, "--header", value])
+    assert result.returncode == 2, result
+    assert len(result.stderr.strip().splitlines()) == 1 and "--header" in result.stderr, result.stderr

@@ -217,6 +217,25 @@ def to_host(value: Any) -> str:
     return str(parse_bind(f"[{text}]:0" if ":" in text else f"{text}:0")[1])
 
 
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 field names
+
+
+def to_headers(value: Any) -> list[list[str]]:
+    """NAME:VALUE response headers (--header, repeatable; a list in the config file, lines in
+    PREFORK_HEADER) as [name, value] pairs; a name is a token, a value latin-1 with no control bytes."""
+    items = value if isinstance(value, list) else [v for v in str(value).splitlines() if v.strip()]
+    pairs = []
+    for item in items:
+        name, sep, text = to_str(item).partition(":")
+        name, text = name.strip(), text.strip()
+        if not sep or not _TOKEN.fullmatch(name):
+            raise ValueError(f"expected NAME:VALUE with a header name such as X-Frame-Options, not {item!r}")
+        if re.search(r"[\x00-\x08\x0a-\x1f\x7f]", text) or not all(ord(c) < 256 for c in text):
+            raise ValueError(f"{item!r}: a header value is latin-1 text without control characters")
+        pairs.append([name, text])
+    return pairs
+
+
 def to_path(value: Any) -> str:
     text = to_str(value)
     if not text.strip():

@@ -23,6 +23,7 @@ from .config import (
     to_binds,
     to_bool,
     to_count,
+    to_headers,
     to_host,
     to_path,
     to_positive,
@@ -107,6 +108,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("limit_concurrency", in_range(1, MAX_CONCURRENCY), None, "per worker: once this many "
            "connections are open or requests in progress, a new request gets 503 Service Unavailable "
            "(uvicorn's; the connection asking counts, so 1 refuses everything)", ("serve",), "N"),
+    Option("header", to_headers, [], "add this header to every response, NAME:VALUE; repeat for more "
+           "(uvicorn's --header)", ("serve",), "NAME:VALUE", repeat=True),
+    Option("server_header", to_bool, False, "say `server: prefork` in every response; off by default: "
+           "naming the server helps scanners match known flaws and costs bytes on every response",
+           ("serve",), flag=True),
+    Option("date_header", to_bool, True, "send the `date` header, as HTTP/1.1 asks of a server with a "
+           "clock (RFC 9110 6.6.1; on by default)", ("serve",), flag=True),
     Option("backlog", to_backlog, None, f"listen backlog (1 to {MAX_BACKLOG})", ("serve",), "N"),
     Option("timeout_header", seconds_upto(3600, " (0: no limit)"), 10.0, "close a connection that has not "
            "sent a whole request head (request line and headers) this many seconds after it opened or "

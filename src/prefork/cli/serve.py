@@ -107,6 +107,8 @@ def serve(opts: dict[str, Any]) -> int:
         "limit_request_fields": opts["limit_request_fields"],
         "limit_request_field_size": opts["limit_request_field_size"],
         "limit_concurrency": opts["limit_concurrency"],
+        "headers": opts["header"], "server_header": opts["server_header"],
+        "date_header": opts["date_header"],
         "policy": opts.get("policy") or prefork.scheduling_policy,
         **output.worker_log_options(opts),  # checks --access-log-format: exit 2 before any worker
     }

@@ -41,6 +41,7 @@ class Server:
         self.least_conn = opts.get("policy") == "least_conn"
         self._protocols: dict[int, Any] = {}
         self._connecting = 0
+        self.date_header = opts.get("date_header", True)  # --no-date-header
         self.sweep: limits.Sweep | None = None  # closes connections whose request head is late
         stats = getattr(child, "stats", None) if child is not None else None
         if stats is None:
@@ -230,7 +231,7 @@ class Server:
         now = time.time()
         if int(now) != getattr(self, "_second", None):
             self._second = int(now)
-            date = [(b"date", formatdate(now, usegmt=True).encode())]
+            date = [(b"date", formatdate(now, usegmt=True).encode())] if self.date_header else []
             self.state.default_headers = date + self.config.encoded_headers
         self._count()
         if self.sweep is not None:

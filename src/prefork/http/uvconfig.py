@@ -42,6 +42,14 @@ def load_app(opts: dict[str, Any]) -> tuple[Any, str]:
     return app, resolve_interface(app, opts.get("interface", "auto"), spec)
 
 
+def _headers(opts: dict[str, Any]) -> list[tuple[str, str]]:
+    """--header pairs; `server: prefork` first with --server-header, unless a --header names the server."""
+    headers = [(name, value) for name, value in opts.get("headers") or ()]
+    if opts.get("server_header") and not any(name.lower() == "server" for name, _ in headers):
+        headers.insert(0, ("server", "prefork"))
+    return headers
+
+
 def build_config(opts: dict[str, Any], app: Any, interface: str, out: Any = None) -> Any:
     import uvicorn
 
@@ -91,7 +99,8 @@ def build_config(opts: dict[str, Any], app: Any, interface: str, out: Any = None
         limit_concurrency=opts.get("limit_concurrency"),  # per worker: 503 past it (uvicorn's protocol)
         timeout_graceful_shutdown=None,
         loop="none",
-        server_header=True,
+        server_header=False,  # ours says prefork, when asked (below)
+        headers=_headers(opts),
         workers=1,  # else uvicorn parses WEB_CONCURRENCY (a bad value crashed it); cli/config.py reads it
     )
     config.load()
