@@ -3,17 +3,14 @@
 
 import asyncio
 
+from tests.apps.lifespan import lifespan
+
 START = {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]}
 
 
 async def app(scope, receive, send):
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            kind = message["type"].rsplit(".", 1)[1]
-            await send({"type": f"lifespan.{kind}.complete"})
-            if kind == "shutdown":
-                return
+        return await lifespan(receive, send)
     path = scope["path"]
     if path == "/hello":  # as tests/apps/hello.py
         await send({"type": "http.response.start", "status": 200,
