@@ -189,3 +189,73 @@ def test_bad_header_is_one_line_exit_2(value):
     result = run_prefork(["serve", APP, "--header", value])
     assert result.returncode == 2, result
     assert len(result.stderr.strip().splitlines()) == 1 and "--header" in result.stderr, result.stderr
+
+
+def test_lifespan_off_skips_startup(prefork_cmd, tmp_path):  # noqa: F811
+    log = tmp_path / "lifespan.log"
+    port = free_port()
+    cmd = prefork_cmd("serve", "tests.apps.star:app", "--workers", "1", "--bind", f"127.0.0.1:{port}",
+                      "--control", str(tmp_path / "ctl.sock"), "--lifespan", "off",
+                      env={"APP_LIFESPAN_LOG": str(log)})
+    cmd.wait_ready(30)
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+    assert not log.exists() or "startup" not in log.read_text()
+
+
+def _ws_server(prefork_cmd, tmp_path, *extra: str) -> int:  # noqa: F811
+    port = free_port()
+    cmd = prefork_cmd("serve", "tests.apps.star:app", "--workers", "1", "--bind", f"127.0.0.1:{port}",
+                      "--control", str(tmp_path / "ctl.sock"), *extra)
+    cmd.wait_ready(30)
+    return port
+
+
+def test_ws_max_size_closes_with_1009(prefork_cmd, tmp_path):  # noqa: F811
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    port = _ws_server(prefork_cmd, tmp_path, "--ws-max-size", "64", "--ws", "websockets",
+                      "--no-ws-per-message-deflate", "--ws-ping-interval", "0")
+    with connect(f"ws://127.0.0.1:{port}/ws", open_timeout=10) as ws:
+        ws.send("small")
+        assert ws.recv(timeout=10) == "echo: small"
+        ws.send("x" * 100)
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=10)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+
+
+def test_ws_none_refuses_upgrades(prefork_cmd, tmp_path):  # noqa: F811
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    port = _ws_server(prefork_cmd, tmp_path, "--ws", "none")
+    with pytest.raises(InvalidStatus):
+        connect(f"ws://127.0.0.1:{port}/ws", open_timeout=10).close()
+
+
+def test_app_dir(prefork_cmd, tmp_path):  # noqa: F811
+    folder = tmp_path / "elsewhere"
+    folder.mkdir()
+    (folder / "far_app.py").write_text((Path(__file__).parent / "apps" / "hello.py").read_text())
+    port = free_port()
+    cmd = prefork_cmd("serve", "far_app:asgi", "--workers", "1", "--bind", f"127.0.0.1:{port}",
+                      "--control", str(tmp_path / "ctl.sock"), "--app-dir", str(folder))
+    cmd.wait_ready(30)
+    assert _answers(port).startswith(b"HTTP/1.1 200 ")
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["--lifespan", "maybe"], "auto, on, off"),
+    (["--ws", "h2"], "auto, none, websockets, wsproto"),
+    (["--ws-max-size", "0"], "from 1 to"),
+    (["--ws-ping-interval", "-1"], "from 0 to 86400"),
+    (["--app-dir", "/no/such/folder"], "no such folder"),
+])
+def test_bad_ws_lifespan_app_dir_values(args, words):
+    result = run_prefork(["serve", APP, *args])
+    assert result.returncode == 2, result
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert args[0] in result.stderr and words in result.stderr, result.stderr

@@ -33,6 +33,8 @@ from .config import (
     to_workers,
 )
 
+LIFESPANS = ("auto", "on", "off")
+WS = ("auto", "none", "websockets", "wsproto")
 MAX_LINE = 1 << 20  # gunicorn stops at 8190; longer lines are rare but legitimate (long query strings)
 MAX_FIELDS = 32768  # gunicorn's maximum, also what its 0 means
 MAX_FIELD = 1 << 20
@@ -108,6 +110,22 @@ OPTIONS: tuple[Option, ...] = (
     Option("limit_concurrency", in_range(1, MAX_CONCURRENCY), None, "per worker: once this many "
            "connections are open or requests in progress, a new request gets 503 Service Unavailable "
            "(uvicorn's; the connection asking counts, so 1 refuses everything)", ("serve",), "N"),
+    Option("lifespan", choice(LIFESPANS), "auto", "run the app's ASGI lifespan: auto (if it supports it), on "
+           "(a failure stops the worker), off (uvicorn's)", ("serve",), "|".join(LIFESPANS)),
+    Option("ws", choice(WS), "auto", "WebSocket implementation (uvicorn's): auto, none (no upgrades), "
+           "websockets, wsproto (needs `pip install wsproto`)", ("serve",), "|".join(WS)),
+    Option("ws_max_size", in_range(1, 1 << 30), 16 << 20, "largest WebSocket message in bytes (1 to 1 GiB); "
+           "larger closes the socket with 1009", ("serve",), "BYTES"),
+    Option("ws_max_queue", in_range(1, 1 << 16), 32, "WebSocket messages queued for the app before reading "
+           "stops (1 to 65536)", ("serve",), "N"),
+    Option("ws_ping_interval", seconds_upto(86400, " (0: no pings)"), 20.0, "seconds between WebSocket "
+           "pings (0: none)", ("serve",), "SECONDS"),
+    Option("ws_ping_timeout", seconds_upto(86400, " (0: wait forever)"), 20.0, "seconds to wait for a "
+           "WebSocket pong before closing (0: forever)", ("serve",), "SECONDS"),
+    Option("ws_per_message_deflate", to_bool, True, "offer WebSocket per-message deflate compression",
+           ("serve",), flag=True),
+    Option("app_dir", to_path, None, "look for MODULE:APP in this folder (put first on sys.path); "
+           "default: the current folder (uvicorn's --app-dir)", ("serve",), "DIR"),
     Option("header", to_headers, [], "add this header to every response, NAME:VALUE; repeat for more "
            "(uvicorn's --header)", ("serve",), "NAME:VALUE", repeat=True),
     Option("server_header", to_bool, False, "say `server: prefork` in every response; off by default: "

@@ -91,24 +91,33 @@ def serve(opts: dict[str, Any]) -> int:
     if importlib.util.find_spec("uvicorn") is None:  # found, not imported: only workers need it
         raise CommandError("prefork serve needs its extra: pip install 'prefork[serve]'")
     check_tls(opts)
+    if opts["ws"] in ("websockets", "wsproto") and importlib.util.find_spec(opts["ws"]) is None:
+        raise CommandError(f"--ws {opts['ws']}: the {opts['ws']} package is not installed (pip install "
+                           f"{opts['ws']})")
     if not opts.get("policy") and "PREFORK_SCHED_POLICY" not in os.environ:
         opts["policy"] = "reuseport"  # measured fastest here, and even: the kernel balances per socket
     labels = _inherited(opts)
     check_binds([b for b, label in zip(opts["bind"], labels, strict=True) if label is None])
     cwd = os.getcwd()
+    app_dir = os.path.abspath(opts["app_dir"]) if opts.get("app_dir") else cwd
+    if not os.path.isdir(app_dir):
+        raise UsageError(f"--app-dir {opts['app_dir']}: no such folder")
     worker_opts = {
         "app": app, "binds": opts["bind"], "interface": opts["interface"], "factory": opts["factory"],
         "log_level": opts["log_level"], "access_log": opts["access_log"],
         "proxy_headers": opts["proxy_headers"], "forwarded_allow_ips": opts["forwarded_allow_ips"],
         "root_path": opts["root_path"], "certfile": _abs(opts["certfile"]), "keyfile": _abs(opts["keyfile"]),
         "threads": opts["threads"], "keep_alive": opts["keep_alive"], "backlog": opts["backlog"],
-        "graceful_timeout": opts["graceful_timeout"] or None, "app_dir": cwd,
+        "graceful_timeout": opts["graceful_timeout"] or None, "app_dir": app_dir,
         "timeout_header": opts["timeout_header"], "limit_request_line": opts["limit_request_line"],
         "limit_request_fields": opts["limit_request_fields"],
         "limit_request_field_size": opts["limit_request_field_size"],
         "limit_concurrency": opts["limit_concurrency"],
         "headers": opts["header"], "server_header": opts["server_header"],
         "date_header": opts["date_header"],
+        "lifespan": opts["lifespan"], "ws": opts["ws"], "ws_max_size": opts["ws_max_size"],
+        "ws_max_queue": opts["ws_max_queue"], "ws_ping_interval": opts["ws_ping_interval"],
+        "ws_ping_timeout": opts["ws_ping_timeout"], "ws_per_message_deflate": opts["ws_per_message_deflate"],
         "policy": opts.get("policy") or prefork.scheduling_policy,
         **output.worker_log_options(opts),  # checks --access-log-format: exit 2 before any worker
     }
