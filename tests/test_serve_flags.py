@@ -259,3 +259,53 @@ def test_bad_ws_lifespan_app_dir_values(args, words):
     assert result.returncode == 2, result
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert args[0] in result.stderr and words in result.stderr, result.stderr
+
+
+ENV_APP = '''
+import os
+
+
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    body = "|".join(os.environ.get(k, "-") for k in ("GREETING", "QUOTED", "KEPT", "EXPANDED")).encode()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+'''
+
+
+def test_env_file_reaches_the_workers(prefork_cmd, tmp_path):  # noqa: F811
+    (tmp_path / "env_app.py").write_text(ENV_APP)
+    env_file = tmp_path / ".env"
+    env_file.write_text("# settings\nexport GREETING=hello there  # a comment\nQUOTED=\"a \\\"b\\\"\"\n"
+                        "KEPT=from-the-file\nEXPANDED=${GREETING}!\n")
+    port = free_port()
+    cmd = prefork_cmd("serve", "env_app:app", "--workers", "1", "--bind", f"127.0.0.1:{port}", "--control",
+                      str(tmp_path / "ctl.sock"), "--app-dir", str(tmp_path), "--env-file", str(env_file),
+                      env={"KEPT": "from-the-environment"})
+    cmd.wait_ready(30)
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    assert reply.endswith(b'\r\n\r\nhello there|a "b"|from-the-environment|hello there!'), reply
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ("NOT A LINE\n", "line 1: expected KEY=VALUE"),
+    ("A='open\n", "line 1: a single quote is not closed"),
+    ("\nB=\"open\n", "line 2: a double quote is not closed"),
+])
+def test_bad_env_file_is_one_line_exit_2(tmp_path, text, words):
+    env_file = tmp_path / ".env"
+    env_file.write_text(text)
+    result = run_prefork(["serve", APP, "--env-file", str(env_file)])
+    assert result.returncode == 2, result
+    assert len(result.stderr.strip().splitlines()) == 1 and words in result.stderr, result.stderr
+
+
+def test_missing_env_file(tmp_path):
+    result = run_prefork(["serve", APP, "--env-file", str(tmp_path / "nope")])
+    assert result.returncode == 2 and "no such file" in result.stderr, result

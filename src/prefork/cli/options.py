@@ -126,6 +126,9 @@ OPTIONS: tuple[Option, ...] = (
            ("serve",), flag=True),
     Option("app_dir", to_path, None, "look for MODULE:APP in this folder (put first on sys.path); "
            "default: the current folder (uvicorn's --app-dir)", ("serve",), "DIR"),
+    Option("env_file", to_path, None, "set the variables of this dotenv file (KEY=VALUE lines) for the "
+           "app, in the primary and so in every worker; a variable already set wins (uvicorn's). Read "
+           "once, at start; prefork's own PREFORK_* options are not read from it", ("serve",), "PATH"),
     Option("header", to_headers, [], "add this header to every response, NAME:VALUE; repeat for more "
            "(uvicorn's --header)", ("serve",), "NAME:VALUE", repeat=True),
     Option("server_header", to_bool, False, "say `server: prefork` in every response; off by default: "

@@ -80,6 +80,10 @@ def check_tls(opts: dict[str, Any]) -> None:
 
 def serve(opts: dict[str, Any]) -> int:
     output.configure(opts)  # --log-format: every later line is JSON when asked
+    if opts.get("env_file"):
+        from . import envfile
+
+        envfile.load(opts["env_file"])  # before workers start (they inherit it) and before --preload
     app = opts.get("app")
     if not app:
         raise UsageError("serve needs the app to serve, MODULE:APP (e.g. myproject.main:app), "
