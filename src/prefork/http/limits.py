@@ -70,19 +70,19 @@ def install(cls: Any, base: Any, opts: dict[str, Any]) -> bool:
     field = opts.get("limit_request_field_size", 8190) or _NO_LIMIT
     send_400 = base.send_400_response
 
+    url_max = line - 17  # past this, look closer: the longest common method is 7 bytes
+
     def on_url(self: Any, url: bytes) -> None:
-        self.head_bytes = 0  # the target is counted here, as it comes
         self.url += url
         # the request line is METHOD SP target SP HTTP/1.1: 10 bytes besides the method and target
-        if len(self.url) + 17 > line and len(self.url) + len(self.parser.get_method()) + 10 > line:
+        if len(self.url) > url_max and len(self.url) + len(self.parser.get_method()) + 10 > line:
             _refuse(self, b"414 URI Too Long", f"request line longer than {line} bytes")
 
     def on_header(self: Any, name: bytes, value: bytes) -> None:
-        self.head_bytes = 0
-        if len(name) + len(value) > field:
+        if len(name) + len(value) > field or len(self.headers) >= fields:  # one test on every header
+            if len(self.headers) >= fields:
+                _refuse(self, _431, f"more than {fields} header fields")
             _refuse(self, _431, f"a header field is longer than {field} bytes")
-        if len(self.headers) >= fields:
-            _refuse(self, _431, f"more than {fields} header fields")
         name = name.lower()
         if name == b"expect" and value.lower() == b"100-continue":
             self.expect_100_continue = True
@@ -92,8 +92,8 @@ def install(cls: Any, base: Any, opts: dict[str, Any]) -> bool:
         self._unset_keepalive_if_required()
         scope = self.scope
         head = scope is None or "method" not in scope  # a head is being read
-        if head:
-            self.head_bytes += len(data)
+        if head:  # what httptools has handed over so far: if that grows in this read, it holds no field
+            handed = -1 if scope is None else len(self.headers) + len(self.url)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
@@ -108,12 +108,15 @@ def install(cls: Any, base: Any, opts: dict[str, Any]) -> bool:
             else:
                 self._unsupported_upgrade_warning()
             return
-        if head and self.head_bytes > field + 4:  # a field httptools is still joining: cut it now
-            scope = self.scope
-            if scope is None or "method" not in scope:
-                _log.info("refused a request from %s: a header field is longer than %s bytes", _peer(self),
-                          field)
-                _answer(self, _431, f"a header field is longer than {field} bytes")
+        if head and self.scope is not None and "method" not in self.scope:  # still reading the head
+            if self.scope is scope and len(self.headers) + len(self.url) == handed:
+                self.head_bytes += len(data)  # all of it went to a field httptools is still joining
+                if self.head_bytes > field:
+                    _log.info("refused a request from %s: a header field is longer than %s bytes",
+                              _peer(self), field)
+                    _answer(self, _431, f"a header field is longer than {field} bytes")
+            else:
+                self.head_bytes = 0  # a field ended or the head began in this read: count from here
 
     def send_400_response(self: Any, msg: str) -> None:
         if not self.refused:  # else the answer went out already
