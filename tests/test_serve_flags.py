@@ -309,3 +309,15 @@ def test_bad_env_file_is_one_line_exit_2(tmp_path, text, words):
 def test_missing_env_file(tmp_path):
     result = run_prefork(["serve", APP, "--env-file", str(tmp_path / "nope")])
     assert result.returncode == 2 and "no such file" in result.stderr, result
+
+
+def test_help_groups_every_option():
+    from prefork.cli.options import GROUPS, OPTIONS
+
+    grouped = [name for _, names in GROUPS for name in names]
+    assert len(grouped) == len(set(grouped))
+    assert {o.name for o in OPTIONS} - set(grouped) == {"app"}  # MODULE:APP is the argument
+    result = run_prefork(["serve", "--help"])
+    assert result.returncode == 0
+    for title, _ in GROUPS:
+        assert f"\n{title} options:\n" in result.stdout, title

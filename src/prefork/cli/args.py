@@ -9,7 +9,7 @@ from typing import Any, NoReturn
 import prefork
 
 from .config import UsageError
-from .options import OPTIONS
+from .options import GROUPS, OPTIONS
 
 DESCRIPTION = "prefork: the Node.js cluster model for Python (a primary, N workers, shared ports)."
 EPILOG = """examples:
@@ -66,9 +66,13 @@ def _checked(convert: Any) -> Any:
 
 
 def _add_options(parser: argparse.ArgumentParser, command: str) -> None:
-    for option in OPTIONS:
+    grouped = {name: title for title, names in GROUPS for name in names}
+    groups: dict[str, Any] = {title: parser.add_argument_group(f"{title} options") for title, _ in GROUPS}
+    ordered = {name: i for i, name in enumerate(grouped)}
+    for option in sorted(OPTIONS, key=lambda o: ordered.get(o.name, len(ordered))):
         if command not in option.commands or option.name == "app":
             continue
+        target = groups.get(grouped.get(option.name, ""), parser)
         flag = "--" + option.name.replace("_", "-")
         default = option.default
         shown = "" if default in (None, "", False) else f" (default: {default if not option.repeat else ''})"
@@ -80,11 +84,11 @@ def _add_options(parser: argparse.ArgumentParser, command: str) -> None:
         if option.aliases and not option.flag:  # checked here, so the message names both spellings
             kw["type"] = _checked(option.convert)
         if option.flag:
-            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
+            target.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
         elif option.repeat:
-            parser.add_argument(*flags, action="append", metavar=option.metavar, **kw)
+            target.add_argument(*flags, action="append", metavar=option.metavar, **kw)
         else:
-            parser.add_argument(*flags, metavar=option.metavar or "VALUE", **kw)
+            target.add_argument(*flags, metavar=option.metavar or "VALUE", **kw)
     parser.add_argument("--config", metavar="FILE", default=None,
                         help="read options from FILE (TOML; [tool.prefork] table or top level); "
                              "default: [tool.prefork] in ./pyproject.toml. Flags win, then PREFORK_* "

@@ -172,3 +172,20 @@ OPTIONS: tuple[Option, ...] = (
     Option("app", to_str, None, "MODULE:APP (may come from the config file)", ("serve",)),
 )
 BY_NAME = {o.name: o for o in OPTIONS}
+
+# `--help` shows the options in these groups, as gunicorn's settings reference does
+GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("binding", ("bind", "host", "port", "uds", "fd", "backlog", "policy")),
+    ("the app", ("interface", "factory", "preload", "app_dir", "env_file", "lifespan", "root_path",
+                 "threads")),
+    ("workers", ("workers", "max_requests", "max_requests_jitter", "max_memory", "ready")),
+    ("lifecycle", ("timeout", "graceful_timeout", "ready_timeout", "shutdown_delay", "init")),
+    ("HTTP", ("keep_alive", "timeout_header", "limit_request_line", "limit_request_fields",
+              "limit_request_field_size", "limit_concurrency", "header", "server_header", "date_header",
+              "proxy_headers", "forwarded_allow_ips")),
+    ("WebSocket", ("ws", "ws_max_size", "ws_max_queue", "ws_ping_interval", "ws_ping_timeout",
+                   "ws_per_message_deflate")),
+    ("TLS", ("certfile", "keyfile")),
+    ("logging", ("log_level", "access_log", "access_log_format", "log_format", "log_file")),
+    ("control and admin", ("control", "admin")),
+)
