@@ -32,6 +32,7 @@ from .config import (
     to_str,
     to_workers,
 )
+from .tls import to_cert_reqs, to_ssl_version
 
 LIFESPANS = ("auto", "on", "off")
 WS = ("auto", "none", "websockets", "wsproto")
@@ -102,8 +103,21 @@ OPTIONS: tuple[Option, ...] = (
            "all)", ("serve",), "IPS"),
     Option("root_path", to_str, "", "the ASGI root_path (the app is mounted below this URL path)",
            ("serve",), "PATH"),
-    Option("certfile", to_str, None, "TLS certificate (PEM); serves HTTPS", ("serve",), "FILE"),
-    Option("keyfile", to_str, None, "TLS private key (PEM)", ("serve",), "FILE"),
+    Option("certfile", to_str, None, "TLS certificate (PEM); serves HTTPS", ("serve",), "FILE",
+           aliases=("--ssl-certfile",)),
+    Option("keyfile", to_str, None, "TLS private key (PEM)", ("serve",), "FILE", aliases=("--ssl-keyfile",)),
+    Option("ssl_keyfile_password", to_str, None, "the password of an encrypted --keyfile "
+           "(PREFORK_SSL_KEYFILE_PASSWORD keeps it out of `ps`)", ("serve",), "PASSWORD"),
+    Option("ssl_ca_certs", to_path, None, "CA certificates (PEM) client certificates are checked against",
+           ("serve",), "FILE", aliases=("--ca-certs",)),
+    Option("ssl_cert_reqs", to_cert_reqs, 0, "ask clients for a certificate: none, optional (checked when "
+           "sent) or required (needs --ssl-ca-certs); 0, 1, 2 as uvicorn", ("serve",),
+           "none|optional|required", aliases=("--cert-reqs",)),
+    Option("ssl_ciphers", to_str, "TLSv1", "OpenSSL cipher list (uvicorn's default TLSv1: every TLS 1.x "
+           "cipher OpenSSL enables; TLS 1.3's are always on)", ("serve",), "CIPHERS", aliases=("--ciphers",)),
+    Option("ssl_version", to_ssl_version, "tls_server", "TLS protocol (ssl.PROTOCOL_*): tls_server "
+           "(negotiates the best; default), tls, or the deprecated pinned tlsv1, tlsv1_1, tlsv1_2",
+           ("serve",), "VERSION"),
     Option("threads", to_positive, 8, "threads per worker for a WSGI app", ("serve",), "N"),
     Option("keep_alive", in_range(1, 24 * 3600), 5, "seconds an idle keep-alive connection stays open "
            "(1 to 86400)", ("serve",), "SECONDS", aliases=("--timeout-keep-alive",)),
@@ -185,7 +199,8 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
               "proxy_headers", "forwarded_allow_ips")),
     ("WebSocket", ("ws", "ws_max_size", "ws_max_queue", "ws_ping_interval", "ws_ping_timeout",
                    "ws_per_message_deflate")),
-    ("TLS", ("certfile", "keyfile")),
+    ("TLS", ("certfile", "keyfile", "ssl_keyfile_password", "ssl_ca_certs", "ssl_cert_reqs", "ssl_ciphers",
+             "ssl_version")),
     ("logging", ("log_level", "access_log", "access_log_format", "log_format", "log_file")),
     ("control and admin", ("control", "admin")),
 )

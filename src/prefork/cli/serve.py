@@ -22,6 +22,7 @@ from prefork import activation, proctitle
 from . import output
 from .config import UsageError, show_bind
 from .supervised import run_supervised
+from .tls import TLSError, check_tls
 
 
 class CommandError(Exception):
@@ -61,23 +62,6 @@ def check_binds(binds: list[list[Any]]) -> None:
             probe.close()
 
 
-def check_tls(opts: dict[str, Any]) -> None:
-    certfile, keyfile = opts.get("certfile"), opts.get("keyfile")
-    if keyfile and not certfile:
-        raise UsageError("--keyfile needs --certfile")
-    if not certfile:
-        return
-    for flag, path in (("--certfile", certfile), ("--keyfile", keyfile)):
-        if path and not os.path.isfile(path):
-            raise CommandError(f"{flag} {path}: no such file")
-    import ssl  # here, not at the top: the primary of a server without TLS stays small
-
-    try:
-        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
-    except (ssl.SSLError, OSError) as exc:
-        raise CommandError(f"cannot load the TLS certificate/key ({certfile}, {keyfile}): {exc}") from None
-
-
 def serve(opts: dict[str, Any]) -> int:
     output.configure(opts)  # --log-format: every later line is JSON when asked
     if opts.get("env_file"):
@@ -94,7 +78,10 @@ def serve(opts: dict[str, Any]) -> int:
 
     if importlib.util.find_spec("uvicorn") is None:  # found, not imported: only workers need it
         raise CommandError("prefork serve needs its extra: pip install 'prefork[serve]'")
-    check_tls(opts)
+    try:
+        check_tls(opts)
+    except TLSError as exc:
+        raise CommandError(str(exc)) from None
     if opts["ws"] in ("websockets", "wsproto") and importlib.util.find_spec(opts["ws"]) is None:
         raise CommandError(f"--ws {opts['ws']}: the {opts['ws']} package is not installed (pip install "
                            f"{opts['ws']})")
@@ -111,6 +98,9 @@ def serve(opts: dict[str, Any]) -> int:
         "log_level": opts["log_level"], "access_log": opts["access_log"],
         "proxy_headers": opts["proxy_headers"], "forwarded_allow_ips": opts["forwarded_allow_ips"],
         "root_path": opts["root_path"], "certfile": _abs(opts["certfile"]), "keyfile": _abs(opts["keyfile"]),
+        "ssl_keyfile_password": opts["ssl_keyfile_password"], "ssl_ca_certs": _abs(opts["ssl_ca_certs"]),
+        "ssl_cert_reqs": opts["ssl_cert_reqs"], "ssl_ciphers": opts["ssl_ciphers"],
+        "ssl_version": opts["ssl_version"],
         "threads": opts["threads"], "keep_alive": opts["keep_alive"], "backlog": opts["backlog"],
         "graceful_timeout": opts["graceful_timeout"] or None, "app_dir": app_dir,
         "timeout_header": opts["timeout_header"], "limit_request_line": opts["limit_request_line"],
