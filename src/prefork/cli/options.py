@@ -82,15 +82,16 @@ OPTIONS: tuple[Option, ...] = (
     Option("preload", to_bool, False, "import the app in the primary before starting workers (fails fast "
            "on a broken app)", ("serve",), flag=True),
     Option("timeout", to_seconds, 30.0, "kill and replace a worker that does not answer the primary's "
-           "heartbeat for this long (0: never)", metavar="SECONDS"),
+           "heartbeat for this long (0: never)", metavar="SECONDS",
+           aliases=("--timeout-worker-healthcheck",)),
     Option("graceful_timeout", to_seconds, 30.0, "how long a stopping worker may finish its requests "
-           "before it is killed", metavar="SECONDS"),
+           "before it is killed", metavar="SECONDS", aliases=("--timeout-graceful-shutdown",)),
     Option("ready_timeout", to_seconds, 30.0, "how long a new worker may take to be ready",
            metavar="SECONDS"),
     Option("max_requests", to_count, 0, "replace a worker after it has served this many requests (0: never)",
-           metavar="N"),
+           metavar="N", aliases=("--limit-max-requests",)),
     Option("max_requests_jitter", to_count, 0, "add up to this many to --max-requests, per worker, so "
-           "workers are not all replaced at once", metavar="N"),
+           "workers are not all replaced at once", metavar="N", aliases=("--limit-max-requests-jitter",)),
     Option("max_memory", to_size, None, "replace a worker whose RSS grows beyond this (e.g. 512M)",
            metavar="SIZE"),
     Option("log_level", choice(LOG_LEVELS), "info", "critical, error, warning, info, debug (shows "
