@@ -321,3 +321,29 @@ def test_help_groups_every_option():
     assert result.returncode == 0
     for title, _ in GROUPS:
         assert f"\n{title} options:\n" in result.stdout, title
+
+
+def test_print_config_names_each_source(tmp_path):
+    from test_serve_tls import _cert
+
+    cert, key = _cert(tmp_path, "hidden")
+    (tmp_path / "prefork.toml").write_text("threads = 3\n")
+    result = run_prefork(["serve", APP, "--config", str(tmp_path / "prefork.toml"), "--port", "9123",
+                          "--print-config", "--certfile", str(cert), "--keyfile", str(key),
+                          "--ssl-keyfile-password", "hidden"],
+                         env={"PREFORK_KEEP_ALIVE": "7"})
+    assert result.returncode == 0, result
+    out = result.stdout
+    assert 'bind = [["tcp", "127.0.0.1", 9123]]  # --port\n' in out
+    assert f"threads = 3  # {tmp_path / 'prefork.toml'} [tool.prefork] threads\n" in out
+    assert "keep_alive = 7  # PREFORK_KEEP_ALIVE\n" in out and "backlog = null  # default\n" in out
+    assert "hidden" not in out and "ssl_keyfile_password = '***'" in out
+    assert f'app = "{APP}"  # the MODULE:APP argument' in out
+    assert "configuration OK: tests.apps.hello:asgi (asgi3)" in out
+
+
+def test_check_config_imports_the_app(tmp_path):
+    assert run_prefork(["serve", APP, "--check-config"]).returncode == 0
+    result = run_prefork(["serve", "tests.apps.no_such_module:app", "--check-config"])
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result
+    assert "no_such_module" in result.stderr

@@ -328,7 +328,8 @@ def _toml_reader(path: str) -> Any:
 
 def resolve(command: str, flags: dict[str, Any], config_path: str | None,
             environ: dict[str, str] | None = None) -> dict[str, Any]:
-    """Defaults < config file < PREFORK_* variables < flags, each value checked."""
+    """Defaults < config file < PREFORK_* variables < flags, each value checked. opts["_sources"]
+    says where each value came from (--print-config)."""
     from .options import BY_NAME, OPTIONS
 
     environ = os.environ if environ is None else environ
@@ -338,6 +339,7 @@ def resolve(command: str, flags: dict[str, Any], config_path: str | None,
         explicit = True
     table = read_config_file(path, explicit)
     out: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     for option in OPTIONS:
         if command not in option.commands:
             continue
@@ -352,18 +354,21 @@ def resolve(command: str, flags: dict[str, Any], config_path: str | None,
                 raise UsageError(f"config file {path}: unknown setting {key!r}")
             continue  # a setting for the other command
         out[name] = _convert(option, value, f"{where_file} [tool.prefork] {key}")
+        sources[name] = f"{where_file} [tool.prefork] {key}"
     if "WEB_CONCURRENCY" in environ:
         # gunicorn's and uvicorn's variable (set by PaaS hosts): checked even when unused, as PREFORK_*
         # are, and the weakest source of the worker count
         workers = _convert(BY_NAME["workers"], environ["WEB_CONCURRENCY"], "WEB_CONCURRENCY")
         if "workers" not in table and "PREFORK_WORKERS" not in environ:
             out["workers"] = workers
+            sources["workers"] = "WEB_CONCURRENCY"
     for option in OPTIONS:
         if command not in option.commands or option.name in ("app",):
             continue
         var = "PREFORK_" + option.name.upper()
         if var in environ:
             out[option.name] = _convert(option, environ[var], var)
+            sources[option.name] = var
     for name, value in flags.items():
         option = BY_NAME[name]
         flag = "--" + name.replace("_", "-")
@@ -371,9 +376,14 @@ def resolve(command: str, flags: dict[str, Any], config_path: str | None,
             out[name] = [_convert(option, [v], flag)[0] for v in value]
         else:
             out[name] = value if isinstance(value, bool) else _convert(option, value, flag)
+        sources[name] = flag
     if command == "serve":
         bind_given = "bind" in table or "PREFORK_BIND" in environ or "bind" in flags
         _alias_binds(out, bind_given)
+        given = [sources[n] for n in ("bind", "host", "port", "uds", "fd") if n in sources]
+        if given:
+            sources["bind"] = ", ".join(given)
+    out["_sources"] = sources  # the rest: defaults
     return out
 
 

@@ -184,6 +184,11 @@ OPTIONS: tuple[Option, ...] = (
            "(logrotate)", metavar="PATH"),
     Option("control", to_str, None, "control socket path (default: $XDG_RUNTIME_DIR/prefork/prefork.sock "
            "or /tmp/prefork-UID/prefork.sock)", metavar="PATH"),
+    Option("check_config", to_bool, False, "check the options and import the app, then exit: 0, or 2 with "
+           "the reason (gunicorn's)", ("serve",), flag=True),
+    Option("print_config", to_bool, False, "print every option with its value and where it came from "
+           "(flag, PREFORK_* variable, config file, default), then check as --check-config",
+           ("serve",), flag=True),
     Option("app", to_str, None, "MODULE:APP (may come from the config file)", ("serve",)),
 )
 BY_NAME = {o.name: o for o in OPTIONS}
@@ -203,5 +208,5 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("TLS", ("certfile", "keyfile", "ssl_keyfile_password", "ssl_ca_certs", "ssl_cert_reqs", "ssl_ciphers",
              "ssl_version")),
     ("logging", ("log_level", "access_log", "access_log_format", "log_format", "log_file")),
-    ("control and admin", ("control", "admin")),
+    ("control and admin", ("control", "admin", "check_config", "print_config")),
 )

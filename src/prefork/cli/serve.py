@@ -116,6 +116,14 @@ def serve(opts: dict[str, Any]) -> int:
         **output.worker_log_options(opts),  # checks --access-log-format: exit 2 before any worker
     }
     interface = opts["interface"]
+    if opts.get("print_config") or opts.get("check_config"):
+        from . import check
+
+        if opts.get("print_config"):
+            print(check.show(opts, "serve"), flush=True)
+        interface = check.check_app(worker_opts)
+        print(f"prefork: configuration OK: {app} ({interface})", flush=True)
+        return 0
     if opts["preload"]:
         app_object, interface = _preload(worker_opts)
         prefork.setup_primary(start="fork", target=functools.partial(_forked_worker, worker_opts, app_object))
