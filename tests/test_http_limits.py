@@ -199,3 +199,79 @@ def test_smuggling_and_framing_get_400_and_close(server, name):
         reply = _read_all(sock)
     assert reply.startswith(b"HTTP/1.1 400 ") and b"connection: close" in reply, reply
     assert reply.count(b"HTTP/1.1 ") == 1, reply  # the request behind it was not answered
+
+
+def _rss(pid: int, field: str = "VmRSS") -> int:
+    """The resident size now (VmRSS) or its peak so far (VmHWM), in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) << 10
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+IDLE = 10_000
+
+
+@pytest.mark.timeout(120)
+def test_memory_under_abuse(tmp_path):
+    """10,000 idle connections and oversized heads: the worker's RSS stays bounded, and the idle
+    connections are closed by --timeout-header (they never send a request)."""
+    import resource
+    import selectors
+    import threading
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < IDLE + 500:
+        pytest.skip(f"RLIMIT_NOFILE {hard} is below {IDLE + 500}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, IDLE + 500), hard))
+    control = str(tmp_path / "ctl.sock")
+    cmd, port = _start(tmp_path, "--timeout-header", "3", "--backlog", "4096")
+    idle: list[socket.socket] = []
+    try:
+        worker = cmd.track_workers(control)[0]
+        before = _rss(worker)
+
+        def oversized() -> None:  # a 64 MiB header value, 4 at a time: buffered, 256 MiB at least
+            chunk = b"v" * (256 << 10)
+            with _connect(port) as sock:
+                try:
+                    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Huge: ")
+                    for _ in range(256):
+                        sock.sendall(chunk)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+                assert _read_all(sock).startswith((b"HTTP/1.1 431 ", b""))
+
+        threads = [threading.Thread(target=oversized) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for _ in range(IDLE):
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=20))
+        for thread in threads:
+            thread.join(60)
+        peak = _rss(worker, "VmHWM")
+        grown = peak - before
+        print(f"worker RSS {before >> 20} MiB -> peak {peak >> 20} MiB with {IDLE} idle connections")
+        assert grown < 160 << 20, f"the worker grew by {grown >> 20} MiB"
+        selector = selectors.DefaultSelector()
+        for sock in idle:
+            sock.setblocking(False)
+            selector.register(sock, selectors.EVENT_READ)
+        open_ = len(idle)
+        deadline = time.monotonic() + 60
+        while open_ and time.monotonic() < deadline:
+            for key, _ in selector.select(1.0):
+                try:
+                    data = key.fileobj.recv(4096)
+                except (ConnectionResetError, BlockingIOError):
+                    data = b""
+                if not data:
+                    selector.unregister(key.fileobj)
+                    open_ -= 1
+        selector.close()
+        assert open_ == 0, f"{open_} idle connections still open"
+    finally:
+        for sock in idle:
+            sock.close()
+        cmd.kill_all()
