@@ -347,3 +347,39 @@ def test_check_config_imports_the_app(tmp_path):
     result = run_prefork(["serve", "tests.apps.no_such_module:app", "--check-config"])
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result
     assert "no_such_module" in result.stderr
+
+
+def test_log_config_json_shapes_worker_lines(prefork_cmd, tmp_path):  # noqa: F811
+    import json
+
+    config = tmp_path / "logging.json"
+    config.write_text(json.dumps({
+        "version": 1, "disable_existing_loggers": False,
+        "formatters": {"mine": {"format": "MINE %(name)s: %(message)s"}},
+        "handlers": {"err": {"class": "logging.StreamHandler", "formatter": "mine",
+                             "stream": "ext://sys.stderr"}},
+        "root": {"handlers": ["err"], "level": "INFO"},
+    }))
+    cmd, _port = _serve(prefork_cmd, tmp_path, "--log-config", str(config))
+    cmd.expect(r"MINE uvicorn\.error: Application startup complete")
+
+
+@pytest.mark.parametrize(("name", "text", "words"), [
+    ("bad.json", "{not json", "JSONDecodeError"),
+    ("list.json", "[1]", "dictConfig object"),
+    ("logging.ini", "[loggers]\nkeys=root\n", "[handlers], [formatters]"),
+    ("logging.yaml", "version: 1\n", "yaml"),
+])
+def test_bad_log_config_is_one_line(tmp_path, name, text, words):
+    path = tmp_path / name
+    path.write_text(text)
+    result = run_prefork(["serve", APP, "--log-config", str(path)])
+    if name.endswith(".yaml"):
+        try:
+            import yaml  # noqa: F401
+            pytest.skip("PyYAML is installed: the file is valid")
+        except ImportError:
+            pass
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and words.lower() in lines[0].lower(), result.stderr

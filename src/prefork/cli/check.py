@@ -42,3 +42,40 @@ def check_app(worker_opts: dict[str, Any]) -> str:
         raise UsageError(str(exc)) from None
     except Exception as exc:
         raise UsageError(f"app {spec!r} failed to import: {type(exc).__name__}: {exc}") from None
+
+
+def check_log_config(path: str) -> None:
+    """--log-config FILE parses (JSON object, YAML with PyYAML, or logging's INI sections), so a typo is
+    one line here rather than a boot error in every worker."""
+    import os
+
+    where = f"--log-config {path}"
+    if not os.path.isfile(path):
+        raise UsageError(f"{where}: no such file")
+    try:
+        if path.endswith(".json"):
+            with open(path) as f:
+                data = json.load(f)
+            if not isinstance(data, dict) or "version" not in data:
+                raise UsageError(f"{where}: expected a logging.config.dictConfig object with a version")
+        elif path.endswith((".yaml", ".yml")):
+            try:
+                import yaml  # type: ignore[import-untyped]
+            except ImportError:
+                raise UsageError(f"{where}: reading YAML needs PyYAML (pip install pyyaml)") from None
+            with open(path) as f:
+                if not isinstance(yaml.safe_load(f), dict):
+                    raise UsageError(f"{where}: expected a logging.config.dictConfig mapping")
+        else:
+            import configparser
+
+            parser = configparser.ConfigParser()
+            parser.read(path)
+            missing = [s for s in ("loggers", "handlers", "formatters") if not parser.has_section(s)]
+            if missing:
+                raise UsageError(f"{where}: an INI logging config needs the sections "
+                                 f"{', '.join('[' + s + ']' for s in missing)}")
+    except UsageError:
+        raise
+    except Exception as exc:  # JSON, YAML or INI syntax, or an unreadable file
+        raise UsageError(f"{where}: {type(exc).__name__}: {exc}") from None

@@ -180,6 +180,9 @@ OPTIONS: tuple[Option, ...] = (
            "msg, worker) for every line prefork writes", metavar="text|json"),
     Option("access_log_format", to_str, None, "access log line with gunicorn's atoms, e.g. "
            "'%(h)s %(r)s %(s)s %(b)s %(D)s' (implies --access-log)", ("serve",), "FORMAT"),
+    Option("log_config", to_path, None, "configure the workers' logging (uvicorn's and the app's loggers) "
+           "from this file: a dictConfig in .json or .yaml (with PyYAML), else logging's INI format; the "
+           "access log and prefork's own lines keep their own format", ("serve",), "FILE"),
     Option("log_file", to_str, None, "write the log here instead of stdout/stderr; SIGUSR1 reopens it "
            "(logrotate)", metavar="PATH"),
     Option("control", to_str, None, "control socket path (default: $XDG_RUNTIME_DIR/prefork/prefork.sock "
@@ -207,6 +210,6 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
                    "ws_per_message_deflate")),
     ("TLS", ("certfile", "keyfile", "ssl_keyfile_password", "ssl_ca_certs", "ssl_cert_reqs", "ssl_ciphers",
              "ssl_version")),
-    ("logging", ("log_level", "access_log", "access_log_format", "log_format", "log_file")),
+    ("logging", ("log_level", "access_log", "access_log_format", "log_format", "log_file", "log_config")),
     ("control and admin", ("control", "admin", "check_config", "print_config")),
 )

@@ -90,6 +90,10 @@ def serve(opts: dict[str, Any]) -> int:
     labels = _inherited(opts)
     check_binds([b for b, label in zip(opts["bind"], labels, strict=True) if label is None])
     cwd = os.getcwd()
+    if opts.get("log_config"):
+        from .check import check_log_config
+
+        check_log_config(opts["log_config"])
     app_dir = os.path.abspath(opts["app_dir"]) if opts.get("app_dir") else cwd
     if not os.path.isdir(app_dir):
         raise UsageError(f"--app-dir {opts['app_dir']}: no such folder")
@@ -109,6 +113,7 @@ def serve(opts: dict[str, Any]) -> int:
         "limit_concurrency": opts["limit_concurrency"],
         "headers": opts["header"], "server_header": opts["server_header"],
         "date_header": opts["date_header"],
+        "log_config": _abs(opts["log_config"]),
         "lifespan": opts["lifespan"], "ws": opts["ws"], "ws_max_size": opts["ws_max_size"],
         "ws_max_queue": opts["ws_max_queue"], "ws_ping_interval": opts["ws_ping_interval"],
         "ws_ping_timeout": opts["ws_ping_timeout"], "ws_per_message_deflate": opts["ws_per_message_deflate"],

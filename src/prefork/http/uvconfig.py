@@ -34,8 +34,39 @@ def configure_logging(wid: int, level: str, fmt: str = "text") -> None:
     access.propagate = False
 
 
+_log_config_applied = [False]
+
+
+def apply_log_config(opts: dict[str, Any]) -> None:
+    """--log-config FILE, once per worker, over configure_logging's set-up: a dictConfig in JSON or
+    YAML (PyYAML), else logging's INI format (fileConfig), as uvicorn reads it."""
+    path = opts.get("log_config")
+    if not path or _log_config_applied[0]:
+        return
+    _log_config_applied[0] = True
+    import logging.config
+
+    try:
+        if path.endswith(".json"):
+            import json
+
+            with open(path) as f:
+                logging.config.dictConfig(json.load(f))
+        elif path.endswith((".yaml", ".yml")):
+            import yaml  # type: ignore[import-untyped]
+
+            with open(path) as f:
+                logging.config.dictConfig(yaml.safe_load(f))
+        else:
+            logging.config.fileConfig(path, disable_existing_loggers=False)
+    except Exception as exc:
+        raise BootError(f"--log-config {path}: {type(exc).__name__}: {exc}") from None
+
+
 def load_app(opts: dict[str, Any]) -> tuple[Any, str]:
     from .asgi import import_app, resolve_interface
+
+    apply_log_config(opts)  # before the import: the app's import-time lines follow it too
 
     spec = opts["app"]
     app = import_app(spec, factory=opts.get("factory", False), app_dir=opts.get("app_dir"))
@@ -52,6 +83,8 @@ def _headers(opts: dict[str, Any]) -> list[tuple[str, str]]:
 
 def build_config(opts: dict[str, Any], app: Any, interface: str, out: Any = None) -> Any:
     import uvicorn
+
+    apply_log_config(opts)  # a preloaded app skipped load_app
 
     ws = opts.get("ws", "auto")
     if interface == "wsgi":
