@@ -383,3 +383,41 @@ def test_bad_log_config_is_one_line(tmp_path, name, text, words):
     assert result.returncode == 2, result
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and words.lower() in lines[0].lower(), result.stderr
+
+
+CONTEXT_APP = '''
+import contextvars
+
+seen = contextvars.ContextVar("seen", default="unset")
+
+
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                seen.set("from the lifespan")
+                await send({"type": "lifespan.startup.complete"})
+            else:
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    body = seen.get().encode()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+'''
+
+
+def test_reset_contextvars(prefork_cmd, tmp_path):  # noqa: F811
+    """Accepted and passed on (uvicorn's Config takes it); the lifespan's context stays its own."""
+    (tmp_path / "ctx_app.py").write_text(CONTEXT_APP)
+    port = free_port()
+    cmd = prefork_cmd("serve", "ctx_app:app", "--workers", "1", "--bind", f"127.0.0.1:{port}", "--control",
+                      str(tmp_path / "ctl.sock"), "--app-dir", str(tmp_path), "--reset-contextvars")
+    cmd.wait_ready(30)
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 200 ") and reply.endswith(b"\r\n\r\nunset"), reply

@@ -139,6 +139,9 @@ OPTIONS: tuple[Option, ...] = (
            "WebSocket pong before closing (0: forever)", ("serve",), "SECONDS"),
     Option("ws_per_message_deflate", to_bool, True, "offer WebSocket per-message deflate compression",
            ("serve",), flag=True),
+    Option("reset_contextvars", to_bool, False, "run each request in a fresh contextvars context, so "
+           "values set in the lifespan or by instrumentation do not leak into requests (uvicorn's, needs "
+           "uvicorn 0.54)", ("serve",), flag=True),
     Option("app_dir", to_path, None, "look for MODULE:APP in this folder (put first on sys.path); "
            "default: the current folder (uvicorn's --app-dir)", ("serve",), "DIR"),
     Option("env_file", to_path, None, "set the variables of this dotenv file (KEY=VALUE lines) for the "
@@ -200,7 +203,7 @@ BY_NAME = {o.name: o for o in OPTIONS}
 GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("binding", ("bind", "host", "port", "uds", "fd", "backlog", "policy")),
     ("the app", ("interface", "factory", "preload", "app_dir", "env_file", "lifespan", "root_path",
-                 "threads")),
+                 "threads", "reset_contextvars")),
     ("workers", ("workers", "max_requests", "max_requests_jitter", "max_memory", "ready")),
     ("lifecycle", ("timeout", "graceful_timeout", "ready_timeout", "shutdown_delay", "init")),
     ("HTTP", ("keep_alive", "timeout_header", "limit_request_line", "limit_request_fields",

@@ -113,7 +113,7 @@ def serve(opts: dict[str, Any]) -> int:
         "limit_concurrency": opts["limit_concurrency"],
         "headers": opts["header"], "server_header": opts["server_header"],
         "date_header": opts["date_header"],
-        "log_config": _abs(opts["log_config"]),
+        "log_config": _abs(opts["log_config"]), "reset_contextvars": opts["reset_contextvars"],
         "lifespan": opts["lifespan"], "ws": opts["ws"], "ws_max_size": opts["ws_max_size"],
         "ws_max_queue": opts["ws_max_queue"], "ws_ping_interval": opts["ws_ping_interval"],
         "ws_ping_timeout": opts["ws_ping_timeout"], "ws_per_message_deflate": opts["ws_per_message_deflate"],

@@ -115,6 +115,13 @@ def build_config(opts: dict[str, Any], app: Any, interface: str, out: Any = None
         http = "httptools"
     except ImportError:
         http = "h11"
+    extra: dict[str, Any] = {}
+    if opts.get("reset_contextvars"):  # uvicorn 0.54's; prefork runs on uvicorn from 0.30
+        import inspect
+
+        if "reset_contextvars" not in inspect.signature(uvicorn.Config).parameters:
+            raise BootError(f"--reset-contextvars needs uvicorn 0.54 or later, not {uvicorn.__version__}")
+        extra["reset_contextvars"] = True
     config = uvicorn.Config(
         app,
         interface=interface,  # type: ignore[arg-type]
@@ -144,6 +151,7 @@ def build_config(opts: dict[str, Any], app: Any, interface: str, out: Any = None
         loop="none",
         server_header=False,  # ours says prefork, when asked (below)
         headers=_headers(opts),
+        **extra,
         workers=1,  # else uvicorn parses WEB_CONCURRENCY (a bad value crashed it); cli/config.py reads it
     )
     config.load()
