@@ -56,13 +56,17 @@ def _count(text: str) -> int:
     return n
 
 
-def _checked(convert: Any) -> Any:
-    def check(text: str) -> Any:
-        try:
-            return convert(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-    return check
+def _checked(convert: Any) -> type[argparse.Action]:
+    """An option with other spellings is checked as it is parsed, so the message names the spelling
+    given ("--timeout-keep-alive: ...", as config.resolve words it); the text is kept for resolve."""
+    class Checked(argparse.Action):
+        def __call__(self, parser: Any, namespace: Any, values: Any, option_string: Any = None) -> None:
+            try:
+                convert(values)
+            except ValueError as exc:
+                raise UsageError(f"{option_string}: {exc}") from None
+            setattr(namespace, self.dest, values)
+    return Checked
 
 
 def _add_options(parser: argparse.ArgumentParser, command: str) -> None:
@@ -81,8 +85,8 @@ def _add_options(parser: argparse.ArgumentParser, command: str) -> None:
         text = (option.help + shown).replace("%", "%%")
         kw: dict[str, Any] = {"dest": option.name, "help": text, "default": argparse.SUPPRESS}
         flags = (flag, *option.aliases)
-        if option.aliases and not option.flag:  # checked here, so the message names both spellings
-            kw["type"] = _checked(option.convert)
+        if option.aliases and not option.flag and not option.repeat:
+            kw["action"] = _checked(option.convert)
         if option.flag:
             target.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
         elif option.repeat:
