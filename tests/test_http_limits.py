@@ -14,9 +14,9 @@ APP = "tests.apps.hello:asgi"
 pytestmark = pytest.mark.timeout(60)
 
 
-def _start(folder: Path, *extra: str) -> tuple[Cmd, int]:
+def _start(folder: Path, *extra: str, app: str = APP) -> tuple[Cmd, int]:
     port = free_port()
-    cmd = Cmd(["serve", APP, "--workers", "1", "--bind", f"127.0.0.1:{port}", "--control",
+    cmd = Cmd(["serve", app, "--workers", "1", "--bind", f"127.0.0.1:{port}", "--control",
                str(folder / "ctl.sock"), *extra])
     try:
         cmd.wait_ready(30)
@@ -274,4 +274,19 @@ def test_memory_under_abuse(tmp_path):
     finally:
         for sock in idle:
             sock.close()
+        cmd.kill_all()
+
+
+def test_a_websocket_outlives_the_header_timeout(tmp_path):
+    """WebSocket protocols share the worker's set of connections: the sweep leaves them alone."""
+    from websockets.sync.client import connect
+
+    cmd, port = _start(tmp_path, "--timeout-header", "1", app="tests.apps.star:app")
+    try:
+        with connect(f"ws://127.0.0.1:{port}/ws", open_timeout=10) as ws:
+            time.sleep(2.5)  # more than twice --timeout-header 1
+            ws.send("still here")
+            assert ws.recv(timeout=10) == "echo: still here"
+        assert "sweep failed" not in cmd.output and "Traceback" not in cmd.output, cmd.output
+    finally:
         cmd.kill_all()

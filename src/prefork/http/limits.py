@@ -135,8 +135,9 @@ class Sweep:
     """Closes the connections whose request head is late; call `maybe` often (the server's 100 ms
     tick): it looks at the connections every quarter of the timeout, at most once a second."""
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, protocol_class: Any) -> None:
         self.timeout = timeout
+        self.protocol_class = protocol_class  # WebSocket protocols share the set: not theirs to close
         self.every = min(1.0, timeout / 4)
         self.next = 0.0
 
@@ -146,7 +147,10 @@ class Sweep:
             return
         self.next = now + self.every
         late = now - self.timeout
+        http = self.protocol_class
         for protocol in list(connections):  # closing may end a connection (and change the set) at once
+            if not isinstance(protocol, http):
+                continue
             scope = protocol.scope
             if scope is None:
                 since, began = protocol.made, False

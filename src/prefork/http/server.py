@@ -125,7 +125,7 @@ class Server:
 
             time_requests(Counted, base, self.durations)
             if limits.install(Counted, base, self.opts) and self.opts.get("timeout_header", 10.0):
-                self.sweep = limits.Sweep(float(self.opts.get("timeout_header", 10.0)))
+                self.sweep = limits.Sweep(float(self.opts.get("timeout_header", 10.0)), Counted)
         if FAST[0]:
             return Counted  # onewrite's cycle adds `Connection: close` itself while we leave
 
