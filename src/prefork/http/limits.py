@@ -155,6 +155,9 @@ class Sweep:
             if scope is None:
                 since, began = protocol.made, False
             elif "method" not in scope:
+                cycle = protocol.cycle  # the previous request's: while its response goes out (a stream),
+                if cycle is not None and not cycle.response_complete:  # the server holds the line, not
+                    continue  # the client; and a 408 would cut into that response
                 since, began = protocol.began, True
             else:
                 continue
