@@ -12,7 +12,8 @@ connection forever. Here:
   timer per connection and nothing per request: a head is being read when the protocol has no
   scope yet (the first request) or its scope has no "method" yet (httptools has begun a message and
   not finished its headers); it began at the connection's `made` time or the request's `began`
-  (worker_metrics.time_requests).
+  (worker_metrics.time_requests). While the previous response still goes out, the head is not timed:
+  the server holds the line then, not the client.
 A keep-alive connection idle between requests is uvicorn's keep-alive timeout's, not ours.
 """
 
@@ -147,7 +148,7 @@ class Sweep:
             return
         self.next = now + self.every
         late = now - self.timeout
-        http = self.protocol_class
+        http, closed = self.protocol_class, 0
         for protocol in list(connections):  # closing may end a connection (and change the set) at once
             if not isinstance(protocol, http):
                 continue
@@ -162,9 +163,11 @@ class Sweep:
             else:
                 continue
             if since < late and not protocol.transport.is_closing():
-                _log.info("closed a connection from %s: no whole request head in %gs (--timeout-header)",
-                          _peer(protocol), self.timeout)
+                closed += 1
                 if began:  # some of a request came: say why it ends
                     _answer(protocol, b"408 Request Timeout", "the request head took too long")
                 else:
                     protocol.transport.close()
+        if closed:  # one line per sweep, not one per connection: 10,000 idle ones are one line
+            _log.info("closed %d connection(s) with no whole request head in %gs (--timeout-header)", closed,
+                      self.timeout)
