@@ -98,16 +98,9 @@ def test_bad_bind_aliases(flag, value, words):
 
 
 def _answers(port: int | None = None, path: str | None = None) -> bytes:
-    """The response; a refused connection is retried for a while: "ready" comes with a worker's first
-    listening socket, its others follow within moments (src/prefork/supervisor.py, ready=listening)."""
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            return _answer(port, path)
-        except ConnectionRefusedError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+    """The response, with no retry: "ready" means every worker listens on every address
+    (src/prefork/supervisor.py, ready_listens), so a refused connection after it is a bug."""
+    return _answer(port, path)
 
 
 def _answer(port: int | None = None, path: str | None = None) -> bytes:

@@ -49,3 +49,4 @@ class Member:
     cpu: tuple[float, float] = (0.0, 0.0)
     cpu_percent: float = 0.0
     rss: int = 0
+    listens: int = 0  # servers it has listening (ready="listening" waits for all of them)

@@ -48,8 +48,8 @@ class Supervisor:
     def __init__(self, workers: int, *, timeout: float | None = None, graceful_timeout: float = 30.0,
                  max_requests: int = 0, max_requests_jitter: int = 0, max_memory: int | None = None,
                  ready: str = "listening", ready_timeout: float = 30.0, reload_batch: int = 1,
-                 shutdown_delay: float = 0.0, on_log: Callable[[str], None] | None = None,
-                 primary: Any = None) -> None:
+                 shutdown_delay: float = 0.0, ready_listens: int = 1,
+                 on_log: Callable[[str], None] | None = None, primary: Any = None) -> None:
         if not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be at least 1, not {workers!r}")
         if ready not in ("listening", "online", "message"):
@@ -61,6 +61,7 @@ class Supervisor:
         self.max_requests, self.max_requests_jitter = max_requests, max_requests_jitter
         self.max_memory = max_memory
         self.ready_mode, self.ready_timeout = ready, ready_timeout
+        self.ready_listens = max(1, ready_listens)  # a server on 2 addresses is ready on both
         # several beats per timeout, so one late answer is not taken for a hung worker
         self.beat_every = min(BEAT_EVERY, timeout / 4) if timeout else BEAT_EVERY
         self.reload_batch = max(1, reload_batch)
@@ -240,8 +241,11 @@ class Supervisor:
             self._ready(worker)
 
     def _on_listening(self, worker: Any, address: Any) -> None:
-        if self.ready_mode == "listening":
-            self._ready(worker)
+        member = self.members.get(worker.id)
+        if member is not None and self.ready_mode == "listening":
+            member.listens += 1
+            if member.listens >= self.ready_listens:
+                self._ready(worker)
 
     def _on_message(self, worker: Any, message: Any, handle: Any) -> None:
         if self.ready_mode == "message" and message == "ready":

@@ -141,7 +141,8 @@ def serve(opts: dict[str, Any]) -> int:
     rows = [("app", f"{app} ({interface})"), ("listening", ", ".join(shown))]
     proctitle.set_title(f"primary {app}", "prefork-primary")
     return run_supervised(opts, title=f"prefork {prefork.__version__} serve", rows=rows,
-                          addresses=addresses if all(b[0] == "unix" or b[2] for b in opts["bind"]) else None)
+                          addresses=addresses if all(b[0] == "unix" or b[2] for b in opts["bind"]) else None,
+                          listens=len(opts["bind"]))  # ready once it listens on every address
 
 
 def _inherited(opts: dict[str, Any]) -> list[str | None]:

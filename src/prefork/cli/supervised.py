@@ -62,7 +62,7 @@ def _control_handler(supervisor: Any, path: str, info: dict[str, Any]) -> Callab
 
 
 def run_supervised(opts: dict[str, Any], *, title: str, rows: list[tuple[str, str]],
-                   ready: str = "listening", addresses: list[str] | None = None) -> int:
+                   ready: str = "listening", addresses: list[str] | None = None, listens: int = 1) -> int:
     """Start the pool (settings already set with setup_primary) and serve until it stops."""
     from prefork.admin import AdminError, open_admin
     from prefork.control import ControlError, ControlServer
@@ -76,7 +76,7 @@ def run_supervised(opts: dict[str, Any], *, title: str, rows: list[tuple[str, st
         int(workers), timeout=opts["timeout"] or None, graceful_timeout=opts["graceful_timeout"],
         max_requests=opts["max_requests"], max_requests_jitter=opts["max_requests_jitter"],
         max_memory=opts["max_memory"], ready=ready, ready_timeout=opts["ready_timeout"] or 30.0,
-        shutdown_delay=opts.get("shutdown_delay") or 0.0, on_log=output.log)
+        shutdown_delay=opts.get("shutdown_delay") or 0.0, ready_listens=listens, on_log=output.log)
     if opts.get("log_file"):  # from here on the pool writes there (logfile.py); SIGUSR1 reopens it
         from prefork import logfile
 
