@@ -24,8 +24,9 @@ while True:
 
 
 def _args(pid: int) -> str:
-    """What `ps -o args=` shows (the title setproctitle wrote, or the real command line)."""
-    return subprocess.run(["ps", "-o", "args=", "-p", str(pid)], capture_output=True, text=True,
+    """What `ps -o args=` shows (the title setproctitle wrote, or the real command line); -ww: not
+    cut at 80 columns, which a long venv path (CI's copies) passes."""
+    return subprocess.run(["ps", "-ww", "-o", "args=", "-p", str(pid)], capture_output=True, text=True,
                           timeout=10).stdout.strip()
 
 
