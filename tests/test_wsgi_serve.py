@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import httpx
+import pytest
 from cli_helpers import ctl_json, free_port, prefork_cmd  # noqa: F401
 
 APP = "tests.apps.wsgi_cases:app"
@@ -92,3 +93,30 @@ def test_wsgi_threads_limit(prefork_cmd, tmp_path):  # noqa: F811
     assert results == [200] * 6
     assert httpx.get(f"{url}/max-running", timeout=5).text == "2"
     assert ctl_json(control)["workers"]
+
+
+@pytest.mark.parametrize("header_map", ["drop", "refuse", "dangerous"])
+def test_underscore_headers_cannot_pass_for_a_proxys(prefork_cmd, tmp_path, header_map):  # noqa: F811
+    """X_Remote_User and X-Remote-User both map to HTTP_X_REMOTE_USER: a client's underscore header
+    must not pass for the one a proxy sets (gunicorn 22's rule). --header-map chooses: drop it (the
+    default), refuse the request, or keep it (dangerous)."""
+    extra = () if header_map == "drop" else ("--header-map", header_map)
+    cmd, url, control = _serve(prefork_cmd, tmp_path, *extra)
+    try:
+        proxy = httpx.get(f"{url}/user", headers={"X-Remote-User": "alice"}, timeout=10)
+        assert (proxy.status_code, proxy.text) == (200, "'alice'")
+        spoof = httpx.get(f"{url}/user", headers={"X_Remote_User": "admin"}, timeout=10)
+        both = _raw(url, b"GET /user HTTP/1.1\r\nHost: x\r\nX_Remote_User: admin\r\n"
+                         b"X-Remote-User: alice\r\nConnection: close\r\n\r\n")
+        if header_map == "drop":
+            assert (spoof.status_code, spoof.text) == (200, "None")
+            assert b"'alice'" in both and b"admin" not in both, both
+        elif header_map == "refuse":
+            assert spoof.status_code == 400
+            assert both.startswith(b"HTTP/1.1 400 "), both
+        else:
+            assert (spoof.status_code, spoof.text) == (200, "'admin'")
+            assert b"admin" in both, both
+    finally:
+        cmd.proc.terminate()
+        assert cmd.finish() == 0

@@ -74,6 +74,9 @@ def app(environ, start_response):
             _state["running"] -= 1
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [b"slept"]
+    if path == "/user":  # what a proxy in front would have set (tests/test_wsgi_serve.py)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [repr(environ.get("HTTP_X_REMOTE_USER")).encode()]
     if path == "/max-running":
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [str(_state["max_running"]).encode()]

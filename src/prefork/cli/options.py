@@ -35,6 +35,7 @@ from .config import (
 from .tls import to_cert_reqs, to_ssl_version
 
 LIFESPANS = ("auto", "on", "off")
+HEADER_MAPS = ("drop", "refuse", "dangerous")
 WS = ("auto", "none", "websockets", "wsproto")
 MAX_LINE = 1 << 20  # gunicorn stops at 8190; longer lines are rare but legitimate (long query strings)
 MAX_FIELDS = 32768  # gunicorn's maximum, also what its 0 means
@@ -120,6 +121,10 @@ OPTIONS: tuple[Option, ...] = (
            "(negotiates the best; default), tls, or the deprecated pinned tlsv1, tlsv1_1, tlsv1_2",
            ("serve",), "VERSION"),
     Option("threads", to_positive, 8, "threads per worker for a WSGI app", ("serve",), "N"),
+    Option("header_map", choice(HEADER_MAPS), "drop", "gunicorn's: a WSGI request header whose name has "
+           "an underscore (X_Remote_User) becomes the same HTTP_X_REMOTE_USER as X-Remote-User, so a "
+           "client could spoof what a proxy sets: drop it (default), refuse the request (400), or keep "
+           "it (dangerous)", ("serve",), "|".join(HEADER_MAPS)),
     Option("keep_alive", in_range(1, 24 * 3600), 5, "seconds an idle keep-alive connection stays open "
            "(1 to 86400)", ("serve",), "SECONDS", aliases=("--timeout-keep-alive",)),
     Option("limit_concurrency", in_range(1, MAX_CONCURRENCY), None, "per worker: once this many "
@@ -203,7 +208,7 @@ BY_NAME = {o.name: o for o in OPTIONS}
 GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("binding", ("bind", "host", "port", "uds", "fd", "backlog", "policy")),
     ("the app", ("interface", "factory", "preload", "app_dir", "env_file", "lifespan", "root_path",
-                 "threads", "reset_contextvars")),
+                 "threads", "header_map", "reset_contextvars")),
     ("workers", ("workers", "max_requests", "max_requests_jitter", "max_memory", "ready")),
     ("lifecycle", ("timeout", "graceful_timeout", "ready_timeout", "shutdown_delay", "init")),
     ("HTTP", ("keep_alive", "timeout_header", "limit_request_line", "limit_request_fields",

@@ -90,7 +90,8 @@ def build_config(opts: dict[str, Any], app: Any, interface: str, out: Any = None
     if interface == "wsgi":
         from .wsgi import wrap_wsgi
 
-        app, interface, ws = wrap_wsgi(app, opts.get("threads") or 8), "asgi3", "none"
+        app = wrap_wsgi(app, opts.get("threads") or 8, opts.get("header_map") or "drop")
+        interface, ws = "asgi3", "none"
     if opts.get("access_log") or opts.get("access_log_format"):
         from .asgi import AccessLog
 

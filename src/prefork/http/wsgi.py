@@ -31,9 +31,10 @@ GATHER_UP_TO = 256 << 10
 class WSGIBridge:
     """An ASGI3 app that runs the WSGI `app` in `threads` threads."""
 
-    def __init__(self, app: Any, threads: int) -> None:
+    def __init__(self, app: Any, threads: int, header_map: str = "drop") -> None:
         self.app = app
         self.pool = _Pool(threads)
+        self.header_map = header_map
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         kind = scope["type"]
@@ -52,6 +53,9 @@ class WSGIBridge:
             await send({"type": "websocket.close", "code": 1000})
 
     async def _http(self, scope: Any, receive: Any, send: Any) -> None:
+        if self.header_map == "refuse" and any(b"_" in name for name, _ in scope.get("headers", ())):
+            await _refuse(send)
+            return
         message = await receive()
         if message["type"] == "http.disconnect":
             return
@@ -69,7 +73,7 @@ class WSGIBridge:
             body.seek(0)
         loop = asyncio.get_running_loop()
         done = loop.create_future()
-        self.pool.submit(_Call(self.app, environ(scope, body), loop, send, done))
+        self.pool.submit(_Call(self.app, environ(scope, body, self.header_map), loop, send, done))
         try:
             result = await done
         finally:
@@ -287,8 +291,19 @@ class _Call:
                 close()
 
 
-def environ(scope: Any, body: Any) -> dict[str, Any]:
-    """PEP 3333's environ from an ASGI HTTP scope (strings are bytes-as-latin-1, as WSGI wants)."""
+async def _refuse(send: Any) -> None:
+    body = b"request header names with an underscore are refused\n"
+    await send({"type": "http.response.start", "status": 400, "headers": [
+        (b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def environ(scope: Any, body: Any, header_map: str = "drop") -> dict[str, Any]:
+    """PEP 3333's environ from an ASGI HTTP scope (strings are bytes-as-latin-1, as WSGI wants).
+    A header named with an underscore maps to the same key as one with a dash (X_User and X-User:
+    HTTP_X_USER), so a client could pass for a proxy: it is dropped unless `header_map` is
+    "dangerous" (gunicorn 22's rule and setting)."""
     root_path = scope.get("root_path", "")
     path = scope["path"]
     if root_path and path.startswith(root_path):
@@ -313,7 +328,10 @@ def environ(scope: Any, body: Any) -> dict[str, Any]:
         "wsgi.multiprocess": True,
         "wsgi.run_once": False,
     }
+    keep_underscores = header_map == "dangerous"
     for name, value in scope.get("headers", ()):
+        if b"_" in name and not keep_underscores:
+            continue
         key = name.decode("latin-1").upper().replace("-", "_")
         text = value.decode("latin-1")
         if key == "CONTENT_TYPE" or key == "CONTENT_LENGTH":
@@ -324,6 +342,6 @@ def environ(scope: Any, body: Any) -> dict[str, Any]:
     return env
 
 
-def wrap_wsgi(app: Any, threads: int) -> Any:
+def wrap_wsgi(app: Any, threads: int, header_map: str = "drop") -> Any:
     """An ASGI app that runs the WSGI `app` in `threads` threads."""
-    return WSGIBridge(app, threads)
+    return WSGIBridge(app, threads, header_map)
