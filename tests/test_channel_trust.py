@@ -340,20 +340,25 @@ def test_the_channel_says_whether_its_reader_should_keep_polling(pair: Any, monk
     from prefork.primary import Primary
 
     primary, worker = pair()
-    monkeypatch.setattr(channel_module, "SPIN", 30.0)  # no timing in this test: the load may be high
-    assert primary.awaiting_reply() is False  # nothing sent yet
+    primary.spin.budget, primary.spin.placed = 30.0, True  # as on two CPUs; no timing: the load may be high
+    primary.spin._next_check = float("inf")
+    assert primary.spin_deadline() == 0.0  # nothing sent yet
     primary.on_backlog = lambda: None
     primary.send_message("one")
     primary.send_message("two")  # right after: part of a burst, queued
-    assert primary.has_backlog() and primary.awaiting_reply() is True
+    assert primary.has_backlog()
+    assert primary.spin_deadline() > time.monotonic()  # poll for the answer ...
+    assert primary.spin_deadline() == 0.0  # ... once per message sent
     primary.flush_queued()
     assert not primary.has_backlog()
     assert [m for _, m, _ in read_n(worker, 2)] == ["one", "two"]
-    monkeypatch.setattr(channel_module, "SPIN", 0.0)
-    assert primary.awaiting_reply() is False
-    monkeypatch.setattr(channel_module, "SPIN", 30.0)
+    primary.spin.placed = False  # one shared CPU: never poll
+    primary.send_message("three")
+    assert primary.spin_deadline() == 0.0
+    primary.spin.placed = True
+    primary.send_message("four")
     primary.close()
-    assert primary.awaiting_reply() is False
+    assert primary.spin_deadline() == 0.0
 
     loop = Loop(lambda code: None)
     try:

@@ -128,11 +128,6 @@ class Channel(Outbox):
 
     # -- the reader's spin (see the module's docstring) -------------------------------------------
 
-    def awaiting_reply(self) -> bool:
-        """Whether this end sent a user message less than SPIN seconds ago (and not yet asked
-        spin_deadline() about it) and is still open."""
-        return not self.closed and _monotonic() < self._sent_user + SPIN
-
     def spin_deadline(self) -> float:
         """Until when the reader should poll for the answer to the user message this end sent last
         (0.0: sleep at once). Asked once per message sent: it forgets the send."""
