@@ -278,26 +278,10 @@ _MAX_CONFIG = 4 << 20
 def read_config_file(path: str, explicit: bool) -> dict[str, Any]:
     """The [tool.prefork] table of a pyproject.toml, or a whole prefork.toml (its top level or its
     [tool.prefork] table); {} when the default pyproject.toml does not exist."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(_MAX_CONFIG + 1)  # bounded: --config /dev/zero must not fill the memory
-    except FileNotFoundError:
-        if explicit:
-            raise UsageError(f"config file {path}: no such file") from None
+    text = read_text(path, f"config file {path}", _MAX_CONFIG, "a config file", missing_ok=not explicit)
+    if text is None:
         return {}
-    except IsADirectoryError:
-        raise UsageError(f"config file {path}: is a folder, not a file") from None
-    except PermissionError:
-        raise UsageError(f"config file {path}: permission denied (cannot read it)") from None
-    except OSError as exc:
-        raise UsageError(f"config file {path}: cannot read it: {exc.strerror}") from None
-    if len(raw) > _MAX_CONFIG:
-        raise UsageError(f"config file {path}: larger than {_MAX_CONFIG >> 20} MiB, not a config file")
     tomllib = _toml_reader(path)  # only once a file exists: Python 3.10 without tomli runs fine without one
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"config file {path}: not UTF-8 text (byte {exc.start})") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -312,6 +296,30 @@ def read_config_file(path: str, explicit: bool) -> dict[str, Any]:
     if not isinstance(table, dict):
         raise UsageError(f"config file {path}: [tool.prefork] must be a table")
     return table
+
+
+def read_text(path: str, where: str, limit: int, kind: str, missing_ok: bool = False) -> str | None:
+    """A file a person named, as UTF-8 text, read bounded (`--config /dev/zero` must not fill the
+    memory); each problem a UsageError of one line starting with `where`. None if missing and ok."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(limit + 1)
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise UsageError(f"{where}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"{where}: is a folder, not a file") from None
+    except PermissionError:
+        raise UsageError(f"{where}: permission denied (cannot read it)") from None
+    except OSError as exc:
+        raise UsageError(f"{where}: cannot read it: {exc.strerror}") from None
+    if len(raw) > limit:
+        raise UsageError(f"{where}: larger than {limit >> 20} MiB, not {kind}")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{where}: not UTF-8 text (byte {exc.start})") from None
 
 
 def _toml_reader(path: str) -> Any:

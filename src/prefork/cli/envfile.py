@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 
-from .config import UsageError
+from .config import UsageError, read_text
 
 MAX_BYTES = 1 << 20  # an env file is small: --env-file /dev/zero must not fill the memory
 _LINE = re.compile(r"\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_.]*)\s*=\s*(.*?)\s*")
@@ -23,21 +23,7 @@ _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "\\": "\\", "$": "$"}
 def read(path: str) -> dict[str, str]:
     """The file's variables, expanded; a UsageError naming the file and line for a bad one."""
     where = f"--env-file {path}"
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_BYTES + 1)
-    except FileNotFoundError:
-        raise UsageError(f"{where}: no such file") from None
-    except IsADirectoryError:
-        raise UsageError(f"{where}: is a folder, not a file") from None
-    except OSError as exc:
-        raise UsageError(f"{where}: cannot read it: {exc.strerror}") from None
-    if len(raw) > MAX_BYTES:
-        raise UsageError(f"{where}: larger than {MAX_BYTES >> 20} MiB, not an env file")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"{where}: not UTF-8 text (byte {exc.start})") from None
+    text = read_text(path, where, MAX_BYTES, "an env file") or ""
     values: dict[str, str] = {}
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
