@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv (once) and installs prefork with its serve, dev, proctitle and metrics extras from
+# Creates .venv (once) and installs prefork with its serve, dev, proctitle, metrics and reload extras from
 # pyproject.toml
 # (again whenever pyproject.toml changes).
 set -euo pipefail
@@ -18,6 +18,6 @@ stamp=.venv/.installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "setup: installing prefork and its extras into .venv" >&2
   .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" >&2 || true
-  .venv/bin/python -m pip install -q -e '.[serve,dev,proctitle,metrics]'
+  .venv/bin/python -m pip install -q -e '.[serve,dev,proctitle,metrics,reload]'
   touch "$stamp"
 fi

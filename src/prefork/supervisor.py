@@ -175,7 +175,7 @@ class Supervisor:
     def tell(self, event: str, *args: Any) -> None:
         """Call `on_<event>(*args)` of each watcher that has it; a watcher's failure is reported and
         ends nothing. Events: ready (the first full set of workers is ready), reloading, reloaded
-        (ok, why), stopping, restart (member), beat, reopen."""
+        (ok, why), stopping, restart (member), beat, reopen, scaled (new count, old count)."""
         for watcher in list(self.watchers):
             method = getattr(watcher, f"on_{event}", None)
             if method is not None:
@@ -375,7 +375,8 @@ class Supervisor:
     def _scale(self, n: int) -> None:
         if self.stopping or n == len(self.slots):
             return
-        self.log(f"scaling from {len(self.slots)} to {n} worker(s)")
+        old = len(self.slots)
+        self.log(f"scaling from {old} to {n} worker(s)")
         for index in range(len(self.slots), n):
             slot = Slot(index)
             self.slots.append(slot)
@@ -389,6 +390,7 @@ class Supervisor:
                 if member is not None:
                     self.retire(member, "scaled down")
         self.count = n
+        self.tell("scaled", n, old)
 
     def _stop(self, graceful: bool) -> None:
         if self.stopping and graceful:

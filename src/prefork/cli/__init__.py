@@ -64,6 +64,8 @@ def _main(argv: list[str]) -> int:
 
         return ctl(ns)
     opts = resolve(ns.command, cli_args.flags_of(ns, ns.command), ns.config)
+    if opts.get("chdir"):
+        _chdir(opts)
     if ns.command == "serve":
         from .serve import serve
 
@@ -73,6 +75,19 @@ def _main(argv: list[str]) -> int:
     from .run import run
 
     return run(opts, ns.script, ns.args)
+
+
+def _chdir(opts: dict) -> None:
+    """--chdir: go there now, and keep the path as given (not resolved): every later start (a worker,
+    a template) resolves it again, so `current -> releases/N` swapped by a deploy is followed."""
+    import os
+
+    path = os.path.abspath(opts["chdir"])
+    try:
+        os.chdir(path)
+    except OSError as exc:
+        raise UsageError(f"--chdir {opts['chdir']}: {exc.strerror.lower()}") from None
+    opts["chdir"] = path
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from .config import (
     to_workers,
 )
 from .tls import to_cert_reqs, to_ssl_version
+from .values import to_module, to_name, to_paths, to_umask
 
 LIFESPANS = ("auto", "on", "off")
 HEADER_MAPS = ("drop", "refuse", "dangerous")
@@ -80,8 +81,34 @@ OPTIONS: tuple[Option, ...] = (
     Option("interface", choice(INTERFACES), "auto", "the app's interface (detected by default)", ("serve",),
            "auto|asgi|wsgi"),
     Option("factory", to_bool, False, "APP is a function returning the app", ("serve",), flag=True),
-    Option("preload", to_bool, False, "import the app in the primary before starting workers (fails fast "
-           "on a broken app)", ("serve",), flag=True),
+    Option("preload", to_bool, False, "import the app once in a template process per code version and fork "
+           "the workers from it (they start in milliseconds and share its memory); a reload imports the "
+           "new code in a new template first, and keeps the old workers if that import fails. The "
+           "primary never imports the app", ("serve",), flag=True),
+    Option("reload", to_bool, False, "development: a rolling reload of every worker when a file under "
+           "--reload-dir changes (needs `pip install 'prefork[reload]'`); a save that breaks the app keeps "
+           "the old workers serving", ("serve",), flag=True),
+    Option("reload_dir", to_paths, [], "watch this folder for --reload (repeatable; default: the app's "
+           "folder)", ("serve",), "DIR", repeat=True),
+    Option("reload_include", to_paths, [], "with --reload, watch files matching this glob (repeatable; "
+           "default: *.py)", ("serve",), "GLOB", repeat=True),
+    Option("reload_exclude", to_paths, [], "with --reload, ignore files matching this glob (repeatable; "
+           "default: .*, .py[cod], .sw.*, ~*)", ("serve",), "GLOB", repeat=True),
+    Option("hooks", to_module, None, "a module (or file.py) whose functions prefork calls, named as "
+           "gunicorn's server hooks: on_starting, when_ready, on_reload, on_exit, post_fork, "
+           "post_worker_init, worker_exit, child_exit, nworkers_changed", metavar="MODULE"),
+    Option("chdir", to_path, None, "change to this folder before starting; the primary and each new "
+           "worker or template resolve it again at every start, so a symlink swapped to a new release "
+           "(current -> releases/N) is followed by `ctl reload`", metavar="DIR"),
+    Option("pid", to_path, None, "write the primary's pid to this file (atomically), removed on exit",
+           metavar="FILE", aliases=("--pidfile",)),
+    Option("user", to_str, None, "run the workers as this user (name or uid; the primary must be root)",
+           metavar="USER"),
+    Option("group", to_str, None, "run the workers as this group (name or gid; default: the user's)",
+           metavar="GROUP"),
+    Option("umask", to_umask, None, "the workers' umask, octal (e.g. 027)", metavar="MASK"),
+    Option("name", to_name, None, "a name for this server: in process titles, log lines, the banner and "
+           "the default control socket's file name (gunicorn's --name)", metavar="NAME"),
     Option("timeout", to_seconds, 30.0, "kill and replace a worker that does not answer the primary's "
            "heartbeat for this long (0: never)", metavar="SECONDS",
            aliases=("--timeout-worker-healthcheck",)),
@@ -211,6 +238,8 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
                  "threads", "header_map", "reset_contextvars")),
     ("workers", ("workers", "max_requests", "max_requests_jitter", "max_memory", "ready")),
     ("lifecycle", ("timeout", "graceful_timeout", "ready_timeout", "shutdown_delay", "init")),
+    ("deploys", ("reload", "reload_dir", "reload_include", "reload_exclude", "hooks", "chdir", "pid", "user",
+                 "group", "umask", "name")),
     ("HTTP", ("keep_alive", "timeout_header", "limit_request_line", "limit_request_fields",
               "limit_request_field_size", "limit_concurrency", "header", "server_header", "date_header",
               "proxy_headers", "forwarded_allow_ips")),

@@ -21,8 +21,11 @@ def run(opts: dict[str, Any], script: str, args: list[str]) -> int:
         raise UsageError(f"{script} is not a file")
     if not os.access(script, os.R_OK):
         raise UsageError(f"cannot read {script}: permission denied")
-    path = os.path.abspath(script)
-    prefork.setup_primary(module="prefork.cli._boot", args=[path, *args])
+    # under --chdir, the script's path goes through the folder as given (a `current` symlink), so a
+    # worker started after a deploy swapped it runs the new release's script
+    path = os.path.join(opts["chdir"], script) if opts.get("chdir") else os.path.abspath(script)
+    prefork.setup_primary(module="prefork.cli._boot", args=[path, *args],
+                          cwd=opts.get("chdir") or os.getcwd())
     shown = " ".join([script, *args])
     proctitle.set_title(f"primary {os.path.basename(script)}", "prefork-primary")
     return run_supervised(opts, title=f"prefork {prefork.__version__} run", rows=[("script", shown)],

@@ -89,7 +89,7 @@ def serve(opts: dict[str, Any]) -> int:
         opts["policy"] = "reuseport"  # measured fastest here, and even: the kernel balances per socket
     labels = _inherited(opts)
     check_binds([b for b, label in zip(opts["bind"], labels, strict=True) if label is None])
-    cwd = os.getcwd()
+    cwd = opts.get("chdir") or os.getcwd()  # --chdir as given: each start resolves it again
     if opts.get("log_config"):
         from .check import check_log_config
 
