@@ -104,7 +104,8 @@ class Health:
                 "ready": sup.readiness()[0], "restarts": sup.restarts_total, "reloads": dict(sup.reloads),
                 "workers_how": self._how(),
                 "slots": [slot.state for slot in sup.slots], "reload": dict(sup.rolling.status),
-                "last_error": sup.last_error, "addresses": self.addresses()}
+                "last_error": sup.last_error, "addresses": self.addresses(),
+                **({"templates": sup.code.describe()} if sup.code is not None else {})}
 
     def _how(self) -> str:
         """How the worker count was found; after a scale, that it was scaled from it."""

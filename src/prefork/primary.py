@@ -50,6 +50,7 @@ class Primary(Inbox):
         self.servers: Any = None  # handles.Servers, created with the loop
         self.signals: Any = None  # signals.Signals, created with the loop
         self.template: Any = None  # template.Template: forks the workers of start="fork"
+        self.versions: Any = None  # versions.CodeVersions: serve --preload's templates (else spawn)
         self.internal: dict[str, Callable[[Worker, Any, list[int]], None]] = {
             "online": self._on_online,
             "listening": self._on_listening,
@@ -132,7 +133,8 @@ class Primary(Inbox):
                 proc = self._fork_copy(self._child_env(wid, theirs.fileno(), env), theirs.fileno(),
                                        own_group)
             else:
-                proc = self._spawn(wid, theirs.fileno(), env, own_group)
+                proc = self._from_template(wid, theirs.fileno(), env, own_group) \
+                    or self._spawn(wid, theirs.fileno(), env, own_group)
         except BaseException:
             ours.close()
             raise
@@ -156,6 +158,13 @@ class Primary(Inbox):
         from .forkstart import fork_worker
 
         return fork_worker(env, fd, own_group, self.settings["target"], self._fds_at_start)
+
+    def _from_template(self, wid: int, fd: int, env: dict[str, str], own_group: bool) -> Any:
+        """serve --preload: a worker forked by the current code version's template (versions.py);
+        None when there is none, and the worker starts as a fresh interpreter."""
+        if self.versions is None:
+            return None
+        return self.versions.fork(self._child_env(wid, fd, env), fd, own_group)
 
     def _child_env(self, wid: int, fd: int, env: dict[str, str]) -> dict[str, str]:
         inherited = {k: v for k, v in os.environ.items() if k not in MANAGER_VARS}

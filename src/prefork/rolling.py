@@ -95,6 +95,17 @@ class Rolling:
         self.status = {"state": "running", "started": time.time()}
         self.sup.log(f"reloading {len(self.sup.slots)} worker(s), {self.sup.reload_batch} at a time")
         self.sup.tell("reloading")
+        if self.sup.code is not None:  # serve --preload: import the new code once, in a new template
+            self.status["state"] = "importing"
+            self.sup.code.prepare(self._prepared)
+            return
+        self._reload_step(list(self.sup.slots))
+
+    def _prepared(self, ok: bool, why: str) -> None:
+        if not ok:
+            self._reload_finished(False, why)
+            return
+        self.status["state"] = "running"
         self._reload_step(list(self.sup.slots))
 
     def _reload_step(self, todo: list[Slot]) -> None:
@@ -125,6 +136,8 @@ class Rolling:
 
     def _reload_finished(self, ok: bool, why: str) -> None:
         self.running = False
+        if self.sup.code is not None:
+            self.sup.code.finished(ok)
         self.status.update(state="done" if ok else "failed", finished=time.time())
         if ok:
             self.sup.log("reload done")

@@ -81,6 +81,7 @@ class Supervisor:
         self.workers_how = str(workers)  # how the count was found ("2 (cgroup quota 2.0 of 64 CPUs)")
         self.last_error: str | None = None
         self.rolling = Rolling(self)
+        self.code: Any = None  # versions.CodeVersions: serve --preload's templates, one per code version
         self._done = threading.Event()
         self._sigints = 0
 
@@ -398,6 +399,8 @@ class Supervisor:
         if not self.stopping and not self.delaying:
             self.tell("stopping")
         self.stopping = True
+        if self.code is not None:
+            self.code.stop()
         if graceful:
             self.primary.servers.stop_accepting()
         for slot in self.slots:

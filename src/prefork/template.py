@@ -113,6 +113,22 @@ class Template:
         with self._lock:
             self._gone()
 
+    def retire(self) -> None:
+        """Fork no more: the template exits once its last worker has (versions.py)."""
+        with self._lock:
+            if self.alive:
+                try:
+                    self.sock.send(b'{"retire": true}')
+                except OSError:
+                    self._gone()
+
+    def pump(self) -> None:
+        """File what the template has said (exit reports; its end): the primary's loop calls this
+        when the socket is readable, so a template that exits is reaped at once."""
+        with self._lock:
+            while self.alive and self._read(0.0) is not None:
+                pass
+
     def _read(self, timeout: float) -> dict[str, Any] | None:
         """One message (exit reports are filed); None when none came within `timeout`."""
         self.sock.settimeout(timeout)
@@ -125,7 +141,13 @@ class Template:
         if not data:
             self._gone()
             return None
-        message = json.loads(data)
+        try:
+            message = json.loads(data)
+        except ValueError:
+            message = None
+        if not isinstance(message, dict):  # not ours to read: a template that says this is broken
+            self._gone()
+            return None
         if "exit" in message:
             self.exits[message["exit"]] = message["code"]
         return message
@@ -173,7 +195,8 @@ class Forked(ForkedProcess):
 
 
 def _serve(sock: socket.socket, target: Callable[[], Any], keep_fds: set[int], primary_pid: int) -> int:
-    """Fork a worker per request and report each one's exit, until the primary goes away."""
+    """Fork a worker per request and report each one's exit, until the primary goes away, or, once
+    retired (a newer template took over: versions.py), until the last of its workers has exited."""
     _proc.set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != primary_pid:
         return 1
@@ -183,29 +206,39 @@ def _serve(sock: socket.socket, target: Callable[[], Any], keep_fds: set[int], p
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the primary's to handle
     selector = selectors.DefaultSelector()
     selector.register(sock, selectors.EVENT_READ, None)
+    retired = False
     while True:
         for key, _ in selector.select():
             if key.data is None:
-                if not _answer(sock, selector, target, keep_fds):
+                answer = _answer(sock, selector, target, keep_fds, retired)
+                if answer is None:
                     return 0
+                retired = retired or answer == "retire"
             else:
                 _report_exit(sock, selector, key.data, key.fd)
+        if retired and len(selector.get_map()) == 1:  # only the primary's socket is left
+            return 0
 
 
 def _answer(sock: socket.socket, selector: selectors.BaseSelector, target: Callable[[], Any],
-            keep_fds: set[int]) -> bool:
-    """One request: fork the worker, answer with its pid; False once the primary has gone."""
+            keep_fds: set[int], retired: bool) -> str | None:
+    """One request: fork the worker and answer with its pid, or take a retirement; None once the
+    primary has gone."""
     from .channel import fds_in
 
     try:
         data, anc, _flags, _ = sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(4), socket.MSG_CMSG_CLOEXEC)
     except OSError:
-        return False
+        return None
     fds = fds_in(anc)
     if not data:
-        return False
+        return None
     try:
         request = json.loads(data)
+        if request.get("retire"):
+            return "retire"
+        if retired:
+            raise OSError("this template has retired")
         pid = _fork_worker(dict(request["env"]), fds[0], bool(request["group"]), target, keep_fds)
         selector.register(os.pidfd_open(pid), selectors.EVENT_READ, pid)
         answer: dict[str, Any] = {"pid": pid}
@@ -215,7 +248,7 @@ def _answer(sock: socket.socket, selector: selectors.BaseSelector, target: Calla
         for fd in fds:
             os.close(fd)
     sock.send(json.dumps(answer).encode())
-    return True
+    return "forked"
 
 
 def _fork_worker(env: dict[str, str], channel_fd: int, own_group: bool, target: Callable[[], Any],

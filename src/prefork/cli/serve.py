@@ -9,7 +9,6 @@ one line and a non-zero exit.
 from __future__ import annotations
 
 import errno
-import functools
 import json
 import os
 import socket
@@ -130,20 +129,21 @@ def serve(opts: dict[str, Any]) -> int:
         interface = check.check_app(worker_opts)
         print(f"prefork: configuration OK: {app} ({interface})", flush=True)
         return 0
-    if opts["preload"]:
-        app_object, interface = _preload(worker_opts)
-        prefork.setup_primary(start="fork", target=functools.partial(_forked_worker, worker_opts, app_object))
-    else:
-        os.environ["PREFORK_SERVE"] = json.dumps(worker_opts)
-        prefork.setup_primary(module="prefork.http.worker", args=[], cwd=cwd)
+    os.environ["PREFORK_SERVE"] = json.dumps(worker_opts)
+    prefork.setup_primary(module="prefork.http.worker", args=[], cwd=cwd)
+    code = _first_template(opts, cwd) if opts["preload"] else None
+    if code is not None:
+        interface = code.current.info.get("interface", interface)
     tls = bool(opts["certfile"])
     addresses = [show_bind(b, tls) for b in opts["bind"]]
     shown = [label or address for label, address in zip(labels, addresses, strict=True)]
     rows = [("app", f"{app} ({interface})"), ("listening", ", ".join(shown))]
+    if code is not None:
+        rows.append(("preload", f"template v1, pid {code.current.popen.pid} (workers fork from it)"))
     proctitle.set_title(f"primary {app}", "prefork-primary")
     return run_supervised(opts, title=f"prefork {prefork.__version__} serve", rows=rows,
                           addresses=addresses if all(b[0] == "unix" or b[2] for b in opts["bind"]) else None,
-                          listens=len(opts["bind"]))  # ready once it listens on every address
+                          listens=len(opts["bind"]), code=code)  # ready once it listens on every address
 
 
 def _inherited(opts: dict[str, Any]) -> list[str | None]:
@@ -167,33 +167,22 @@ def _abs(path: str | None) -> str | None:
     return os.path.abspath(path) if path else None
 
 
-def _forked_worker(worker_opts: dict[str, Any], app: Any) -> None:
-    """What a worker forked from the preloading primary runs: the app is already imported."""
-    from prefork.http import worker
+def _first_template(opts: dict[str, Any], cwd: str) -> Any:
+    """--preload: a template process imports the app (never the primary: versions.py); the first
+    one's failure stops the command with one line, as a broken app does without --preload."""
+    from prefork import _role
+    from prefork.versions import CodeVersions, TemplateFailed
 
-    sys.exit(worker.run(worker_opts, app))
-
-
-def _preload(worker_opts: dict[str, Any]) -> tuple[Any, str]:
-    """Import the app (and the serving machinery) in the primary, so that workers are forked with
-    it in memory: they start in milliseconds and share its pages; a broken app fails here, once."""
-    import prefork.http.worker  # noqa: F401 - uvicorn, uvloop and the protocol, for the forked workers
-    from prefork.http.asgi import AppError, import_app, resolve_interface
-
-    if worker_opts["app_dir"] not in sys.path:
-        sys.path.insert(0, worker_opts["app_dir"])
+    primary = _role.require_primary("serve --preload")
+    code = CodeVersions(primary, "prefork.http.preload:prepare", cwd, output.log,
+                        import_timeout=opts["ready_timeout"] or 30.0)
     try:
-        app = import_app(worker_opts["app"], factory=worker_opts["factory"])
-        interface = resolve_interface(app, worker_opts["interface"], worker_opts["app"])
-    except AppError as exc:
+        code.start_first()
+    except TemplateFailed as exc:
+        if opts["log_level"] in ("debug", "trace") and exc.traceback:
+            sys.stderr.write(exc.traceback)
         raise CommandError(str(exc)) from None
-    except Exception as exc:
-        if worker_opts["log_level"] in ("debug", "trace"):
-            import traceback
-
-            traceback.print_exc()
-        raise CommandError(f"app {worker_opts['app']!r} failed to import: {type(exc).__name__}: {exc}") \
-            from None
-    worker_opts["interface"] = worker_opts["interface_resolved"] = interface
-    output.log(f"preloaded {worker_opts['app']} ({interface})")
-    return app, interface
+    except OSError as exc:
+        raise CommandError(f"cannot start the template process: {exc}") from None
+    primary.versions = code  # from here on workers are forked by the current template
+    return code

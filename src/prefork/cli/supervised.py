@@ -16,21 +16,28 @@ class BootWatch:
     """A worker whose app cannot start tells the primary why (internal message "boot_error").
 
     Before any worker was ever ready that is fatal: the problem is printed once (not once per worker)
-    and everything stops. Later (a reload with a broken app) the old workers keep serving."""
+    and everything stops. Later (a reload with a broken app) the old workers keep serving, and the
+    problem is printed once per reload: not again for each worker a crash loop starts meanwhile."""
 
     def __init__(self, supervisor: Any) -> None:
         self.supervisor = supervisor
         self.message: str | None = None
+        self.shown: str | None = None  # the last error printed since the last reload began
 
     def __call__(self, worker: Any, message: Any, fds: list[int]) -> None:
         text = str(message.get("message", "the app failed to start"))
         if self.supervisor.ever_ready:
-            output.log(f"worker {worker.id} (pid {worker.process.pid}) could not start: {text}")
+            if text != self.shown:
+                self.shown = text
+                output.log(f"worker {worker.id} (pid {worker.process.pid}) could not start: {text}")
             return
         if self.message is None:
             self.message = text
             output.error(text)
             self.supervisor.stop(graceful=False)
+
+    def on_reloading(self) -> None:  # a new save: its error (even the same one) is news again
+        self.shown = None
 
 
 def _control_handler(supervisor: Any, path: str, info: dict[str, Any]) -> Callable[[dict[str, Any]], Any]:
@@ -62,12 +69,16 @@ def _control_handler(supervisor: Any, path: str, info: dict[str, Any]) -> Callab
 
 
 def run_supervised(opts: dict[str, Any], *, title: str, rows: list[tuple[str, str]],
-                   ready: str = "listening", addresses: list[str] | None = None, listens: int = 1) -> int:
+                   ready: str = "listening", addresses: list[str] | None = None, listens: int = 1,
+                   code: Any = None) -> int:
     """Start the pool (settings already set with setup_primary) and serve until it stops."""
     from prefork.admin import AdminError, open_admin
     from prefork.control import ControlError, ControlServer
     from prefork.supervisor import Supervisor
 
+    from .devreload import prepare
+
+    reloader = prepare(opts, output.log)  # --reload: checked before any worker starts (exit 2)
     if opts.get("policy"):
         prefork.scheduling_policy = opts["policy"]
     workers = opts["workers"]
@@ -87,8 +98,10 @@ def run_supervised(opts: dict[str, Any], *, title: str, rows: list[tuple[str, st
             return 1
         supervisor.watchers.append(logfile.Reopener(os.path.abspath(opts["log_file"]), supervisor.primary,
                                                     output.log))
+    supervisor.code = code  # serve --preload's templates (versions.py)
     boot = BootWatch(supervisor)
     supervisor.primary.internal["boot_error"] = boot
+    supervisor.watchers.append(boot)
     supervisor.watchers.append(Announcer(supervisor, addresses, boot))
     notifier = sdnotify.from_environ(supervisor, output.log)  # systemd's Type=notify(-reload)
     if notifier is not None:
@@ -115,6 +128,10 @@ def run_supervised(opts: dict[str, Any], *, title: str, rows: list[tuple[str, st
                        ("workers", how), ("control", f"{control.path}  (prefork ctl --control "
                                                      f"{control.path} status)"), *shown], title)
         supervisor.start()
+        if reloader is not None:
+            reloader.start(supervisor)
+        if code is not None:
+            supervisor.primary.loop.call_soon(code.watch_all)
         if opts.get("init") or os.getpid() == 1:  # an init process: reap orphans (reaper.py)
             from prefork import reaper
 
@@ -123,6 +140,8 @@ def run_supervised(opts: dict[str, Any], *, title: str, rows: list[tuple[str, st
             admin.start(supervisor.primary.loop)
         code = supervisor.wait()
     finally:
+        if reloader is not None:
+            reloader.stop()
         control.close()
         if admin:
             admin.close()

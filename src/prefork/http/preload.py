@@ -1,0 +1,50 @@
+"""`serve --preload`'s template entry (template_boot.py): import the app once, fork workers with it.
+
+Runs in the template process, never in the primary: the app and the serving machinery (uvicorn,
+uvloop, the protocol) are imported here, so every worker forked from this process shares their
+pages, and a bug at import fails this code version only.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from typing import Any
+
+from .worker import ENV_OPTIONS
+
+
+class ImportFailed(Exception):
+    """The app could not be imported: one line for the primary to print."""
+
+    one_line = True
+
+
+def prepare() -> tuple[Any, dict[str, Any]]:
+    """Import the app; (what each forked worker runs, what the primary is told)."""
+    from .. import proctitle
+    from .asgi import AppError, import_app, resolve_interface
+
+    opts = json.loads(os.environ[ENV_OPTIONS])
+    proctitle.set_title(f"template {opts['app']}", "prefork-tmpl")
+    if opts["app_dir"] not in sys.path:
+        sys.path.insert(0, opts["app_dir"])
+    try:
+        app = import_app(opts["app"], factory=opts["factory"])
+        interface = resolve_interface(app, opts["interface"], opts["app"])
+    except AppError as exc:
+        raise ImportFailed(str(exc)) from exc
+    except Exception as exc:
+        raise ImportFailed(f"app {opts['app']!r} failed to import: {type(exc).__name__}: {exc}") from exc
+    opts["interface"] = opts["interface_resolved"] = interface
+    return functools.partial(_worker, opts, app), {"interface": interface, "pid": os.getpid()}
+
+
+def _worker(opts: dict[str, Any], app: Any) -> None:
+    """What a worker forked from the template runs: the app is already imported."""
+    from . import worker
+
+    os.environ.pop(ENV_OPTIONS, None)  # ours, not the app's (as worker.main does)
+    sys.exit(worker.run(opts, app))

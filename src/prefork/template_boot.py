@@ -1,0 +1,70 @@
+"""A template process of its own (versions.py): `python -m prefork.template_boot`.
+
+The primary starts it, for `serve --preload`, as a fresh interpreter per code version. It imports
+what PREFORK_TEMPLATE_ENTRY names ("module:function"), a function that imports the app and returns
+what each worker runs; it tells the primary whether that worked, then forks a worker per request
+(template.py's loop) until the primary goes, or until it is retired and its last worker has exited.
+
+Messages on the SOCK_SEQPACKET socket PREFORK_TEMPLATE_FD, after template.py's:
+    template -> primary, once: {"ready": {...}} or {"error": one line, "traceback": text}
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import socket
+import sys
+import traceback
+
+ENV_FD, ENV_ENTRY, ENV_PARENT = "PREFORK_TEMPLATE_FD", "PREFORK_TEMPLATE_ENTRY", "PREFORK_TEMPLATE_PARENT"
+
+
+def main() -> int:
+    from . import _proc
+
+    # the primary's death ends us (and so our workers: their parent is gone); set before the import,
+    # which may take seconds, so a primary that dies meanwhile leaves nothing behind
+    _proc.set_parent_death_signal(signal.SIGKILL)
+    parent = int(os.environ.pop(ENV_PARENT))
+    if os.getppid() != parent:
+        return 1
+    sock = socket.socket(fileno=int(os.environ.pop(ENV_FD)))
+    entry = os.environ.pop(ENV_ENTRY)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the primary's to handle
+    try:
+        module, _, name = entry.partition(":")
+        target, info = getattr(importlib.import_module(module), name)()
+    except BaseException as exc:  # SystemExit from an app's import too: the primary says why, once
+        line = str(exc) if getattr(exc, "one_line", False) else f"{type(exc).__name__}: {exc}"
+        _send(sock, {"error": line[:4000], "traceback": traceback.format_exc()[-65536:]})
+        return 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    keep = _open_fds() - {sock.fileno()}  # what the app opened at import: its workers keep these
+    _send(sock, {"ready": info})
+    from .template import _serve
+
+    return _serve(sock, target, keep, parent)
+
+
+def _send(sock: socket.socket, message: dict) -> None:
+    try:
+        sock.send(json.dumps(message).encode())
+    except OSError:
+        pass
+
+
+def _open_fds() -> set[int]:
+    try:
+        return {int(name) for name in os.listdir("/proc/self/fd")}
+    except OSError:
+        return {0, 1, 2}
+
+
+if __name__ == "__main__":
+    from . import _proc
+
+    _proc.exit_now(main())

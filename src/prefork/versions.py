@@ -1,0 +1,289 @@
+"""Code versions for `serve --preload`: one template process per version of the app's code.
+
+A template (template_boot.py) is a fresh interpreter that imports the app once; workers are forked
+from it (template.py), so they start in milliseconds and share its pages, and the primary itself
+never imports the app. A reload first starts a template for the code now on disk:
+- if its import fails, the reload fails: the old template and the old workers keep serving, and the
+  error is printed once;
+- otherwise it becomes current, the rolling reload forks the new workers from it, and the old
+  template retires: it forks nothing more and exits when its last worker has gone. A reload that
+  fails later (a new worker never ready) goes back to the old template for respawns.
+If the current template dies, workers are started as fresh interpreters (the primary's spawn path)
+while a new template starts, after a pause that grows with repeated deaths.
+
+All of it runs on the primary's loop thread; only `start_first` (before the loop serves) blocks.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from . import _stdio
+from .template import Forked, Template
+from .template_boot import ENV_ENTRY, ENV_FD, ENV_PARENT
+
+MAX_ANSWER = 1 << 20
+RESTART_MIN, RESTART_MAX = 0.5, 30.0  # pause before replacing a template that died
+
+
+class TemplateFailed(Exception):
+    """A template could not import the app: `str()` is one line, `.traceback` the details."""
+
+    def __init__(self, line: str, details: str = "") -> None:
+        super().__init__(line)
+        self.traceback = details
+
+
+class Version:
+    """One template process and what the primary knows of it."""
+
+    def __init__(self, number: int, popen: subprocess.Popen[bytes], sock: socket.socket) -> None:
+        self.number = number
+        self.popen = popen
+        self.template = Template(popen.pid, sock)
+        self.started = time.monotonic()
+        self.state = "importing"  # importing, current, previous, retired, failed
+        self.info: dict[str, Any] = {}
+        self.timer: Any = None
+        # the loop watches a copy of the socket's descriptor: any path may close the socket itself
+        # (Template._gone, on its end), and a closed fd must never stay in the loop's selector
+        self.watch_fd = os.dup(sock.fileno())
+
+    def unwatched(self) -> None:
+        if self.watch_fd >= 0:
+            os.close(self.watch_fd)
+            self.watch_fd = -1
+
+    def describe(self) -> dict[str, Any]:
+        return {"version": self.number, "pid": self.popen.pid, "state": self.state,
+                "alive": self.template.alive}
+
+
+class CodeVersions:
+    """The templates of one primary (see the module docstring)."""
+
+    def __init__(self, primary: Any, entry: str, cwd: str | None, log: Callable[[str], None],
+                 import_timeout: float = 30.0) -> None:
+        self.primary = primary
+        self.entry = entry
+        self.cwd = cwd
+        self.log = log
+        self.import_timeout = import_timeout
+        self.current: Version | None = None
+        self.previous: Version | None = None  # the one a reload in progress may go back to
+        self.others: list[Version] = []  # retired or importing, until their process has ended
+        self.count = 0
+        self._deaths = 0
+        self._restart_timer: Any = None
+        self.stopping = False
+
+    # -- starting a template ---------------------------------------------------------------------
+
+    def _spawn(self) -> Version:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = {k: v for k, v in os.environ.items() if k not in _manager_vars()}
+        env.update({ENV_FD: str(theirs.fileno()), ENV_ENTRY: self.entry, ENV_PARENT: str(os.getpid())})
+        launch = getattr(self.primary, "launch", None)
+        extra = launch.popen_kwargs() if launch is not None else {}
+        try:
+            popen = subprocess.Popen([sys.executable, "-m", "prefork.template_boot"], env=env, cwd=self.cwd,
+                                     pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                                     start_new_session=True, **extra)  # Ctrl-C is the primary's alone
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.count += 1
+        return Version(self.count, popen, ours)
+
+    def start_first(self) -> dict[str, Any]:
+        """The first template, before any worker: blocks until it has imported the app; raises
+        TemplateFailed (the caller stops with one line) or OSError."""
+        version = self._spawn()
+        answer = _wait_answer(version, self.import_timeout)
+        if "ready" not in answer:
+            self._end(version)
+            raise TemplateFailed(str(answer.get("error", "the template failed")), answer.get("traceback", ""))
+        self._became_current(version, answer["ready"])
+        return version.info
+
+    def prepare(self, done: Callable[[bool, str], None]) -> None:
+        """Start a template for the code on disk now (a reload); `done(ok, why)` once it has
+        imported the app and is current, or failed. Never blocks the loop."""
+        try:
+            version = self._spawn()
+        except OSError as exc:
+            done(False, f"cannot start a template: {exc}")
+            return
+        self.others.append(version)
+        loop = self.primary.loop
+        fd = version.watch_fd
+
+        def settle(answer: dict[str, Any]) -> None:
+            if version.timer is not None:
+                version.timer.cancel()
+                version.timer = None
+            loop.remove_reader(fd)
+            if "ready" in answer and not self.stopping:
+                self.others.remove(version)
+                self.previous = self.current
+                self._became_current(version, answer["ready"])
+                done(True, "")
+                return
+            why = "stopping" if self.stopping else \
+                str(answer.get("error", "the template ended before it imported the app"))
+            version.state = "failed"
+            self._end(version)
+            if answer.get("traceback"):
+                _stdio.write(answer["traceback"])  # once: the file and line of what broke
+            done(False, why)
+
+        loop.add_reader(fd, lambda: _read_answer(version, settle))
+        version.timer = loop.call_later(self.import_timeout, settle,
+                                        {"error": f"the app's import took over {self.import_timeout:g} s"})
+
+    def finished(self, ok: bool) -> None:
+        """The reload that called `prepare` is over: retire the old template, or (it failed) go
+        back to it for respawns and retire the new one."""
+        old, self.previous = self.previous, None
+        if old is None:
+            return
+        if not ok and old.template.alive and self.current is not None:
+            new, self.current = self.current, old
+            old.state = "current"
+            self.log(f"reload failed: respawns fork from template v{old.number} again")
+            self._retire(new)
+        else:
+            self._retire(old)
+
+    def _became_current(self, version: Version, info: dict[str, Any]) -> None:
+        version.info = info
+        version.state = "current"
+        self.current = version
+        self.log(f"template v{version.number} (pid {version.popen.pid}) imported the app in "
+                 f"{time.monotonic() - version.started:.2f} s")
+        if self.primary.loop is not None:
+            self._watch(version)
+
+    # -- forking, retiring, deaths ---------------------------------------------------------------
+
+    def fork(self, env: dict[str, str], fd: int, own_group: bool) -> Forked | None:
+        """A worker forked by the current template; None when there is none (the caller spawns)."""
+        version = self.current
+        if version is None or not version.template.alive:
+            return None
+        try:
+            return version.template.fork(env, fd, own_group)
+        except OSError as exc:
+            self.log(f"template v{version.number}: {exc}; starting this worker as a fresh interpreter")
+            return None
+
+    def watch_all(self) -> None:
+        """Once the loop runs: follow the current template (its exit reports, its death)."""
+        if self.current is not None:
+            self._watch(self.current)
+
+    def _watch(self, version: Version) -> None:
+        fd = version.watch_fd
+        self.primary.loop.add_reader(fd, lambda: self._pump(version, fd))
+
+    def _pump(self, version: Version, fd: int) -> None:
+        version.template.pump()
+        if version.template.alive:
+            return
+        self.primary.loop.remove_reader(fd)
+        version.unwatched()
+        version.popen.returncode = version.popen.returncode or 0  # reaped by Template._gone
+        if version in self.others:
+            self.others.remove(version)
+        if version is self.current and not self.stopping:
+            self.current = None
+            self._deaths += 1
+            delay = min(RESTART_MAX, RESTART_MIN * 2 ** (self._deaths - 1))
+            self.log(f"template v{version.number} (pid {version.popen.pid}) died; workers start as "
+                     f"fresh interpreters until a new template is ready (in {delay:g} s)")
+            self._restart_timer = self.primary.loop.call_later(delay, self._replace_dead)
+
+    def _replace_dead(self) -> None:
+        self._restart_timer = None
+        if self.stopping or self.current is not None:
+            return
+
+        def done(ok: bool, why: str) -> None:
+            self.previous = None  # nothing to go back to: the dead one is gone
+            if ok:
+                self._deaths = 0
+            elif not self.stopping:
+                self.log(f"could not start a new template: {why}")
+                self._restart_timer = self.primary.loop.call_later(RESTART_MAX, self._replace_dead)
+
+        self.prepare(done)
+
+    def _retire(self, version: Version) -> None:
+        version.state = "retired"
+        if version not in self.others:
+            self.others.append(version)
+        version.template.retire()
+
+    def _end(self, version: Version) -> None:
+        """Stop a template that never served (its import failed or took too long)."""
+        try:
+            version.popen.kill()
+        except OSError:
+            pass
+        version.template.close()  # waits for it: no zombie
+        version.unwatched()
+        version.popen.returncode = version.popen.returncode or 1
+        if version in self.others:
+            self.others.remove(version)
+
+    def stop(self) -> None:
+        """The pool stops: no new template; each one exits with its last worker (or the primary)."""
+        self.stopping = True
+        if self._restart_timer is not None:
+            self._restart_timer.cancel()
+        for version in [self.current, *self.others]:
+            if version is not None and version.state == "importing":
+                self._end(version)
+            elif version is not None:
+                version.template.retire()
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [v.describe() for v in [self.current, *self.others] if v is not None]
+
+
+def _read_answer(version: Version, settle: Callable[[dict[str, Any]], None]) -> None:
+    template = version.template
+    answer = None
+    with template._lock:
+        answer = template._read(0.0)
+    if answer is None and template.alive:
+        return  # nothing whole yet
+    settle(answer or {})
+
+
+def _wait_answer(version: Version, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    template = version.template
+    while template.alive:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return {"error": f"the app's import took over {timeout:g} s"}
+        with template._lock:
+            answer = template._read(min(left, 1.0))
+        if answer is not None:
+            return answer
+    return {"error": "the template ended before it imported the app"}
+
+
+def _manager_vars() -> frozenset[str]:
+    from .primary import MANAGER_VARS
+
+    return MANAGER_VARS
