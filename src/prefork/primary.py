@@ -180,9 +180,10 @@ class Primary(Inbox):
         settings = self.settings
         child_env = self._child_env(wid, fd, env)
         pipe = subprocess.PIPE if settings["silent"] else None
+        launch = getattr(self, "launch", None)  # --user/--group/--umask (launch.py)
         return subprocess.Popen(settings.argv(), env=child_env, cwd=settings["cwd"], pass_fds=(fd,),
                                 stdin=subprocess.DEVNULL, stdout=pipe, stderr=pipe,
-                                start_new_session=own_group)
+                                start_new_session=own_group, **(launch.popen_kwargs() if launch else {}))
 
     def _watch(self, worker: Worker) -> None:
         loop = self.loop

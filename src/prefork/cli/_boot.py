@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 import prefork
-from prefork import logfile, logline, proctitle
+from prefork import hooks, logfile, logline, proctitle
 
 
 class Prefixed(logline.Lines):
@@ -46,6 +46,7 @@ def main() -> None:
         logfile.follow_reopen()
     sys.argv = [script, *args]
     sys.path[0] = os.path.dirname(script)
+    hooks.run_worker()  # --hooks (prefork/hooks.py): post_fork, post_worker_init; worker_exit later
     runpy.run_path(script, run_name="__main__")
 
 

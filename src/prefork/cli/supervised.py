@@ -10,6 +10,7 @@ import prefork
 from prefork import sdnotify
 
 from . import output
+from .config import UsageError
 
 
 class BootWatch:
@@ -88,6 +89,20 @@ def run_supervised(opts: dict[str, Any], *, title: str, rows: list[tuple[str, st
         max_requests=opts["max_requests"], max_requests_jitter=opts["max_requests_jitter"],
         max_memory=opts["max_memory"], ready=ready, ready_timeout=opts["ready_timeout"] or 30.0,
         shutdown_delay=opts.get("shutdown_delay") or 0.0, ready_listens=listens, on_log=output.log)
+    from prefork import hooks as hook_module
+    from prefork import launch
+
+    from .pidfile import PidFile
+
+    try:  # --user/--group/--umask (launch.py) and --hooks (hooks.py): checked before any worker starts
+        supervisor.primary.launch = launch.from_options(opts)
+        hooks = hook_module.install(supervisor, opts, opts.get("app") or dict(rows).get("script", ""),
+                                    output.log)
+    except (launch.LaunchError, hook_module.HookError) as exc:
+        raise UsageError(str(exc)) from None
+    pid_file = PidFile(opts.get("pid"))  # --pid (pidfile.py): refused while another prefork runs
+    if not pid_file.check():
+        return 1
     if opts.get("log_file"):  # from here on the pool writes there (logfile.py); SIGUSR1 reopens it
         from prefork import logfile
 
@@ -127,7 +142,10 @@ def run_supervised(opts: dict[str, Any], *, title: str, rows: list[tuple[str, st
         output.banner([("pid", str(os.getpid())), *rows, ("policy", prefork.scheduling_policy),
                        ("workers", how), ("control", f"{control.path}  (prefork ctl --control "
                                                      f"{control.path} status)"), *shown], title)
+        if not pid_file.write() or not hooks.starting():  # the pid once the control socket is up
+            return 1
         supervisor.start()
+        hooks.started(supervisor)  # nworkers_changed(n, None)
         if reloader is not None:
             reloader.start(supervisor)
         if code is not None:
@@ -139,7 +157,9 @@ def run_supervised(opts: dict[str, Any], *, title: str, rows: list[tuple[str, st
         if admin:
             admin.start(supervisor.primary.loop)
         code = supervisor.wait()
+        hooks.exiting()  # on_exit
     finally:
+        pid_file.remove()
         if reloader is not None:
             reloader.stop()
         control.close()

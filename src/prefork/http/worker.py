@@ -20,7 +20,7 @@ import sys
 import traceback
 from typing import Any
 
-from .. import logfile, logline, proctitle
+from .. import hooks, logfile, logline, proctitle
 from .server import Server
 from .uvconfig import BootError, build_config, configure_logging, load_app
 
@@ -77,11 +77,13 @@ def run(opts: dict[str, Any], app: Any = None) -> int:
     # the primary reopens --log-file on SIGUSR1 and tells us through the channel; the signal sent to
     # this worker itself does the same (as gunicorn's workers), rather than end it (its default)
     signal.signal(signal.SIGUSR1, lambda *_: logfile.reopen(opts.get("log_file")))
+    hooks.in_worker("post_fork")  # --hooks (prefork/hooks.py): before the app is loaded, unless preloaded
     try:
         if app is None:
             app, interface = load_app(opts)
         else:
             interface = opts["interface_resolved"]
+        hooks.in_worker("post_worker_init")
         loop_factory = _loop_factory()
         runner = asyncio.Runner(loop_factory=loop_factory) if hasattr(asyncio, "Runner") else None
         if runner is not None:
@@ -101,6 +103,7 @@ def run(opts: dict[str, Any], app: Any = None) -> int:
             text = f"app {opts['app']!r} failed to import: {text}"
         _report_boot_error(child, text)
         return BOOT_ERROR
+    hooks.in_worker("worker_exit")
     return 0
 
 
