@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 import shutil
 import subprocess
 import threading
@@ -268,15 +269,19 @@ def test_config_file_env_and_flags(prefork_cmd, tmp_path):  # noqa: F811
 
 
 def test_preload(prefork_cmd, tmp_path):  # noqa: F811
-    # without setproctitle's titles (proctitle.py), which would tell the two command lines apart
+    # without setproctitle's titles (proctitle.py), which would tell the command lines apart
     cmd, port, control = _serve(prefork_cmd, tmp_path, "tests.apps.flaskapp:app", "--preload", workers=1,
                                 env={"PREFORK_SETPROCTITLE": "0"})
-    assert "preloaded tests.apps.flaskapp:app (wsgi)" in cmd.output
+    template = int(cmd.expect(r"template v1 \(pid (\d+)\) imported the app")[1])
+    assert "tests.apps.flaskapp:app (wsgi)" in cmd.output
     assert httpx.get(f"http://127.0.0.1:{port}/", timeout=5).text.startswith("hello from flask")
     worker = cmd.track_workers(control)[0]
-    # Forked from the primary that imported the app, not a fresh interpreter: same command line.
-    with open(f"/proc/{cmd.proc.pid}/cmdline", "rb") as f, open(f"/proc/{worker}/cmdline", "rb") as g:
-        assert f.read() == g.read()
+    # Forked from the template that imported the app, not a fresh interpreter: its child, with its
+    # command line; the primary is neither
+    with open(f"/proc/{worker}/stat") as f:
+        assert int(f.read().rsplit(")", 1)[1].split()[1]) == template
+    with open(f"/proc/{template}/cmdline", "rb") as f, open(f"/proc/{worker}/cmdline", "rb") as g:
+        assert f.read() == g.read() == f"{sys.executable}\0-m\0prefork.template_boot\0".encode()
     _stop(cmd, control)
 
 

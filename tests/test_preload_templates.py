@@ -1,0 +1,176 @@
+"""serve --preload: a template process per code version (src/prefork/versions.py).
+
+Each test serves an app from a folder of its own, whose module says its version and records, at
+import, the pid of every process that imported it, so the tests can tell who imported what.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from cli_helpers import ctl_json, free_port, pid_alive, prefork_cmd, run_prefork  # noqa: F401
+
+APP = '''
+import os
+with open(os.environ["IMPORTS_LOG"], "a") as f:
+    f.write(f"{{os.getpid()}}\\n")
+VERSION = "{version}"
+
+
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    body = f"{{VERSION}} {{os.getpid()}}".encode()
+    await send({{"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]}})
+    await send({{"type": "http.response.body", "body": body}})
+'''
+
+
+def _write(folder: Path, version: str, broken: bool = False) -> None:
+    text = APP.format(version=version) + ("\ndef broken(:\n" if broken else "")
+    (folder / "verapp.py").write_text(text)
+    # the same size and second as the last version would let Python reuse a stale .pyc
+    os.utime(folder / "verapp.py", (time.time() + 10, time.time() + 10))
+
+
+def _until(check, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+@pytest.fixture
+def served(prefork_cmd, tmp_path):  # noqa: F811
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    _write(app_dir, "v1")
+    log = tmp_path / "imports.log"
+    port, control = free_port(), str(tmp_path / "ctl.sock")
+    cmd = prefork_cmd("serve", "verapp:app", "--preload", "--app-dir", str(app_dir), "--workers", "2",
+                      "--bind", f"127.0.0.1:{port}", "--control", control,
+                      env={"IMPORTS_LOG": str(log), "PYTHONDONTWRITEBYTECODE": "1"})
+    cmd.wait_ready()
+    cmd.track_workers(control)
+    return cmd, port, control, app_dir, log
+
+
+def _versions(port: int, n: int = 12) -> set[str]:
+    seen = set()
+    with httpx.Client(timeout=5) as client:
+        for _ in range(n):
+            seen.add(client.get(f"http://127.0.0.1:{port}/", headers={"connection": "close"}).text.split()[0])
+    return seen
+
+
+def _reload_state(control: str) -> str:
+    return ctl_json(control)["reload"]["state"]
+
+
+def _reload(control: str) -> str:
+    assert run_prefork(["ctl", "--control", control, "reload"]).returncode == 0
+    assert _until(lambda: _reload_state(control) in ("done", "failed")), ctl_json(control)["reload"]
+    return _reload_state(control)
+
+
+def test_the_primary_never_imports_the_app_and_workers_fork_from_the_template(served):
+    cmd, port, control, _, log = served
+    status = ctl_json(control)
+    [template] = status["templates"]
+    assert template["state"] == "current" and template["version"] == 1
+    importers = [int(line) for line in log.read_text().split()]
+    assert importers == [template["pid"]]  # once, by the template: not the primary, not the workers
+    assert cmd.proc.pid not in importers
+    for worker in cmd.track_workers(control):
+        assert _ppid(worker) == template["pid"]
+    assert _versions(port) == {"v1"}
+
+
+def test_a_reload_serves_the_new_code_from_a_new_template(served):
+    cmd, port, control, app_dir, log = served
+    old_template = ctl_json(control)["templates"][0]["pid"]
+    old_workers = set(cmd.track_workers(control))
+    _write(app_dir, "v2")
+    assert _reload(control) == "done"
+    assert _versions(port) == {"v2"}
+    status = ctl_json(control)
+    current = [t for t in status["templates"] if t["state"] == "current"]
+    assert [t["version"] for t in current] == [2]
+    workers = set(cmd.track_workers(control))
+    assert not workers & old_workers
+    assert all(_ppid(w) == current[0]["pid"] for w in workers)
+    # the old template retires and exits once its last worker has gone: no zombie, no leftover
+    assert _until(lambda: not pid_alive(old_template)), "the old template outlived its workers"
+    assert _until(lambda: [t["version"] for t in ctl_json(control)["templates"]] == [2])
+    assert cmd.proc.pid not in [int(line) for line in log.read_text().split()]
+
+
+def test_a_reload_whose_import_fails_keeps_the_old_code_serving(served):
+    cmd, port, control, app_dir, _ = served
+    workers = set(cmd.track_workers(control))
+    template = ctl_json(control)["templates"][0]["pid"]
+    _write(app_dir, "v2", broken=True)
+    assert _reload(control) == "failed"
+    status = ctl_json(control)
+    assert "SyntaxError" in status["reload"]["error"]
+    assert set(cmd.track_workers(control)) == workers  # nothing was replaced
+    assert [(t["pid"], t["state"]) for t in status["templates"]] == [(template, "current")]
+    assert _versions(port) == {"v1"}
+    cmd.expect(r"reload failed, the old workers keep serving: .*SyntaxError")
+    # printed once: the traceback with the file and line, and the one line
+    assert cmd.output.count("def broken(:") == 1, cmd.output
+    # the next good save reloads
+    _write(app_dir, "v3")
+    assert _reload(control) == "done"
+    assert _versions(port) == {"v3"}
+
+
+def test_a_respawn_forks_from_the_template(served):
+    cmd, port, control, _, log = served
+    template = ctl_json(control)["templates"][0]["pid"]
+    victim = cmd.track_workers(control)[0]
+    os.kill(victim, signal.SIGKILL)
+    assert _until(lambda: victim not in cmd.track_workers(control)
+                  and sum(w["state"] == "ready" for w in ctl_json(control)["workers"]) == 2)
+    fresh = [w for w in cmd.track_workers(control) if w != victim]
+    assert all(_ppid(w) == template for w in fresh)
+    assert [int(line) for line in log.read_text().split()] == [template]  # forked, not imported again
+    assert _versions(port) == {"v1"}
+
+
+def test_a_dead_template_is_replaced_and_serving_goes_on(served):
+    cmd, port, control, _, _ = served
+    template = ctl_json(control)["templates"][0]["pid"]
+    os.kill(template, signal.SIGKILL)  # its workers end with it (their parent): the pool refills
+    cmd.expect(rf"template v1 \(pid {template}\) died")
+    assert _until(lambda: any(t["state"] == "current" and t["version"] == 2
+                              for t in ctl_json(control)["templates"]), timeout=30)
+    assert _until(lambda: sum(w["state"] == "ready" for w in ctl_json(control)["workers"]) == 2)
+    cmd.track_workers(control)
+    assert _versions(port) == {"v1"}
+
+
+def test_a_broken_app_at_start_is_one_line(tmp_path):
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    _write(app_dir, "v1", broken=True)
+    result = run_prefork(["serve", "verapp:app", "--preload", "--app-dir", str(app_dir), "--workers", "2",
+                          "--bind", f"127.0.0.1:{free_port()}", "--control", str(tmp_path / "c.sock")],
+                         env={"IMPORTS_LOG": str(tmp_path / "log")})
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "SyntaxError" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
