@@ -139,11 +139,11 @@ def run_supervised(opts: dict[str, Any], *, title: str, rows: list[tuple[str, st
         return 1
     shown = [("admin", f"{admin.url}  (/livez /readyz /metrics /status)")] if admin else []
     try:
+        if not pid_file.write() or not hooks.starting():  # the pid once the control socket is up
+            return 1
         output.banner([("pid", str(os.getpid())), *rows, ("policy", prefork.scheduling_policy),
                        ("workers", how), ("control", f"{control.path}  (prefork ctl --control "
                                                      f"{control.path} status)"), *shown], title)
-        if not pid_file.write() or not hooks.starting():  # the pid once the control socket is up
-            return 1
         supervisor.start()
         hooks.started(supervisor)  # nworkers_changed(n, None)
         if reloader is not None:
