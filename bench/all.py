@@ -1,6 +1,6 @@
 """Every benchmark of bench/, prefork and its peers side by side, in interleaved rounds.
 
-    scripts/bench [--rounds 3] [--quick] [--only ipc,policies,serve,lifecycle,scale,admin]
+    scripts/bench [--rounds 3] [--quick] [--only ipc,policies,serve,lifecycle,scale,admin,deploys]
 
 Each round runs every bench once (each bench alternates prefork and its peers inside the round), so
 the noise of this shared machine falls on all of them alike; the table shows the median of the rounds
@@ -47,6 +47,7 @@ BENCHES: dict[str, tuple[list[str], list[str], float]] = {
         400,
     ),
     "admin": (["--seconds", "8"], ["--seconds", "4", "--requests", "150"], 120),
+    "deploys": (["--kills", "8", "--reloads", "5"], ["--kills", "3", "--reloads", "2"], 400),
 }
 
 Key = tuple[str, str, str, str]  # bench, case, subject, metric
@@ -243,11 +244,46 @@ TARGETS: list[tuple[str, tuple[str, str, str, str], tuple[str, str, str, str] | 
         1.0,
     ),
     (
-        "respawn to ready at most a quarter of Node's",
+        "respawn to ready at most a quarter of Node's (library, forked workers)",
         ("lifecycle", "respawn, kill to listening", "prefork, forked (preload)", "ms"),
         ("lifecycle", "respawn, kill to listening", "node", "ms"),
         "<=",
         0.25,
+    ),
+    (  # bench/deploys.py, issue 12: a worker SIGKILLed to the first request served again, 1 worker
+        "serve: respawn to a served request at most a quarter of Node's (defaults)",
+        ("deploys", "respawn, kill to a served request, 1 worker", "prefork serve", "ms"),
+        ("deploys", "respawn, kill to a served request, 1 worker", "node cluster", "ms"),
+        "<=",
+        0.25,
+    ),
+    (
+        "serve --preload: respawn to a served request at most a quarter of Node's",
+        ("deploys", "respawn, kill to a served request, 1 worker", "prefork serve --preload", "ms"),
+        ("deploys", "respawn, kill to a served request, 1 worker", "node cluster", "ms"),
+        "<=",
+        0.25,
+    ),
+    (
+        "serve --preload: per-worker USS at least 30% below without (Django, 4 workers)",
+        ("deploys", "memory, Django WSGI, 4 workers", "prefork serve --preload", "worker USS MB"),
+        ("deploys", "memory, Django WSGI, 4 workers", "prefork serve", "worker USS MB"),
+        "<=",
+        0.7,
+    ),
+    (  # Node's master.js prints "reloaded" once its old workers exited: prefork's "replaced"
+        "serve: reload (SIGHUP, 2 workers) no slower than Node's master.js",
+        ("deploys", "reload, 2 workers, idle", "prefork serve", "replaced ms"),
+        ("deploys", "reload, 2 workers, idle", "node cluster (kill)", "replaced ms"),
+        "<=",
+        1.0,
+    ),
+    (
+        "serve --preload: reload no slower than Node's master.js",
+        ("deploys", "reload, 2 workers, idle", "prefork serve --preload", "replaced ms"),
+        ("deploys", "reload, 2 workers, idle", "node cluster (kill)", "replaced ms"),
+        "<=",
+        1.0,
     ),
     (
         "least_conn p99 below rr's under uneven work",
