@@ -16,6 +16,6 @@ async def app(scope, receive, send):
         return
     body = json.dumps({"uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups(), "umask": _umask(),
                        "pid": os.getpid()}).encode()
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": body})
