@@ -97,6 +97,8 @@ def test_the_primary_never_imports_the_app_and_workers_fork_from_the_template(se
     for worker in cmd.track_workers(control):
         assert _ppid(worker) == template["pid"]
     assert _versions(port) == {"v1"}
+    # it forks with one thread only, so no worker inherits a lock another thread held
+    assert os.listdir(f"/proc/{template['pid']}/task") == [str(template["pid"])]
 
 
 def test_a_reload_serves_the_new_code_from_a_new_template(served):
