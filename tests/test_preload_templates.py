@@ -176,3 +176,25 @@ def test_a_broken_app_at_start_is_one_line(tmp_path):
     errors = [line for line in result.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and "SyntaxError" in errors[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_app_that_starts_threads_at_import_is_not_forked(prefork_cmd, tmp_path):  # noqa: F811
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    _write(app_dir, "v1")
+    with open(app_dir / "verapp.py", "a") as f:
+        f.write("\nimport threading, time\nthreading.Thread(target=time.sleep, args=(3600,), daemon=True,"
+                " name='pool-refresher').start()\n")
+    log = tmp_path / "imports.log"
+    port, control = free_port(), str(tmp_path / "ctl.sock")
+    cmd = prefork_cmd("serve", "verapp:app", "--preload", "--app-dir", str(app_dir), "--workers", "2",
+                      "--bind", f"127.0.0.1:{port}", "--control", control, env={"IMPORTS_LOG": str(log)})
+    cmd.wait_ready()
+    cmd.expect(r"the app starts threads at import \(pool-refresher\): forking from it is unsafe")
+    workers = cmd.track_workers(control)
+    assert all(_ppid(w) == cmd.proc.pid for w in workers)  # fresh interpreters, the primary's children
+    importers = [int(line) for line in log.read_text().split()]
+    assert sorted(importers[1:]) == sorted(workers) and cmd.proc.pid not in importers
+    assert ctl_json(control)["templates"] == []
+    assert _reload(control) == "done"
+    assert _versions(port) == {"v1"}

@@ -44,6 +44,12 @@ def main() -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     keep = _open_fds() - {sock.fileno()}  # what the app opened at import: its workers keep these
+    threads = _threads()
+    if threads > 1:  # forking now could hand a worker a lock held for good: the primary won't use us
+        import threading
+
+        info["threads"] = [t.name for t in threading.enumerate() if t is not threading.main_thread()] \
+            or [f"{threads - 1} thread(s) not started by the threading module"]
     _send(sock, {"ready": info})
     from .template import _serve
 
@@ -55,6 +61,15 @@ def _send(sock: socket.socket, message: dict) -> None:
         sock.send(json.dumps(message).encode())
     except OSError:
         pass
+
+
+def _threads() -> int:
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        import threading
+
+        return threading.active_count()
 
 
 def _open_fds() -> set[int]:

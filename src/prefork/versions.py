@@ -82,6 +82,7 @@ class CodeVersions:
         self._deaths = 0
         self._restart_timer: Any = None
         self.stopping = False
+        self.disabled: str | None = None  # why workers start as fresh interpreters for good
 
     # -- starting a template ---------------------------------------------------------------------
 
@@ -111,12 +112,29 @@ class CodeVersions:
         if "ready" not in answer:
             self._end(version)
             raise TemplateFailed(str(answer.get("error", "the template failed")), answer.get("traceback", ""))
-        self._became_current(version, answer["ready"])
-        return version.info
+        if not self._unsafe(version, answer["ready"]):
+            self._became_current(version, answer["ready"])
+        return answer["ready"]
+
+    def _unsafe(self, version: Version, info: dict[str, Any]) -> bool:
+        """An app that starts threads at import cannot be forked safely (a worker may inherit a lock
+        another thread held, and hang): use fresh interpreters from now on, and say so once."""
+        threads = info.get("threads")
+        if not threads:
+            return False
+        self.disabled = f"the app starts threads at import ({', '.join(map(str, threads))[:200]})"
+        self.log(f"{self.disabled}: forking from it is unsafe, so workers start as fresh interpreters "
+                 "(--no-preload says the same without this check)")
+        self._end(version)
+        self.current = None
+        return True
 
     def prepare(self, done: Callable[[bool, str], None]) -> None:
         """Start a template for the code on disk now (a reload); `done(ok, why)` once it has
         imported the app and is current, or failed. Never blocks the loop."""
+        if self.disabled:
+            done(True, "")  # the workers load the code themselves
+            return
         try:
             version = self._spawn()
         except OSError as exc:
@@ -134,7 +152,8 @@ class CodeVersions:
             if "ready" in answer and not self.stopping:
                 self.others.remove(version)
                 self.previous = self.current
-                self._became_current(version, answer["ready"])
+                if not self._unsafe(version, answer["ready"]):
+                    self._became_current(version, answer["ready"])
                 done(True, "")
                 return
             why = "stopping" if self.stopping else \

@@ -132,13 +132,13 @@ def serve(opts: dict[str, Any]) -> int:
     os.environ["PREFORK_SERVE"] = json.dumps(worker_opts)
     prefork.setup_primary(module="prefork.http.worker", args=[], cwd=cwd)
     code = _first_template(opts, cwd) if opts["preload"] else None
-    if code is not None:
+    if code is not None and code.current is not None:
         interface = code.current.info.get("interface", interface)
     tls = bool(opts["certfile"])
     addresses = [show_bind(b, tls) for b in opts["bind"]]
     shown = [label or address for label, address in zip(labels, addresses, strict=True)]
     rows = [("app", f"{app} ({interface})"), ("listening", ", ".join(shown))]
-    if code is not None:
+    if code is not None and code.current is not None:
         rows.append(("preload", f"template v1, pid {code.current.popen.pid} (workers fork from it)"))
     proctitle.set_title(f"primary {app}", "prefork-primary")
     return run_supervised(opts, title=f"prefork {prefork.__version__} serve", rows=rows,
@@ -160,7 +160,9 @@ def _inherited(opts: dict[str, Any]) -> list[str | None]:
         output.log("policy reuseport cannot serve an inherited socket (each worker would bind its own "
                    "SO_REUSEPORT socket): using rr")
         opts["policy"] = "rr"
-    return labels
+    from prefork import upgrade
+
+    return upgrade.label_binds(opts, labels, output.log)  # a hot upgrade's sockets (upgrade.py)
 
 
 def _abs(path: str | None) -> str | None:
