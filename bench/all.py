@@ -251,8 +251,8 @@ TARGETS: list[tuple[str, tuple[str, str, str, str], tuple[str, str, str, str] | 
         0.25,
     ),
     (  # bench/deploys.py, issue 12: a worker SIGKILLed to the first request served again, 1 worker
-        "serve: respawn to a served request at most a quarter of Node's (defaults)",
-        ("deploys", "respawn, kill to a served request, 1 worker", "prefork serve", "ms"),
+        "serve --no-preload: respawn to a served request at most a quarter of Node's",
+        ("deploys", "respawn, kill to a served request, 1 worker", "prefork serve --no-preload", "ms"),
         ("deploys", "respawn, kill to a served request, 1 worker", "node cluster", "ms"),
         "<=",
         0.25,
@@ -267,13 +267,13 @@ TARGETS: list[tuple[str, tuple[str, str, str, str], tuple[str, str, str, str] | 
     (
         "serve --preload: per-worker USS at least 30% below without (Django, 4 workers)",
         ("deploys", "memory, Django WSGI, 4 workers", "prefork serve --preload", "worker USS MB"),
-        ("deploys", "memory, Django WSGI, 4 workers", "prefork serve", "worker USS MB"),
+        ("deploys", "memory, Django WSGI, 4 workers", "prefork serve --no-preload", "worker USS MB"),
         "<=",
         0.7,
     ),
     (  # Node's master.js prints "reloaded" once its old workers exited: prefork's "replaced"
-        "serve: reload (SIGHUP, 2 workers) no slower than Node's master.js",
-        ("deploys", "reload, 2 workers, idle", "prefork serve", "replaced ms"),
+        "serve --no-preload: reload (SIGHUP, 2 workers) no slower than Node's master.js",
+        ("deploys", "reload, 2 workers, idle", "prefork serve --no-preload", "replaced ms"),
         ("deploys", "reload, 2 workers, idle", "node cluster (kill)", "replaced ms"),
         "<=",
         1.0,

@@ -50,9 +50,11 @@ APPS = {"hello": "tests.apps.hello:wsgi", "django": "tests.apps.djproj.wsgi:appl
 PAUSE = 1.3  # between kills of one server: past prefork's MIN_UPTIME (src/prefork/supervisor.py)
 READY = r"worker \d+ \(pid (\d+)\) is ready"
 
-RESPAWN = ["prefork serve", "prefork serve --preload", "node cluster", "gunicorn", "gunicorn --preload"]
-MEMORY = ["prefork serve", "gunicorn", "prefork serve --preload", "gunicorn --preload"]
-RELOAD = ["prefork serve", "node cluster (kill)", "prefork serve --preload", "node cluster (disconnect)"]
+# prefork's subjects name their flag: which of the two is serve's default has changed (issue 12)
+NO, PRE = "prefork serve --no-preload", "prefork serve --preload"
+RESPAWN = [NO, PRE, "node cluster", "gunicorn", "gunicorn --preload"]
+MEMORY = [NO, "gunicorn", PRE, "gunicorn --preload"]
+RELOAD = [NO, "node cluster (kill)", PRE, "node cluster (disconnect)"]
 CASES = {
     "respawn": "respawn, kill to a served request, 1 worker",
     "memory": "memory, Django WSGI, 4 workers",
@@ -77,8 +79,8 @@ def start(subject: str, app: str, workers: int, tmp: str, node_mode: str = "resp
     else:
         argv = [NODE, str(HERE / "node" / "reload_master.js")]
         env |= {"PORT": str(port), "WORKERS": str(workers), "MODE": node_mode}
-    if subject.endswith("--preload"):
-        argv.insert(-1, "--preload")
+    if subject.endswith("preload"):
+        argv.insert(-1, subject.rsplit(" ", 1)[1])
     srv = Server(subject, argv, env, port, str(ROOT), control)
     try:
         until_ok(port, time.monotonic() + 60, every=0.05)
@@ -270,10 +272,8 @@ def show(out: dict[str, dict[str, dict[str, Any]]], args: argparse.Namespace) ->
         print_table([{"server": s, **v} for s, v in r.items()], ["server", "served_ms", "ready_line_ms"],
                     ratios=[])
         node = "node cluster"
-        print("  " + "; ".join(ratios(r, "served_ms", [("prefork serve", node),
-                                                         ("prefork serve --preload", node),
-                                                         ("prefork serve", "gunicorn"),
-                                                         ("prefork serve --preload", "gunicorn --preload")])))
+        print("  " + "; ".join(ratios(r, "served_ms", [(NO, node), (PRE, node), (NO, "gunicorn"),
+                                                         (PRE, "gunicorn --preload")])))
     if "memory" in out:
         m = out["memory"]
         print("\nmemory: Django WSGI, 4 workers, after the requests shown (MB)")
@@ -281,15 +281,14 @@ def show(out: dict[str, dict[str, dict[str, Any]]], args: argparse.Namespace) ->
                     ["server", "worker_uss_mb", "worker_pss_mb", "worker_rss_mb", "primary_rss_mb",
                      "others", "others_rss_mb", "tree_pss_mb", "requests"], ratios=[])
         print("  worker USS, " + "; ".join(ratios(m, "worker_uss_mb", [
-            ("prefork serve --preload", "prefork serve"), ("gunicorn --preload", "gunicorn"),
-            ("prefork serve --preload", "gunicorn --preload"), ("prefork serve", "gunicorn")])))
+            (PRE, NO), ("gunicorn --preload", "gunicorn"), (PRE, "gunicorn --preload"), (NO, "gunicorn")])))
     if "reload" in out:
         r = out["reload"]
         print(f"\nreload: SIGHUP, 2 workers, idle, median of {args.reloads} (ms)")
         print_table([{"server": s, **v} for s, v in r.items()], ["server", "replaced_ms", "new_ready_ms"],
                     ratios=[])
         print("  replaced, " + "; ".join(ratios(r, "replaced_ms", [
-            (p, n) for p in ("prefork serve", "prefork serve --preload")
+            (p, n) for p in (NO, PRE)
             for n in ("node cluster (kill)", "node cluster (disconnect)")])))
 
 
