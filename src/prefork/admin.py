@@ -92,6 +92,7 @@ class AdminServer:
         self.loop: Any = None
         self.connections: dict[_Connection, None] = {}  # in the order they came
         self.waiting = 0  # connections whose route answers later
+        self.held = False  # a hot upgrade's new primary: not serving until its workers are ready
         host, port = sock.getsockname()[:2]
         self.url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
@@ -103,7 +104,15 @@ class AdminServer:
     def _start(self) -> None:
         if self.metrics is not None:
             self.metrics.attach()
-        self.loop.add_reader(self.sock.fileno(), self._accept)
+        if not self.held:
+            self.loop.add_reader(self.sock.fileno(), self._accept)
+
+    def serve_now(self) -> None:
+        """On the loop thread: a held server (upgrade.py) starts serving."""
+        if self.held:
+            self.held = False
+            if self.loop is not None and self.sock.fileno() >= 0:
+                self.loop.add_reader(self.sock.fileno(), self._accept)
 
     def close(self) -> None:
         """Stop serving and close every connection (on the loop when it still runs)."""
@@ -321,7 +330,9 @@ def open_admin(address: list[Any] | None, supervisor: Any,
     if not address:
         return None
     from .metrics import Metrics
+    from .upgrade import take_admin
 
-    sock = bind(address[1], address[2])
+    # a hot upgrade's new primary serves the previous primary's socket for the same address (upgrade.py)
+    sock = take_admin(address[1], address[2]) or bind(address[1], address[2])
     metrics = Metrics(supervisor)
     return AdminServer(sock, routes(supervisor, status, metrics.scrape), metrics)

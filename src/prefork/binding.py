@@ -26,20 +26,45 @@ def adopt(family: int, addr: Any, sock: socket.socket) -> None:
     _adopted[_key(family, addr)] = sock
 
 
+# SO_REUSEPORT sockets a previous primary passed on a hot upgrade (upgrade.py), by address: a
+# reuseport group is served from them first, so no queued connection is reset when the old one goes.
+_slots: dict[tuple[Any, ...], list[socket.socket]] = {}
+
+
+def adopt_slot(family: int, addr: Any, sock: socket.socket) -> None:
+    _slots.setdefault(_key(family, addr), []).append(sock)
+
+
+def adopted_slots(family: int, addr: Any) -> int:
+    return len(_slots.get(_key(family, addr), ()))
+
+
+def is_adopted(family: int, addr: Any) -> bool:
+    return _key(family, addr) in _adopted or bool(_slots.get(_key(family, addr)))
+
+
 def adopted_fds() -> set[int]:
-    return {sock.fileno() for sock in _adopted.values()}
+    return {sock.fileno() for sock in _adopted.values()} | {s.fileno() for v in _slots.values() for s in v}
 
 
 def forget_adopted() -> None:
     """In a worker forked from the primary: the inherited sockets are the primary's. Their fds were
     closed at the fork (forkstart.py) and the numbers may be reused, so detach, never close, them."""
-    for sock in _adopted.values():
+    for sock in [*_adopted.values(), *(s for socks in _slots.values() for s in socks)]:
         sock.detach()
     _adopted.clear()
+    _slots.clear()
 
 
 def bind_socket(family: int, addr: Any, backlog: int, reuseport: bool = False) -> socket.socket:
     """A listening socket as a plain server would make it (OSError as a plain bind raises it)."""
+    slots = _slots.get(_key(family, addr)) if _slots else None
+    if slots:  # the group's sockets of the previous primary: the first handle takes them one by one
+        if reuseport:
+            return slots.pop(0)
+        copy = slots[0].dup()  # the policy changed on the upgrade: serve one of them
+        copy.setblocking(False)
+        return copy
     inherited = _adopted.get(_key(family, addr)) if _adopted else None
     if inherited is not None:
         if reuseport:  # the group would need one socket per worker, each bound by us

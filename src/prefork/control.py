@@ -26,6 +26,7 @@ MAX_REQUEST = 64 * 1024
 MAX_REPLY = 16 * 1024 * 1024  # a status of 1024 workers is well under 1 MiB
 MAX_CONNECTIONS = 32  # concurrent control connections; more are refused with an error reply
 READ_TIMEOUT = 10.0  # a client gets this long, in all, to send its request line
+ACCEPT_WAKE = 0.5  # how often the accept loop looks whether it was closed
 _MAX_DRAIN = 4 * 1024 * 1024  # after an oversized request, read at most this much more before closing
 
 
@@ -88,6 +89,7 @@ class ControlServer:
         self.path = os.path.abspath(path) if path else default_path()
         self.handler = handler
         self.sock: socket.socket | None = None
+        self._held: socket.socket | None = None  # passed by a previous primary, not served yet
         self._inode: int | None = None
         self._closed = False
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
@@ -95,6 +97,12 @@ class ControlServer:
 
     def start(self) -> None:
         """Bind (0600 from the start: no window where others could connect) and serve."""
+        from .upgrade import take_control
+
+        sock = take_control(self.path)  # a hot upgrade: the previous primary's socket (upgrade.py),
+        if sock is not None:  # served (and its file ours) once our workers are ready: take_over()
+            self._held = sock
+            return
         folder = os.path.dirname(self.path)
         if self.path == default_path():
             _private_dir(folder)
@@ -112,6 +120,12 @@ class ControlServer:
             os.umask(old)
         os.chmod(self.path, 0o600)
         sock.listen(64)
+        self._serve_on(sock)
+
+    def _serve_on(self, sock: socket.socket) -> None:
+        # accept with a timeout: a blocked accept() would still take a connection after close(),
+        # and after a hot upgrade the new primary serves this same socket (upgrade.py)
+        sock.settimeout(ACCEPT_WAKE)
         self.sock = sock
         self._inode = os.stat(self.path).st_ino
         threading.Thread(target=self._serve, name="prefork-control", daemon=True).start()
@@ -143,6 +157,8 @@ class ControlServer:
                 return
             try:
                 conn, _ = sock.accept()
+            except TimeoutError:
+                continue
             except OSError as exc:
                 if self._closed or exc.errno in (errno.EBADF, errno.EINVAL):  # closed under us
                     return
@@ -211,9 +227,23 @@ class ControlServer:
             reply = {**reply, "error": _error(reply["error"])["error"]}  # it may quote the request
         return reply
 
+    def take_over(self) -> None:
+        """A hot upgrade's new primary is ready: serve the socket the previous one passed."""
+        sock, self._held = self._held, None
+        if sock is not None and not self._closed:
+            self._serve_on(sock)
+
+    def hand_over(self) -> None:
+        """A hot upgrade's new primary serves this socket now: stop serving, leave the file."""
+        self._inode = None
+        self.close()
+
     def close(self) -> None:
         """Stop serving and remove the socket file, unless another primary has replaced it."""
         self._closed = True
+        if self._held is not None:  # never served: the file is the previous primary's
+            self._held.close()
+            self._held = None
         if self.sock is not None:
             self.sock.close()
             self.sock = None

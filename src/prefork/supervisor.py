@@ -95,7 +95,7 @@ class Supervisor:
         self.primary.signals.handle({
             signal.SIGHUP: self.handle_hup, signal.SIGTERM: self.handle_term, signal.SIGINT: self.handle_int,
             signal.SIGTTIN: self.handle_ttin, signal.SIGTTOU: self.handle_ttou,
-            signal.SIGUSR1: self.handle_usr1,
+            signal.SIGUSR1: self.handle_usr1, signal.SIGUSR2: self.handle_usr2,
         })
         loop.run_sync(self._start)
 
@@ -152,6 +152,12 @@ class Supervisor:
         """Reopen the log files (logrotate): whoever owns them watches `reopen`."""
         self.tell("reopen")
 
+    def handle_usr2(self) -> None:
+        """Hot upgrade of the primary: whoever can do it (upgrade.py) watches `upgrade`."""
+        if not any(hasattr(w, "on_upgrade") for w in self.watchers):
+            self.log("SIGUSR2: no hot upgrade here (only the prefork command's primary does it)")
+        self.tell("upgrade")
+
     def handle_int(self) -> None:
         """First Ctrl-C drains; a second one stops at once."""
         self._sigints += 1
@@ -176,7 +182,7 @@ class Supervisor:
     def tell(self, event: str, *args: Any) -> None:
         """Call `on_<event>(*args)` of each watcher that has it; a watcher's failure is reported and
         ends nothing. Events: ready (the first full set of workers is ready), reloading, reloaded
-        (ok, why), stopping, restart (member), beat, reopen, scaled (new count, old count)."""
+        (ok, why), stopping, restart (member), beat, reopen, scaled (new count, old count), upgrade."""
         for watcher in list(self.watchers):
             method = getattr(watcher, f"on_{event}", None)
             if method is not None:

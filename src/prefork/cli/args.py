@@ -16,7 +16,8 @@ EPILOG = """examples:
   prefork serve myapp.main:app --workers 4 --bind 0.0.0.0:8000
   prefork run --workers 2 server.py --port 8080
   prefork ctl status --watch
-signals to the primary: HUP rolling reload, TERM/INT graceful stop, TTIN/TTOU one worker more/fewer."""
+signals to the primary: HUP rolling reload, TERM/INT graceful stop, TTIN/TTOU one worker more/fewer,
+USR2 hot upgrade (a new primary takes the sockets over)."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -119,12 +120,12 @@ def build() -> Parser:
     run.add_argument("script", metavar="SCRIPT", help="the Python script each worker runs")
     run.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="arguments for the script")
 
-    ctl = sub.add_parser("ctl", help="control a running primary: status, reload, scale N, stop",
+    ctl = sub.add_parser("ctl", help="control a running primary: status, reload, scale N, upgrade, stop",
                          description="Talk to a running primary through its control socket.")
     ctl.add_argument("--control", metavar="PATH", default=None,
                      help="control socket (default: the per-user default of serve/run)")
-    ctl.add_argument("--timeout", type=_seconds, default=10.0, metavar="SECONDS",
-                     help="how long to wait for the primary's answer")
+    ctl.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
+                     help="how long to wait for the primary's answer (default: 10, upgrade: 300)")
     actions = ctl.add_subparsers(dest="action", metavar="ACTION", parser_class=Parser)
     status = actions.add_parser("status", help="a table of the workers")
     status.add_argument("--json", action="store_true", help="print JSON for machines")
@@ -135,6 +136,13 @@ def build() -> Parser:
     actions.add_parser("reload", help="rolling reload with no dropped connection")
     scale = actions.add_parser("scale", help="change the number of workers")
     scale.add_argument("n", metavar="N", help="the new number of workers (or +K / -K)")
+    upgrade = actions.add_parser("upgrade", help="hot upgrade: a new primary takes the sockets over",
+                                 description="Start a new primary (this one's command line, or `-- ARGS`: "
+                                             "the prefork command line after 'prefork'); once its workers "
+                                             "are ready this one drains and exits. If it fails, this one "
+                                             "serves on and says why.")
+    upgrade.add_argument("args", nargs=argparse.REMAINDER, metavar="-- ARGS",
+                         help="e.g. -- serve myapp.main:app --workers 8")
     stop = actions.add_parser("stop", help="stop gracefully (after --shutdown-delay, as SIGTERM)")
     stop.add_argument("--now", action="store_true", help="stop at once: no shutdown delay, no drain")
     return parser
@@ -149,7 +157,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     if ns.command is None:
         raise UsageError("a command is needed: serve, run or ctl (see 'prefork --help')")
     if ns.command == "ctl" and ns.action is None:
-        raise UsageError("ctl needs an action: status, reload, scale N or stop (see 'prefork ctl --help')")
+        raise UsageError("ctl needs an action: status, reload, scale N, upgrade or stop "
+                         "(see 'prefork ctl --help')")
     return ns
 
 

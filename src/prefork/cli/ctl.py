@@ -1,4 +1,5 @@
-"""`prefork ctl`: status (table, --json, --watch), reload, scale N, stop, through the control socket."""
+"""`prefork ctl`: status (table, --json, --watch), reload, scale N, upgrade, stop, through the control
+socket."""
 
 from __future__ import annotations
 
@@ -8,13 +9,16 @@ import time
 from typing import Any
 
 from prefork.control import ControlError, request
+from prefork.upgrade import MAX_ARGS
 
 from .config import MAX_WORKERS, UsageError
 from .output import status_table
 
+UPGRADE_WAIT = 300.0  # the primary answers within its --ready-timeout (+ 15 s)
+
 
 def ctl(ns: Any) -> int:
-    path, timeout = ns.control, ns.timeout
+    path, timeout = ns.control, ns.timeout or (UPGRADE_WAIT if ns.action == "upgrade" else 10.0)
     action = ns.action
     if action == "status":
         return _status(path, timeout, ns)
@@ -26,6 +30,12 @@ def ctl(ns: Any) -> int:
             raise UsageError(f"scale: expected a number of workers (1 to {MAX_WORKERS}) or +K/-K, "
                              f"not {ns.n!r}")
         message: dict[str, Any] = {"cmd": "scale", "n": int(n) if n.isdigit() else n}
+    elif action == "upgrade":
+        args = ns.args[1:] if ns.args[:1] == ["--"] else ns.args
+        if args and (len(args) > MAX_ARGS or args[0] not in ("serve", "run")):
+            raise UsageError(f"upgrade: expected `-- serve ...` or `-- run ...` (at most {MAX_ARGS} "
+                             f"arguments), not {' '.join(args)[:100]!r}")
+        message = {"cmd": "upgrade", "args": args or None}
     else:
         message = {"cmd": action}
         if action == "stop" and ns.now:

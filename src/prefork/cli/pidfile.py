@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 
+from prefork import upgrade
+
 from . import output
 
 
@@ -27,7 +29,7 @@ class PidFile:
         if self.path is None:
             return True
         other = read_pid(self.path)
-        if other is not None and other != self.pid and _is_prefork(other):
+        if other is not None and other not in (self.pid, upgrade.previous_pid()) and _is_prefork(other):
             output.error(f"already running as pid {other} ({self.path})")
             return False
         return True

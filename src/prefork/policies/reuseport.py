@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..binding import bind_socket
+from ..binding import adopted_slots, bind_socket
 from .base import Handle, close_fds, wire_name
 
 
@@ -30,6 +30,8 @@ class ReusePortHandle(Handle):
         self.leaving: set[int] = set()  # draining workers: heirs only when nobody else is left
         self._next_slot = 0
         self._new_slot()  # binds now, so a bind error reaches the first worker's listen()
+        for _ in range(adopted_slots(family, addr)):  # a hot upgrade's: all served (upgrade.py)
+            self._new_slot()
 
     def _new_slot(self) -> int:
         addr = self.addr

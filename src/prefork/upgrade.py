@@ -1,0 +1,583 @@
+"""Hot upgrade of the primary (`prefork ctl upgrade [-- ARGS]`, SIGUSR2): a new primary, started with
+the current command line or a new one, takes over the sockets; the old one drains and exits.
+
+The old primary (`Upgrader`, on its loop thread) starts the new one with subprocess (never a fork
+of this multi-threaded process), in its own session (a Ctrl-C or hang-up meant for the old one must
+not reach a primary still on trial), with the listening sockets (every SO_REUSEPORT socket of a
+group: closing one would reset what is queued on it), the control and admin sockets and one end of
+a socketpair in `pass_fds`, and what each is in PREFORK_UPGRADE (JSON). Until the new one starts
+its workers its stderr is a pipe read here, so a bad command line's one-line error reaches this
+log and the ctl answer. Once its first full set of workers is ready it writes "ready" on the
+socketpair, and the old one hands over: MAINPID= to systemd, its control and admin sockets closed
+without removing a file, its workers drained (no shutdown delay), exit 0. If the new one exits, or
+is not ready within ready_timeout, it is killed (its workers follow: a worker whose channel closes
+exits) and the old one serves on, saying why in its log, in the ctl answer and in `ctl status`.
+
+The new primary adopts what was passed (`passed()`): a listening socket wherever a worker listens on
+the same address (binding.py), the control socket for the same path, the admin socket for the same
+address; the same Upgrader, as a supervisor watcher, says "ready" (or why it failed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from . import _stdio, binding
+
+ENV = "PREFORK_UPGRADE"
+MAX_ARGS, MAX_ARG = 200, 4096  # what `ctl upgrade -- ARGS` may carry
+MAX_ENV = 1 << 20
+KILL_AFTER = 5.0  # a failed new primary gets SIGTERM, then SIGKILL this much later
+Done = Callable[[bool, str], None]
+
+
+def check_args(args: Any) -> str | None:
+    """Why a ctl request's `args` is unusable (None: the current command line, or a list of strings)."""
+    if args is None:
+        return None
+    if not isinstance(args, list) or not args:
+        return "upgrade: args must be a non-empty list of strings (the prefork command line after 'prefork')"
+    if len(args) > MAX_ARGS:
+        return f"upgrade: at most {MAX_ARGS} arguments, not {len(args)}"
+    for arg in args:
+        if not isinstance(arg, str) or len(arg) > MAX_ARG or "\0" in arg:
+            return f"upgrade: each argument must be a string of at most {MAX_ARG} characters, without NUL"
+    return None
+
+
+def command_line(args: list[str] | None) -> list[str]:
+    """This interpreter with its options, the same entry (a script such as .venv/bin/prefork, or
+    -m MODULE), then `args`, or this primary's own arguments."""
+    orig, argv = list(getattr(sys, "orig_argv", [])), list(sys.argv)
+    n = len(orig) - len(argv) + 1
+    if 1 < n <= len(orig) and orig[n:] == argv[1:]:
+        return [sys.executable, *orig[1:n], *(argv[1:] if args is None else args)]
+    return [sys.executable, "-m", "prefork.cli", *(argv[1:] if args is None else args)]
+
+
+class Upgrader:
+    """The upgrade machinery of one primary; every method but `request` runs on the loop thread."""
+
+    def __init__(self, supervisor: Any, control: Any, log: Callable[[str], None],
+                 boot_error: Callable[[], str | None] = lambda: None) -> None:
+        self.supervisor, self.control, self.log = supervisor, control, log
+        self.boot_error = boot_error
+        self.admin: Any = None
+        self.outcome: dict[str, Any] | None = None  # the last upgrade's, replaced whole (read by ctl)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.waiters: list[Done] = []
+        self.handed_over = False
+        self._trial: dict[str, Any] = {}  # the running upgrade's sockets, readers and timers
+        self.passed = passed()  # we are a new primary: what the old one passed
+
+    # -- any thread ------------------------------------------------------------------------------
+
+    def request(self, args: Any) -> dict[str, Any]:
+        """`ctl upgrade`: start one and wait (bounded) for its outcome."""
+        problem = check_args(args)
+        if problem:
+            return {"ok": False, "error": problem}
+        box: list[tuple[bool, str]] = []
+        done = threading.Event()
+
+        def finished(ok: bool, text: str) -> None:
+            box.append((ok, text))
+            done.set()
+
+        self.supervisor.primary.loop.call_soon(self.begin, args, "ctl upgrade", finished)
+        wait = self.supervisor.ready_timeout + KILL_AFTER + 10
+        if not done.wait(wait):
+            return {"ok": False, "error": f"no outcome within {wait:g} s; see `prefork ctl status`"}
+        ok, text = box[0]
+        return {"ok": True, "message": text} if ok else {"ok": False, "error": text}
+
+    def status(self) -> dict[str, Any]:
+        return {"upgrade": self.outcome} if self.outcome else {}
+
+    # -- the old primary: starting the new one ---------------------------------------------------
+
+    def on_upgrade(self) -> None:
+        self.begin(None, "SIGUSR2", None)
+
+    def begin(self, args: list[str] | None, why: str, done: Done | None) -> None:
+        sup = self.supervisor
+        refusal = ("the primary is PID 1: its exit would end the container (restart the container "
+                   "instead)" if os.getpid() == 1 else
+                   "an upgrade is already running" if self.proc is not None or self.handed_over else
+                   "the pool is stopping" if sup.stopping or sup.delaying else None)
+        if refusal:
+            self.log(f"{why}: upgrade refused: {refusal}")
+            if done is not None:
+                done(False, f"upgrade refused: {refusal}")
+            return
+        if done is not None:
+            self.waiters.append(done)
+        self._set("running", f"running since {time.strftime('%H:%M:%S')}")
+        try:
+            self._spawn(args, why)
+        except Exception as exc:  # a spawn that fails fails this upgrade only
+            self._fail(f"cannot start the new primary: {type(exc).__name__}: {exc}")
+
+    def _spawn(self, args: list[str] | None, why: str) -> None:
+        ours, theirs = socket.socketpair()
+        errors_r, errors_w = os.pipe()
+        trial = self._trial = {"hand": ours, "errors": errors_r, "buf": b"", "last": "", "timers": []}
+        stderr = os.dup(2)
+        try:
+            fds, spec = self._sockets()
+            spec.update({"v": 1, "pid": os.getpid(), "ready": theirs.fileno(), "stderr": stderr,
+                         "pipe": os.fstat(errors_w).st_ino})
+            env = {k: v for k, v in os.environ.items() if k not in ("PREFORK_SERVE", "PREFORK_HOOKS")}
+            env[ENV] = json.dumps(spec)
+            env.update(self._systemd_env())
+            argv = command_line(args)
+            self.proc = subprocess.Popen(argv, env=env, pass_fds=(*fds, theirs.fileno(), stderr),
+                                         stdin=subprocess.DEVNULL, stderr=errors_w, start_new_session=True)
+        finally:
+            theirs.close()
+            os.close(errors_w)
+            os.close(stderr)
+        self.log(f"{why}: upgrading: new primary pid {self.proc.pid}: {' '.join(argv[1:])[:300]}")
+        loop = self.supervisor.primary.loop
+        ours.setblocking(False)
+        os.set_blocking(errors_r, False)
+        loop.add_reader(ours.fileno(), self._on_hand)
+        loop.add_reader(errors_r, self._on_errors)
+        try:
+            trial["pidfd"] = os.pidfd_open(self.proc.pid)
+            loop.add_reader(trial["pidfd"], self._on_exit)
+        except (AttributeError, OSError):
+            trial["timers"].append(loop.call_later(0.1, self._poll_exit))
+        timeout = self.supervisor.ready_timeout
+        trial["timers"].append(loop.call_later(timeout, self._fail, f"the new primary was not ready "
+                                                                    f"within {timeout:g} s"))
+
+    def _sockets(self) -> tuple[list[int], dict[str, Any]]:
+        """What to pass: every listening socket of the pool, the control and the admin socket."""
+        fds: list[int] = []
+        listeners = []
+        seen: set[tuple[Any, ...]] = set()
+        for handle in list(self.supervisor.primary.servers.by_id.values()):
+            if handle.closed or handle.stopped:
+                continue
+            slots = list(getattr(handle, "slots", {}).values())
+            socks = slots or [getattr(handle, "sock", None)]
+            addr = list(handle.addr) if not isinstance(handle.addr, str) else handle.addr
+            if slots and handle.sockname is not None and not isinstance(addr, str):
+                addr = [addr[0], handle.sockname[1]]  # every slot is bound on the port the first got
+            for sock in socks:
+                if sock is not None and sock.fileno() >= 0:
+                    fds.append(sock.fileno())
+                    listeners.append({"fd": sock.fileno(), "addr": addr, "slot": bool(slots)})
+            seen.add((handle.family, addr if isinstance(addr, str) else tuple(addr)))
+        for (family, *where), sock in list(binding._adopted.items()):  # systemd's, fd://N: unused now
+            addr = where[0] if family == socket.AF_UNIX else list(where)
+            if (family, addr if isinstance(addr, str) else tuple(addr)) not in seen and sock.fileno() >= 0:
+                fds.append(sock.fileno())
+                listeners.append({"fd": sock.fileno(), "addr": addr, "slot": False})
+        spec: dict[str, Any] = {"listeners": listeners, "control": None, "admin": None}
+        control_sock = getattr(self.control, "sock", None)
+        if control_sock is not None:
+            fds.append(control_sock.fileno())
+            spec["control"] = {"fd": control_sock.fileno(), "path": self.control.path}
+        if self.admin is not None and self.admin.sock.fileno() >= 0:
+            fds.append(self.admin.sock.fileno())
+            spec["admin"] = self.admin.sock.fileno()
+        return fds, spec
+
+    def _systemd_env(self) -> dict[str, str]:
+        """NOTIFY_SOCKET (and the watchdog), which sdnotify.py took out of our environment."""
+        notifier = self._notifier()
+        if notifier is None:
+            return {}
+        env = {"NOTIFY_SOCKET": notifier.address}
+        if notifier.watchdog_s:
+            env["WATCHDOG_USEC"] = str(int(notifier.watchdog_s * 1e6))
+        return env
+
+    def _notifier(self) -> Any:
+        from .sdnotify import Notifier
+
+        return next((w for w in self.supervisor.watchers if isinstance(w, Notifier)), None)
+
+    # -- the old primary: what the new one says --------------------------------------------------
+
+    def _on_errors(self) -> None:
+        """The new primary's stderr until it starts its workers: copied to ours, last line kept."""
+        trial = self._trial
+        try:
+            data = os.read(trial["errors"], 65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close_errors()
+            return
+        _stdio.write(data.decode("utf-8", "replace"))
+        lines = [line.strip() for line in data.decode("utf-8", "replace").splitlines() if line.strip()]
+        if lines:
+            trial["last"] = lines[-1][:300]
+
+    def _close_errors(self) -> None:
+        fd = self._trial.pop("errors", None)
+        if fd is not None:
+            self.supervisor.primary.loop.remove_reader(fd)
+            os.close(fd)
+
+    def _on_hand(self) -> None:
+        trial = self._trial
+        try:
+            data = trial["hand"].recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        trial["buf"] += data
+        if b"\n" not in trial["buf"]:
+            if not data or len(trial["buf"]) > 65536:  # the new one closed it (or talks nonsense)
+                self.supervisor.primary.loop.remove_reader(trial["hand"].fileno())
+            return
+        line = trial["buf"].split(b"\n", 1)[0].decode("utf-8", "replace")
+        word, _, rest = line.partition(" ")
+        if word == "ready":
+            try:
+                info = json.loads(rest)
+            except ValueError:
+                info = None
+            self._hand_over(info if isinstance(info, dict) else {})
+        else:
+            self._fail(f"the new primary failed: {' '.join(rest.split())[:300] or 'no reason given'}")
+
+    def _poll_exit(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self._trial.setdefault("timers", []).append(
+                self.supervisor.primary.loop.call_later(0.1, self._poll_exit))
+            return
+        self._on_exit()
+
+    def _on_exit(self) -> None:
+        proc, trial = self.proc, self._trial
+        if proc is None or proc.poll() is None:
+            return
+        if trial.get("errors") is not None:  # its last words first
+            for _ in range(64):
+                if trial.get("errors") is None:
+                    break
+                self._on_errors()
+        code = proc.returncode
+        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"code {code}"
+        last = trial.get("last")
+        self._fail(f"the new primary exited with {how}" + (f": {last}" if last else ""))
+
+    # -- the old primary: outcomes ---------------------------------------------------------------
+
+    def _fail(self, why: str) -> None:
+        if self.proc is None or self.handed_over:
+            return
+        proc, self.proc = self.proc, None
+        if proc.poll() is None:
+            self._kill(proc, signal.SIGTERM)
+            self.supervisor.primary.loop.call_later(KILL_AFTER, self._kill, proc, signal.SIGKILL)
+        self._end_trial(proc)
+        self.log(f"upgrade failed, still serving: {why}")
+        self._set("failed", why, proc.pid)
+        self._answer(False, f"upgrade failed, still serving: {why}")
+
+    def _kill(self, proc: subprocess.Popen[bytes], signum: int) -> None:
+        if proc.poll() is None:
+            try:
+                os.kill(proc.pid, signum)  # by pid; its workers exit when their channel closes
+            except ProcessLookupError:
+                pass
+            if signum == signal.SIGKILL:
+                threading.Thread(target=proc.wait, daemon=True).start()  # reaped, never a zombie
+
+    def _end_trial(self, proc: subprocess.Popen[bytes]) -> None:
+        trial, self._trial = self._trial, {}
+        loop = self.supervisor.primary.loop
+        for timer in trial.get("timers", []):
+            timer.cancel()
+        hand = trial.get("hand")
+        if hand is not None:
+            loop.remove_reader(hand.fileno())
+            hand.close()
+        pidfd = trial.get("pidfd")
+        if pidfd is not None:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            if proc.poll() is None and not self.handed_over:  # being killed: reap it when it goes
+                loop.call_later(0.2, self._reap, proc)
+        fd = trial.get("errors")
+        if fd is not None:
+            loop.remove_reader(fd)
+            os.close(fd)
+
+    def _reap(self, proc: subprocess.Popen[bytes]) -> None:
+        if proc.poll() is None:
+            self.supervisor.primary.loop.call_later(0.2, self._reap, proc)
+
+    def _hand_over(self, info: dict[str, Any]) -> None:
+        proc = self.proc
+        assert proc is not None
+        self.handed_over = True
+        self._end_trial(proc)
+        self.log(f"upgraded: new primary pid {proc.pid} is ready; draining the old workers and exiting")
+        notifier = self._notifier()
+        if notifier is not None:  # the new one is the service now; our STOPPING=1 must not be heard
+            notifier.send(f"MAINPID={proc.pid}", f"STATUS=upgraded: new primary pid {proc.pid}")
+            self.supervisor.watchers.remove(notifier)
+        if info.get("control") and self.control is not None:
+            self.control.hand_over()  # stop answering here, leave the file: the new one serves it
+        if info.get("admin") and self.admin is not None:
+            self.admin.close()
+        self._set("ok", f"new primary pid {proc.pid}", proc.pid)
+        self._answer(True, f"upgraded: new primary pid {proc.pid}")
+        if sys.stdin is not None and _isatty(sys.stdin):
+            self.log(f"the new primary (pid {proc.pid}) runs in its own session: Ctrl-C here no longer "
+                     "reaches it; stop it with `prefork ctl stop` or SIGTERM")
+        self.supervisor._stop(True)
+
+    def _set(self, state: str, message: str, pid: int | None = None) -> None:
+        self.outcome = {"state": state, "message": message, "pid": pid, "at": round(time.time(), 3)}
+
+    def _answer(self, ok: bool, text: str) -> None:
+        waiters, self.waiters = self.waiters, []
+        for done in waiters:
+            done(ok, text)
+
+    def on_stopping(self) -> None:
+        if self.proc is not None and not self.handed_over:
+            self._fail("the old primary is stopping")
+        elif self.passed is not None and not self.passed.said:
+            self.passed.say("failed " + (self.boot_error() or self.supervisor.last_error
+                                         or "it stopped before its workers were ready"))
+
+    # -- the new primary -------------------------------------------------------------------------
+
+    def attach(self, admin: Any) -> None:
+        """The admin server is known; a new primary's stderr goes where the old one's goes."""
+        self.admin = admin
+        if self.passed is not None:
+            if admin is not None:
+                admin.held = self.passed.admin_taken
+            self.passed.switch_stderr()
+
+    def on_ready(self) -> None:
+        """A new primary's first full set of workers is ready: say so, and serve control and admin."""
+        if self.passed is not None and not self.passed.said:
+            self.passed.say("ready " + json.dumps({"pid": os.getpid(), "control": self.passed.control_taken,
+                                                   "admin": self.passed.admin_taken}))
+            self.control.take_over()
+            if self.admin is not None:
+                self.admin.serve_now()
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (ValueError, OSError):
+        return False
+
+
+# -- the new primary: what was passed ----------------------------------------------------------------
+
+
+class Passed:
+    """The sockets a previous primary passed (PREFORK_UPGRADE), checked; see the module docstring."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.previous_pid = _int(spec.get("pid"))
+        self.ready_fd = _fd(spec.get("ready"))
+        self.stderr_fd = _fd(spec.get("stderr"))
+        self.pipe = spec.get("pipe") if isinstance(spec.get("pipe"), int) else None
+        control = spec.get("control") if isinstance(spec.get("control"), dict) else {}
+        self.control_fd, self.control_path = _fd(control.get("fd")), control.get("path")
+        self.admin_fd = _fd(spec.get("admin"))
+        self.listeners = [item for item in spec.get("listeners") or [] if isinstance(item, dict)][:65536]
+        self.control_taken = self.admin_taken = self.said = False
+        for fd in (self.ready_fd, self.stderr_fd, self.control_fd, self.admin_fd):
+            if fd is not None:
+                try:
+                    os.set_inheritable(fd, False)  # ours alone: never a worker's
+                except OSError:
+                    pass
+
+    def adopt_listeners(self, log: Callable[[str], None]) -> None:
+        """Serve each passed listening socket where a worker listens on its address (binding.py); an
+        fd:// bind of the new command line already took its own."""
+        from .activation import ActivationError, inspect
+
+        taken = binding.adopted_fds()
+        for item in self.listeners:
+            fd, addr = _fd(item.get("fd")), item.get("addr")
+            if fd is None or fd in taken:
+                continue
+            try:
+                found = inspect(fd)
+            except ActivationError as exc:
+                log(f"upgrade: a passed socket is not usable: {exc}")
+                continue
+            if not (isinstance(addr, str) or (isinstance(addr, list) and len(addr) == 2
+                                              and isinstance(addr[0], str) and isinstance(addr[1], int))):
+                addr = found.bind[1] if found.bind[0] == "unix" else found.bind[1:]
+            key = addr if isinstance(addr, str) else (addr[0], addr[1])
+            if item.get("slot") is True:
+                binding.adopt_slot(found.sock.family, key, found.sock)
+            else:
+                binding.adopt(found.sock.family, key, found.sock)
+        self.listeners = []
+
+    def take_control(self, path: str) -> socket.socket | None:
+        fd, self.control_fd = self.control_fd, None
+        if fd is None:
+            return None
+        if self.control_path != path or not _is_listening(fd, socket.AF_UNIX):
+            os.close(fd)
+            return None
+        self.control_taken = True
+        return socket.socket(fileno=fd)
+
+    def take_admin(self, host: str, port: int) -> socket.socket | None:
+        fd, self.admin_fd = self.admin_fd, None
+        if fd is None:
+            return None
+        sock = socket.socket(fileno=fd) if _is_listening(fd, None) else None
+        try:
+            wanted = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][4]
+        except (OSError, IndexError):
+            wanted = None
+        if sock is None or wanted is None or sock.getsockname()[0] != wanted[0] or (
+                port and sock.getsockname()[1] != port):
+            if sock is not None:
+                sock.close()
+            else:
+                os.close(fd)
+            return None
+        self.admin_taken = True
+        sock.setblocking(False)
+        return sock
+
+    def switch_stderr(self) -> None:
+        """From the pipe to the old primary (read until our workers start) to its own stderr."""
+        fd, self.stderr_fd = self.stderr_fd, None
+        if fd is None:
+            return
+        try:
+            st = os.fstat(2)
+            if stat.S_ISFIFO(st.st_mode) and st.st_ino == self.pipe:  # not moved (--log-file moves it)
+                sys.stderr.flush()
+                os.dup2(fd, 2)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    def say(self, line: str) -> None:
+        """One line to the old primary, once: "ready {...}" or "failed WHY"."""
+        self.said = True
+        fd, self.ready_fd = self.ready_fd, None
+        if fd is None:
+            return
+        try:
+            os.write(fd, (" ".join(line.split())[:2000] + "\n").encode("utf-8", "replace"))
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+_passed: list[Passed | None] = []
+
+
+def passed(log: Callable[[str], None] | None = None) -> Passed | None:
+    """What a previous primary passed (read once; the variable is removed so no worker sees it)."""
+    if not _passed:
+        text = os.environ.pop(ENV, None)
+        found = None
+        if text is not None:
+            try:
+                spec = json.loads(text[:MAX_ENV])
+                found = Passed(spec if isinstance(spec, dict) else {})
+            except (ValueError, RecursionError) as exc:
+                _stdio.write(f"prefork: ignoring {ENV}: not JSON ({exc})\n")
+        _passed.append(found)
+        if found is not None:
+            found.adopt_listeners(log or (lambda line: _stdio.write(f"prefork: {line}\n")))
+    return _passed[0]
+
+
+def previous_pid() -> int | None:
+    """The pid of the primary that started this one for a hot upgrade (its --pid file names it)."""
+    found = passed()
+    return found.previous_pid if found is not None else None
+
+
+def take_control(path: str) -> socket.socket | None:
+    found = passed()
+    return found.take_control(path) if found is not None else None
+
+
+def take_admin(host: str, port: int) -> socket.socket | None:
+    found = passed()
+    return found.take_admin(host, port) if found is not None else None
+
+
+def label_binds(opts: dict[str, Any], labels: list[str | None],
+                log: Callable[[str], None]) -> list[str | None]:
+    """`prefork serve`: the banner label of each bind served from a passed socket (None: bind it), so
+    serve does not probe those addresses; reuseport over a passed plain socket falls back to rr."""
+    from .address import normalize
+
+    found = passed(log)
+    if found is None:
+        return labels
+    out = []
+    plain = False
+    for bind, label in zip(opts["bind"], labels, strict=True):
+        if label is None and bind[0] in ("tcp", "unix"):
+            family, addr = normalize(bind[1] if bind[0] == "unix" else (bind[1], bind[2]))
+            if binding.is_adopted(family, addr):
+                plain = plain or (bind[0] == "tcp" and not binding.adopted_slots(family, addr))
+                where = f"unix:{addr}" if bind[0] == "unix" else f"{addr[0]}:{addr[1]}"
+                label = f"{where} (from the previous primary, pid {found.previous_pid})"
+        out.append(label)
+    if plain and (opts.get("policy") or "") == "reuseport":
+        log("policy reuseport cannot serve a socket the previous primary served with another policy: "
+            "using rr")
+        opts["policy"] = "rr"
+    return out
+
+
+def _fd(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and 3 <= value < 1 << 20 else None
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _is_listening(fd: int, family: int | None) -> bool:
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            return False
+        probe = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return False
+    try:
+        return bool(probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)) and (
+            family is None or probe.family == family)
+    except OSError:
+        return False
+    finally:
+        probe.close()
