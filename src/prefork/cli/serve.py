@@ -129,6 +129,9 @@ def serve(opts: dict[str, Any]) -> int:
         interface = check.check_app(worker_opts)
         print(f"prefork: configuration OK: {app} ({interface})", flush=True)
         return 0
+    from .devreload import prepare
+
+    reloader = prepare(opts, output.log)  # --reload: checked (exit 2), and no .pyc, before any template
     os.environ["PREFORK_SERVE"] = json.dumps(worker_opts)
     prefork.setup_primary(module="prefork.http.worker", args=[], cwd=cwd)
     code = _first_template(opts, cwd) if opts["preload"] else None
@@ -143,7 +146,8 @@ def serve(opts: dict[str, Any]) -> int:
     proctitle.set_title(f"primary {app}", "prefork-primary")
     return run_supervised(opts, title=f"prefork {prefork.__version__} serve", rows=rows,
                           addresses=addresses if all(b[0] == "unix" or b[2] for b in opts["bind"]) else None,
-                          listens=len(opts["bind"]), code=code)  # ready once it listens on every address
+                          listens=len(opts["bind"]), code=code,  # ready once it listens on every address
+                          reloader=reloader)
 
 
 def _inherited(opts: dict[str, Any]) -> list[str | None]:

@@ -71,15 +71,12 @@ def _control_handler(supervisor: Any, path: str, info: dict[str, Any]) -> Callab
 
 def run_supervised(opts: dict[str, Any], *, title: str, rows: list[tuple[str, str]],
                    ready: str = "listening", addresses: list[str] | None = None, listens: int = 1,
-                   code: Any = None) -> int:
+                   code: Any = None, reloader: Any = None) -> int:
     """Start the pool (settings already set with setup_primary) and serve until it stops."""
     from prefork.admin import AdminError, open_admin
     from prefork.control import ControlError, ControlServer
     from prefork.supervisor import Supervisor
 
-    from .devreload import prepare
-
-    reloader = prepare(opts, output.log)  # --reload: checked before any worker starts (exit 2)
     if opts.get("policy"):
         prefork.scheduling_policy = opts["policy"]
     workers = opts["workers"]
