@@ -247,7 +247,7 @@ def records(out: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
         "respawn": [("ms", "served_ms"), ("own ready line ms", "ready_line_ms")],
         "memory": [("worker USS MB", "worker_uss_mb"), ("worker PSS MB", "worker_pss_mb"),
                    ("primary RSS MB", "primary_rss_mb"), ("template RSS MB", "others_rss_mb"),
-                   ("tree PSS MB", "tree_pss_mb")],
+                   ("template USS MB", "others_uss_mb"), ("tree PSS MB", "tree_pss_mb")],
         "reload": [("replaced ms", "replaced_ms"), ("new ready ms", "new_ready_ms")],
     }
     recs = []
@@ -279,7 +279,7 @@ def show(out: dict[str, dict[str, dict[str, Any]]], args: argparse.Namespace) ->
         print("\nmemory: Django WSGI, 4 workers, after the requests shown (MB)")
         print_table([{"server": s, **v} for s, v in m.items()],
                     ["server", "worker_uss_mb", "worker_pss_mb", "worker_rss_mb", "primary_rss_mb",
-                     "others", "others_rss_mb", "tree_pss_mb", "requests"], ratios=[])
+                     "others", "others_rss_mb", "others_uss_mb", "tree_pss_mb", "requests"], ratios=[])
         print("  worker USS, " + "; ".join(ratios(m, "worker_uss_mb", [
             (PRE, NO), ("gunicorn --preload", "gunicorn"), (PRE, "gunicorn --preload"), (NO, "gunicorn")])))
     if "reload" in out:
