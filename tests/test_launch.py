@@ -87,3 +87,37 @@ def test_user_when_not_root_is_one_line_exit_2():
     assert result.returncode == 2, result
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "--user root: only a primary started as root" in lines[0], result.stderr
+
+
+@ROOT_ONLY
+def test_a_primary_that_is_not_root_refuses_another_user():
+    """As a process that dropped to nobody (forked here: nobody may not be able to start this
+    interpreter, test_user_group_and_umask): another user or group is refused, its own is no change."""
+    from prefork.launch import LaunchError, from_options
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            os.close(read)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            out = []
+            for opts in ({"user": "root"}, {"group": "0"}, {"user": "nobody", "group": "nogroup"},
+                         {"user": "nobody", "umask": 0o22}):
+                try:
+                    out.append(repr(from_options(opts)))
+                except LaunchError as exc:
+                    out.append(str(exc))
+            os.write(write, "\n".join(out).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as f:
+        lines = f.read().splitlines()
+    os.waitpid(pid, 0)
+    assert lines[0].startswith("--user root: only a primary started as root can run its workers as another "
+                               "user"), lines
+    assert lines[1].startswith("--group 0: only a primary started as root"), lines
+    assert lines[2:] == ["None", "Launch(uid=None, gid=None, umask=18)"], lines

@@ -68,14 +68,16 @@ def from_options(opts: dict[str, Any]) -> Launch | None:
     if uid is not None and gid is None:  # else the workers would keep the primary's group, root's
         raise LaunchError(f"--user {user}: uid {uid} has no entry in the user database, so its group "
                           "is unknown: give --group too")
-    if (uid is not None and uid != os.getuid()) or (gid is not None and gid != os.getgid()):
-        if os.geteuid() != 0:
-            flag = "--user" if uid is not None and uid != os.getuid() else "--group"
-            raise LaunchError(f"{flag} {user if flag == '--user' else group}: only a primary started as root "
-                              f"can run its workers as another user or group (this one runs as uid "
-                              f"{os.geteuid()})")
-    elif umask is None:
-        return None  # our own user and group: nothing to change
+    if os.geteuid() != 0:  # our own user and group are no change; another one needs root
+        if uid is not None and uid != os.getuid():
+            raise LaunchError(f"--user {user}: only a primary started as root can run its workers as "
+                              f"another user (this one runs as uid {os.geteuid()})")
+        if gid is not None and gid != os.getgid():
+            raise LaunchError(f"--group {group}: only a primary started as root can run its workers in "
+                              f"another group (this one runs as gid {os.getgid()})")
+        uid = gid = None  # (dropping supplementary groups would need root too)
+        if umask is None:
+            return None
     return Launch(uid, gid, umask)
 
 
