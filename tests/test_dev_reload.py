@@ -150,9 +150,13 @@ def test_burst_of_changes_is_one_reload(prefork_cmd, tmp_path):  # noqa: F811
     settle(cmd, control, port, "v1", workers=1)
 
 
-def test_bad_reload_dir_is_one_line_exit_2(tmp_path):
+@pytest.mark.parametrize("preload", ["0", "1"])
+def test_bad_reload_dir_is_one_line_exit_2(tmp_path, preload):
+    """Found before anything starts: with --preload, before the template imports the app."""
     result = run_prefork(["serve", "tests.apps.hello:asgi", "--reload", "--reload-dir",
-                          str(tmp_path / "nope"), "--bind", f"127.0.0.1:{free_port()}"])
+                          str(tmp_path / "nope"), "--bind", f"127.0.0.1:{free_port()}"],
+                         env={"PREFORK_PRELOAD": preload})
+    assert result.stdout == "", result.stdout
     assert result.returncode == 2, result
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "--reload-dir" in lines[0] and "no such folder" in lines[0], result.stderr
