@@ -136,6 +136,9 @@ def status_table(status: dict[str, Any]) -> str:
         lines.append(f"reload {reload['state']}" + (f": {reload['error']}" if reload.get("error") else ""))
     if status.get("last_error"):
         lines.append(f"last error: {status['last_error']}")
+    upgrade = status.get("upgrade") or {}  # the last hot upgrade (upgrade.py)
+    if upgrade.get("state"):
+        lines.append(f"last upgrade: {upgrade['state']}: {upgrade.get('message', '')}")
     lines += ["", fmt(COLUMNS), fmt(tuple("-" * w for w in widths))]
     lines += [fmt(r) for r in rows]
     totals = [sum(int(w.get(k, 0) or 0) for w in status.get("workers", []))

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import prefork
-from prefork import sdnotify
+from prefork import sdnotify, upgrade
 
 from . import output
 from .config import UsageError
@@ -41,11 +41,15 @@ class BootWatch:
         self.shown = None
 
 
-def _control_handler(supervisor: Any, path: str, info: dict[str, Any]) -> Callable[[dict[str, Any]], Any]:
+def _control_handler(supervisor: Any, path: str, info: dict[str, Any],
+                     upgrader: Any) -> Callable[[dict[str, Any]], Any]:
     def handle(request: dict[str, Any]) -> dict[str, Any]:
         cmd = request.get("cmd")
         if cmd == "status":
-            return {"ok": True, "status": {**supervisor.status(), "control": path, **info}}
+            status = {**supervisor.status(), "control": path, **info, **upgrader.status()}
+            return {"ok": True, "status": status}
+        if cmd == "upgrade":  # hot upgrade of the primary (upgrade.py): waits for the outcome
+            return upgrader.request(request.get("args"))
         if cmd == "reload":
             supervisor.reload()
             return {"ok": True, "message": "rolling reload started (see the primary's log)"}
@@ -126,14 +130,18 @@ def run_supervised(opts: dict[str, Any], *, title: str, rows: list[tuple[str, st
         return 1
     info = {"title": title}
     supervisor.workers_how = how
-    control.handler = _control_handler(supervisor, control.path, info)
+    upgrader = upgrade.Upgrader(supervisor, control, output.log, lambda: boot.message)  # ctl upgrade, USR2
+    supervisor.watchers.append(upgrader)
+    control.handler = _control_handler(supervisor, control.path, info, upgrader)
     try:  # the admin endpoint (admin.py): bound now, so a bad address stops us before any worker starts
         admin = open_admin(opts.get("admin"), supervisor,
-                           lambda: {**supervisor._status(), "control": control.path, **info})
+                           lambda: {**supervisor._status(), "control": control.path, **info,
+                                    **upgrader.status()})
     except AdminError as exc:
         control.close()
         output.error(str(exc))
         return 1
+    upgrader.attach(admin)
     shown = [("admin", f"{admin.url}  (/livez /readyz /metrics /status)")] if admin else []
     try:
         if not pid_file.write() or not hooks.starting():  # the pid once the control socket is up

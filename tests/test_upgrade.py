@@ -1,0 +1,256 @@
+"""Hot upgrade of the primary (`prefork ctl upgrade`, SIGUSR2; src/prefork/upgrade.py), with real
+primaries: under keep-alive and new-connection load no request fails, the old primary exits 0, the
+new one answers on the same control socket and serves the same sockets (the unix socket's file and
+the control socket's file are still there); a new command line changes the app and the worker
+count; a new primary that fails (a bad flag, a broken app, not ready in time) leaves the old one
+serving, with the reason in the ctl answer, in its log and in `ctl status`."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from cli_helpers import ctl_json, free_port, pid_alive, prefork_cmd, run_prefork  # noqa: F401
+from conftest import children, wait_until
+
+from prefork import control as control_client
+
+
+class Load:
+    """Client threads on 127.0.0.1, half on keep-alive connections, half opening one per request."""
+
+    def __init__(self, port: int, threads: int = 4) -> None:
+        self.port, self.ok, self.errors = port, 0, []
+        self.bodies: set[str] = set()
+        self._stop, self._lock = threading.Event(), threading.Lock()
+        self._threads = [threading.Thread(target=self._run, args=(i % 2 == 0,), daemon=True)
+                         for i in range(threads)]
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(15)
+
+    def _run(self, keep_alive: bool) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10) if keep_alive else None
+        while not self._stop.is_set():
+            c = conn or http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+            try:  # a `Connection: close` answer makes http.client reconnect for the next one
+                c.request("GET", "/", headers={} if conn else {"Connection": "close"})
+                reply = c.getresponse()
+                body = reply.read().decode()
+                with self._lock:
+                    if reply.status == 200:
+                        self.ok += 1
+                        self.bodies.add(body)
+                    else:
+                        self.errors.append(f"status {reply.status}")
+            except Exception as exc:  # counted: the tests assert there are none
+                with self._lock:
+                    self.errors.append(f"{'keep-alive' if conn else 'new'}: {exc!r}")
+                if conn is not None:
+                    conn.close()
+            finally:
+                if conn is None:
+                    c.close()
+            time.sleep(0.002)
+
+
+def start(prefork_cmd, tmp_path: Path, *extra: str, env: dict[str, str] | None = None):  # noqa: F811
+    port, unix, control = free_port(), str(tmp_path / "app.sock"), str(tmp_path / "ctl.sock")
+    cmd = prefork_cmd("serve", "tests.apps.hello:asgi", "--workers", "2", "--bind", f"127.0.0.1:{port}",
+                      "--bind", f"unix:{unix}", "--control", control, *extra, env=env)
+    cmd.wait_ready()
+    cmd.track_workers(control)
+    return cmd, port, unix, control
+
+
+def upgrade(control: str, *args: str):
+    return run_prefork(["ctl", "--control", control, "upgrade", *(["--", *args] if args else [])], timeout=60)
+
+
+def new_pid(text: str) -> int:
+    found = re.search(r"upgraded: new primary pid (\d+)", text)
+    assert found, text
+    return int(found[1])
+
+
+def get(port: int) -> str:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", "/")
+        return conn.getresponse().read().decode()
+    finally:
+        conn.close()
+
+
+def get_unix(path: str) -> str:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(path)
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data.decode().split("\r\n\r\n", 1)[1]
+
+
+def descendants(pid: int) -> set[int]:
+    found, todo = set(), [pid]
+    while todo:
+        for child in children(todo.pop()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def end_tree(*pids: int | None) -> None:
+    """Stop primaries this test did not start itself (a new primary is not our child), and every
+    process under them, by pid."""
+    for pid in [p for p in pids if p]:
+        tree = descendants(pid)
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        wait_until(lambda pid=pid: not pid_alive(pid), 15)
+        for each in [pid, *tree, *descendants(pid)]:
+            try:
+                os.kill(each, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        assert wait_until(lambda tree=tree: not any(pid_alive(p) for p in tree), 10)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("extra", [["--no-preload"], ["--policy", "rr"]], ids=["reuseport", "rr"])
+def test_upgrade_under_load_fails_no_request(prefork_cmd, tmp_path: Path, extra: list[str]) -> None:  # noqa: F811
+    """reuseport: every SO_REUSEPORT socket of the group is passed (closing one would reset what is
+    queued on it); rr (and the preloading template): the one listening socket."""
+    cmd, port, unix, control = start(prefork_cmd, tmp_path, *extra)
+    policy = ctl_json(control)["policy"]
+    assert policy == ("rr" if "rr" in extra else "reuseport")
+    # 3 workers now, 2 on the command line: the new primary's 2 workers serve the group's 3 sockets
+    assert run_prefork(["ctl", "--control", control, "scale", "3"]).returncode == 0
+    assert wait_until(lambda: [w["state"] for w in ctl_json(control)["workers"]] == ["ready"] * 3, 20)
+    cmd.track_workers(control)
+    new = None
+    try:
+        with Load(port) as load:
+            assert wait_until(lambda: load.ok >= 100, 20)
+            before = load.ok
+            result = upgrade(control)
+            assert result.returncode == 0, result.stdout + result.stderr + cmd.output
+            new = new_pid(result.stdout)
+            assert cmd.finish(30) == 0  # the old primary drained its workers and exited 0
+            during = load.ok - before
+            assert wait_until(lambda: load.ok >= before + during + 100, 20)
+        assert load.errors == [], load.errors[:5]
+        assert load.bodies == {"hello world\n"}
+        print(f"\nupgrade under load ({policy}): {load.ok} requests, {len(load.errors)} failed")
+        cmd.expect(rf"127\.0\.0\.1:{port} \(from the previous primary, pid {cmd.proc.pid}\)")
+        status = ctl_json(control)  # the same control path, now the new primary's
+        assert status["pid"] == new and status["policy"] == policy
+        assert len(status["workers"]) == 2
+        assert not pid_alive(cmd.proc.pid)
+        assert os.path.exists(unix) and os.path.exists(control)  # no file of a served socket deleted
+        assert get(port) == "hello world\n" and get_unix(unix) == "hello world\n"
+    finally:
+        end_tree(new)
+
+
+@pytest.mark.timeout(90)
+def test_a_new_command_line_changes_the_app_and_workers_then_sigusr2(prefork_cmd, tmp_path: Path) -> None:  # noqa: F811
+    cmd, port, unix, control = start(prefork_cmd, tmp_path)
+    second = third = None
+    try:
+        result = upgrade(control, "serve", "tests.apps.upgraded:app", "--workers", "3", "--bind",
+                         f"127.0.0.1:{port}", "--bind", f"unix:{unix}", "--control", control)
+        assert result.returncode == 0, result.stdout + result.stderr + cmd.output
+        second = new_pid(result.stdout)
+        assert cmd.finish(30) == 0
+        status = ctl_json(control)
+        assert status["pid"] == second and len(status["workers"]) == 3
+        assert get(port) == "upgraded\n" and get_unix(unix) == "upgraded\n"
+        os.kill(second, signal.SIGUSR2)  # again, with the second primary's own command line
+        assert wait_until(lambda: ctl_json(control)["pid"] != second, 30), cmd.output
+        third = ctl_json(control)["pid"]
+        cmd.expect(rf"SIGUSR2: upgrading: new primary pid {third}")
+        cmd.expect(rf"upgraded: new primary pid {third} is ready")
+        assert wait_until(lambda: not pid_alive(second), 30)
+        assert len(ctl_json(control)["workers"]) == 3 and get(port) == "upgraded\n"
+    finally:
+        end_tree(second, third)
+
+
+@pytest.mark.timeout(90)
+def test_a_failing_new_primary_leaves_the_old_one_serving(prefork_cmd, tmp_path: Path) -> None:  # noqa: F811
+    cmd, port, unix, control = start(prefork_cmd, tmp_path)
+    old = cmd.proc.pid
+    bad_flag = upgrade(control, "serve", "tests.apps.hello:asgi", "--no-such-flag")
+    assert bad_flag.returncode == 1
+    assert ("upgrade failed, still serving: the new primary exited with code 2: prefork: error: "
+            "unrecognized arguments: --no-such-flag") in bad_flag.stderr, bad_flag.stderr
+    broken = upgrade(control, "serve", "tests.apps.broken:app", "--bind", f"127.0.0.1:{port}", "--bind",
+                     f"unix:{unix}", "--control", control)
+    assert broken.returncode == 1
+    assert "upgrade failed, still serving: " in broken.stderr
+    assert "No module named 'this_dependency_does_not_exist'" in broken.stderr, broken.stderr
+    cmd.expect(r"upgrade failed, still serving: the new primary exited with code 2: .*--no-such-flag")
+    cmd.expect(r"upgrade failed, still serving: .*this_dependency_does_not_exist")
+    tried = [int(pid) for pid in re.findall(r"upgrading: new primary pid (\d+)", cmd.output)]
+    assert len(tried) == 2
+    assert wait_until(lambda: not any(pid_alive(pid) for pid in tried), 15)
+    status = ctl_json(control)
+    assert status["pid"] == old and status["upgrade"]["state"] == "failed"
+    assert "this_dependency_does_not_exist" in status["upgrade"]["message"]
+    assert "last upgrade: failed" in run_prefork(["ctl", "--control", control, "status"]).stdout
+    assert get(port) == "hello world\n" and get_unix(unix) == "hello world\n"
+    assert os.path.exists(unix) and os.path.exists(control)
+    # the request is checked where it comes in: an error answer, never a hang
+    for args, why in (("serve", "non-empty list of strings"), ([1], "each argument must be a string"),
+                      (["serve"] * 201, "at most 200 arguments"), (["x" * 5000], "at most 4096")):
+        reply = control_client.request(control, {"cmd": "upgrade", "args": args})
+        assert reply["ok"] is False and why in reply["error"], reply
+    assert cmd.proc.poll() is None
+
+
+@pytest.mark.timeout(90)
+def test_a_new_primary_not_ready_in_time_is_killed_and_a_second_upgrade_is_refused(
+        prefork_cmd, tmp_path: Path) -> None:  # noqa: F811
+    gate = tmp_path / "gate"  # never made: the new primary's workers wait in their import
+    cmd, port, unix, control = start(prefork_cmd, tmp_path, "--ready-timeout", "4",
+                                     env={"SLOW_START_GATE": str(gate)})  # the new one inherits it
+    args = ["serve", "tests.apps.slow_start:app", "--bind", f"127.0.0.1:{port}", "--control", control]
+    outcome: list = []
+    thread = threading.Thread(target=lambda: outcome.append(upgrade(control, *args)))
+    try:
+        thread.start()
+        trial = int(cmd.expect(r"upgrading: new primary pid (\d+)", 20)[1])
+        tree = descendants(trial)
+        second = upgrade(control)
+        assert second.returncode == 1 and "upgrade refused: an upgrade is already running" in second.stderr
+        cmd.expect(r"ctl upgrade: upgrade refused: an upgrade is already running")
+        thread.join(60)
+        assert outcome and outcome[0].returncode == 1
+        assert "upgrade failed, still serving: the new primary was not ready within 4 s" in outcome[0].stderr
+        assert wait_until(lambda: not pid_alive(trial) and not any(pid_alive(p) for p in tree), 20)
+        assert ctl_json(control)["pid"] == cmd.proc.pid and get(port) == "hello world\n"
+    finally:
+        thread.join(60)
+        end_tree(*[int(p) for p in re.findall(r"upgrading: new primary pid (\d+)", cmd.output)])
+    assert json.dumps(ctl_json(control)["upgrade"]).count("not ready within 4 s") == 1
