@@ -90,7 +90,8 @@ def build_config(opts: dict[str, Any], app: Any, interface: str, out: Any = None
     if interface == "wsgi":
         from .wsgi import wrap_wsgi
 
-        app = wrap_wsgi(app, opts.get("threads") or 8, opts.get("header_map") or "drop")
+        app = wrap_wsgi(app, opts.get("threads") or 8, opts.get("header_map") or "drop",
+                        opts.get("timeout_header", 10.0))  # also bounds each wait for body bytes
         interface, ws = "asgi3", "none"
     if opts.get("access_log") or opts.get("access_log_format"):
         from .asgi import AccessLog

@@ -5,13 +5,17 @@ every message (start, each body chunk, the end), and each hop is a `run_coroutin
 a blocking wait. Measured here it made short responses slower than gunicorn's gthread worker on
 new connections. This bridge does one hop per request in the common case:
 
-- the request body is read on the loop first (kept in memory, spooled to disk past 1 MiB), so the
-  app's `wsgi.input` never waits for the loop;
+- the request body is read on the loop first when it is small (up to 1 MiB, the usual case), so the
+  app's `wsgi.input` never waits for the loop; a larger one is streamed: the app starts with what
+  came and its reads take the rest from the loop as it goes (wsgi_input.py), so memory stays flat;
 - the app runs in a thread pool (`--threads`, per worker; see _Pool for how threads are woken);
   the response is gathered in that thread, and if it ends within 256 KiB the whole response goes
   back to the loop at once, with one call_soon_threadsafe that resolves the request's future;
 - bigger or streamed responses (and `write()`) switch to streaming, one blocking hand-over per
-  chunk, which is what keeps memory flat and gives back-pressure.
+  chunk, which is what keeps memory flat and gives back-pressure; `wsgi.file_wrapper` over a regular
+  file goes out with sendfile(2) (filewrapper.py).
+
+The environ itself (and SCRIPT_NAME/PATH_INFO with --root-path) is built in wsgi_environ.py.
 """
 
 from __future__ import annotations
@@ -19,22 +23,27 @@ from __future__ import annotations
 import asyncio
 import collections
 import io
-import sys
-import tempfile
+import os
 import threading
 from typing import Any
 
-SPOOL_AT = 1 << 20
+from . import filewrapper, wsgi_input
+from .filewrapper import FileWrapper
+from .wsgi_environ import environ
+
+READ_AHEAD = 1 << 20  # a body up to this size is read before the app starts; a larger one is streamed
 GATHER_UP_TO = 256 << 10
 
 
 class WSGIBridge:
     """An ASGI3 app that runs the WSGI `app` in `threads` threads."""
 
-    def __init__(self, app: Any, threads: int, header_map: str = "drop") -> None:
+    def __init__(self, app: Any, threads: int, header_map: str = "drop",
+                 timeout: float | None = 10.0) -> None:
         self.app = app
         self.pool = _Pool(threads)
         self.header_map = header_map
+        self.timeout = timeout or None  # each wait for body bytes or for the client to read (0: none)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         kind = scope["type"]
@@ -56,32 +65,49 @@ class WSGIBridge:
         if self.header_map == "refuse" and any(b"_" in name for name, _ in scope.get("headers", ())):
             await _refuse(send)
             return
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
-        if not message.get("more_body", False):  # the usual case: the whole body in one message
-            body: Any = io.BytesIO(message.get("body", b""))
-        else:
-            body = tempfile.SpooledTemporaryFile(max_size=SPOOL_AT)
-            while True:
-                body.write(message.get("body", b""))
-                if not message.get("more_body", False):
-                    break
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return
-            body.seek(0)
         loop = asyncio.get_running_loop()
+        body = await self._read_body(scope, receive, loop)
+        if body is None:  # the client left before sending its body: nobody to answer
+            return
         done = loop.create_future()
-        self.pool.submit(_Call(self.app, environ(scope, body, self.header_map), loop, send, done))
+        env = environ(scope, body, self.header_map)
+        self.pool.submit(_Call(self.app, env, loop, send, done, self.timeout))
         try:
             result = await done
         finally:
             body.close()
         if result is not None:  # gathered: the whole response in one go
             status, headers, data = result
+            if getattr(body, "error", None) is not None:  # the rest of its body may still come: close
+                headers = [*headers, (b"connection", b"close")]
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": data})
+
+
+    async def _read_body(self, scope: Any, receive: Any, loop: asyncio.AbstractEventLoop) -> Any:
+        """The app's wsgi.input: all of a body of up to READ_AHEAD bytes, read here on the loop, or
+        what came so far and a stream for the rest (wsgi_input.py); None if the client left. A body
+        that stalls for `timeout` seconds ends there: the app gets what came, then an OSError."""
+        timed = self.timeout is not None and any(
+            name == b"content-length" or name == b"transfer-encoding" for name, _ in scope.get("headers", ()))
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            try:
+                message = await (asyncio.wait_for(receive(), self.timeout) if timed else receive())
+            except asyncio.TimeoutError:
+                body = wsgi_input.Body(chunks, receive, loop, self.timeout)
+                body.fail(f"the client sent no request body data for {self.timeout:g} s")
+                return body
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            if not message.get("more_body", False):  # the usual case: the whole body in one message
+                return io.BytesIO(b"".join((*chunks, chunk)) if chunks else chunk)
+            chunks.append(chunk)
+            size += len(chunk)
+            if size >= READ_AHEAD:  # large: the app starts, and reads the rest as it goes
+                return wsgi_input.Body(chunks, receive, loop, self.timeout)
 
 
 class _Pool:
@@ -217,10 +243,10 @@ def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | No
 class _Call:
     """One request, run in a pool thread."""
 
-    def __init__(
-        self, app: Any, environ: dict[str, Any], loop: asyncio.AbstractEventLoop, send: Any, done: Any
-    ) -> None:
+    def __init__(self, app: Any, environ: dict[str, Any], loop: asyncio.AbstractEventLoop, send: Any,
+                 done: Any, timeout: float | None = None) -> None:
         self.app = app
+        self.timeout = timeout
         self.environ = environ
         self.loop = loop
         self.send = send
@@ -268,6 +294,12 @@ class _Call:
     def run(self) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
         iterable = self.app(self.environ, self.start_response)
         try:
+            if type(iterable) is FileWrapper and self.status and not self.streaming:
+                if self.environ["REQUEST_METHOD"] == "HEAD":  # no body to send: the file is not read
+                    self.started = True
+                    return self.status, self.headers, b""
+                if self._sendfile(iterable):
+                    return None
             parts: list[bytes] = []
             size = 0
             for chunk in iterable:
@@ -291,6 +323,28 @@ class _Call:
                 close()
 
 
+    def _sendfile(self, wrapper: FileWrapper) -> bool:
+        """The file straight to the socket (filewrapper.py); False when it cannot go that way."""
+        how = filewrapper.plan(wrapper, self.environ["REQUEST_METHOD"], self.status, self.headers, self.send)
+        if how is None:
+            return False
+        cycle, in_fd, offset, count = how
+        self.streaming = self.started = True
+        start = {"type": "http.response.start", "status": self.status, "headers": self.headers}
+        out_fd = asyncio.run_coroutine_threadsafe(filewrapper.open_socket(cycle, start), self.loop).result()
+        if out_fd is None:  # the client has gone
+            return True
+        sent, ok = 0, True
+        try:
+            sent = filewrapper.pump(out_fd, in_fd, offset, count, self.timeout)
+        except OSError:  # the client left, or stopped reading
+            ok = False
+        finally:
+            os.close(out_fd)
+        asyncio.run_coroutine_threadsafe(filewrapper.finish(cycle, sent, ok), self.loop).result()
+        return True
+
+
 async def _refuse(send: Any) -> None:
     body = b"request header names with an underscore are refused\n"
     await send({"type": "http.response.start", "status": 400, "headers": [
@@ -299,49 +353,7 @@ async def _refuse(send: Any) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def environ(scope: Any, body: Any, header_map: str = "drop") -> dict[str, Any]:
-    """PEP 3333's environ from an ASGI HTTP scope (strings are bytes-as-latin-1, as WSGI wants).
-    A header named with an underscore maps to the same key as one with a dash (X_User and X-User:
-    HTTP_X_USER), so a client could pass for a proxy: it is dropped unless `header_map` is
-    "dangerous" (gunicorn 22's rule and setting)."""
-    root_path = scope.get("root_path", "")
-    path = scope["path"]
-    if root_path and path.startswith(root_path):
-        path = path[len(root_path):]
-    server = scope.get("server") or ("localhost", 80)
-    client = scope.get("client") or ("", 0)
-    env: dict[str, Any] = {
-        "REQUEST_METHOD": scope["method"],
-        "SCRIPT_NAME": root_path.encode("utf-8").decode("latin-1"),
-        "PATH_INFO": path.encode("utf-8").decode("latin-1"),
-        "QUERY_STRING": scope.get("query_string", b"").decode("latin-1"),
-        "SERVER_PROTOCOL": f"HTTP/{scope.get('http_version', '1.1')}",
-        "SERVER_NAME": str(server[0]),
-        "SERVER_PORT": str(server[1] if server[1] is not None else 80),
-        "REMOTE_ADDR": client[0],
-        "REMOTE_PORT": str(client[1]),
-        "wsgi.version": (1, 0),
-        "wsgi.url_scheme": scope.get("scheme", "http"),
-        "wsgi.input": body,
-        "wsgi.errors": sys.stderr,
-        "wsgi.multithread": True,
-        "wsgi.multiprocess": True,
-        "wsgi.run_once": False,
-    }
-    keep_underscores = header_map == "dangerous"
-    for name, value in scope.get("headers", ()):
-        if b"_" in name and not keep_underscores:
-            continue
-        key = name.decode("latin-1").upper().replace("-", "_")
-        text = value.decode("latin-1")
-        if key == "CONTENT_TYPE" or key == "CONTENT_LENGTH":
-            env[key] = text
-            continue
-        key = "HTTP_" + key
-        env[key] = env[key] + "," + text if key in env else text
-    return env
-
-
-def wrap_wsgi(app: Any, threads: int, header_map: str = "drop") -> Any:
-    """An ASGI app that runs the WSGI `app` in `threads` threads."""
-    return WSGIBridge(app, threads, header_map)
+def wrap_wsgi(app: Any, threads: int, header_map: str = "drop", timeout: float | None = 10.0) -> Any:
+    """An ASGI app that runs the WSGI `app` in `threads` threads; `timeout` bounds each wait for
+    request body bytes and for the client to read a sendfile response (None or 0: no bound)."""
+    return WSGIBridge(app, threads, header_map, timeout)
