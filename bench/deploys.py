@@ -104,12 +104,16 @@ def available(subjects: list[str]) -> list[str]:
 
 
 def started(subjects: list[str], app: str, workers: int, tmp: str) -> dict[str, Server]:
+    """The servers that started; one that did not is left out, and says why on stderr."""
     servers: dict[str, Server] = {}
     try:
         for s in subjects:
             mode = re.search(r"\((\w+)\)", s)
-            servers[s] = start(s, app, workers, tmp, mode.group(1) if mode else "respawn")
-    except Exception:
+            try:
+                servers[s] = start(s, app, workers, tmp, mode.group(1) if mode else "respawn")
+            except (OSError, RuntimeError, TimeoutError) as exc:
+                print(f"{s} left out: it did not start: {exc}", file=sys.stderr)
+    except BaseException:
         for srv in servers.values():
             srv.stop()
         raise
@@ -189,11 +193,11 @@ def memory_of(srv: Server, workers: int) -> dict[str, Any]:
 def memory(tmp: str, workers: int = 4) -> dict[str, dict[str, Any]]:
     out = {}
     for s in available(MEMORY):  # one at a time: 4 Django workers each, and nothing else running
-        (srv,) = started([s], "django", workers, tmp).values()
-        try:
-            out[s] = memory_of(srv, workers)
-        finally:
-            srv.stop()
+        for srv in started([s], "django", workers, tmp).values():
+            try:
+                out[s] = memory_of(srv, workers)
+            finally:
+                srv.stop()
     return out
 
 
@@ -301,12 +305,13 @@ def main() -> None:
     parts = [p for p in args.only.split(",") if p]
     out: dict[str, dict[str, dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="prefork-deploys-") as tmp:
-        if "respawn" in parts:
-            out["respawn"] = respawn(args.kills, tmp)
-        if "memory" in parts:
-            out["memory"] = memory(tmp)
-        if "reload" in parts:
-            out["reload"] = reload(args.reloads, tmp)
+        for part, run in (("respawn", lambda: respawn(args.kills, tmp)), ("memory", lambda: memory(tmp)),
+                          ("reload", lambda: reload(args.reloads, tmp))):
+            if part in parts:
+                try:
+                    out[part] = run()
+                except (OSError, RuntimeError, TimeoutError) as exc:  # the other parts still count
+                    print(f"{part} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
     show(out, args)
     emit_records(records(out), **out)
 
