@@ -6,7 +6,8 @@ use it too) in a daemon thread of the primary. Each batch of changes posts one l
 (rolling.py): one worker at a time, with any number of workers; a save during a running reload makes
 one more reload after it; a save that breaks the app fails the reload, and the old workers keep
 serving until the next good save. Which files count follows uvicorn: --reload-include globs (default
-*.py) minus --reload-exclude globs (default .*, .py[cod], .sw.*, ~*) or folders.
+*.py) minus --reload-exclude globs (default .*, .py[cod], .sw.*, ~*) or folders. With --reload no
+process writes .pyc files (see prepare), so a reload never imports a stale one.
 """
 
 from __future__ import annotations
@@ -93,8 +94,8 @@ class DevReload:
             self.thread.join(5.0)
 
     def _run(self) -> None:
-        """Watch until stopped. A failure (the OS's watch limit, a folder gone) is logged and ends
-        only the watching: once natively, then by polling; the server serves on either way."""
+        """Watch until stopped. A failure (the OS's inotify watch limit, say) is logged and ends only
+        the watching: first natively, then by polling; the server serves on either way."""
         for polling in (False, True):
             try:
                 self._watch(polling)
