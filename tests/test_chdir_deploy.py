@@ -157,7 +157,7 @@ def test_symlink_swap_deploy_then_reload(prefork_cmd, tmp_path, mode):  # noqa: 
         cmd = prefork_cmd("run", *common, "server.py", str(port), cwd=root)
     else:
         cmd = prefork_cmd("serve", *common, "--bind", f"127.0.0.1:{port}", "app:app", "--lifespan", "off",
-                          *(["--preload"] if mode == "serve-preload" else []), cwd=root)
+                          "--preload" if mode == "serve-preload" else "--no-preload", cwd=root)
     cmd.wait_ready(30)
     old = set(cmd.track_workers(control))
 

@@ -46,7 +46,7 @@ def test_user_group_and_umask(prefork_cmd, tmp_path, preload):  # noqa: F811
         pytest.skip(f"user nobody cannot execute {sys.executable} here (test_group_and_umask covers the "
                     "rest)")
     answer = _whoami(prefork_cmd, tmp_path, "--user", "nobody", "--group", "nogroup", "--umask", "077",
-                     *(["--preload"] if preload else []))
+                     "--preload" if preload else "--no-preload")
     assert answer["uid"] == pwd.getpwnam("nobody").pw_uid
     assert answer["gid"] == grp.getgrnam("nogroup").gr_gid
     assert answer["groups"] in ([], [answer["gid"]]) and answer["umask"] == 0o077
@@ -59,7 +59,7 @@ def test_group_and_umask(prefork_cmd, tmp_path, preload):  # noqa: F811
     groups and umask still change, by the same Popen keywords as --user's."""
     gid = grp.getgrnam("nogroup").gr_gid
     answer = _whoami(prefork_cmd, tmp_path, "--group", str(gid), "--umask", "0o027",
-                     *(["--preload"] if preload else []))
+                     "--preload" if preload else "--no-preload")
     assert (answer["uid"], answer["gid"], answer["groups"], answer["umask"]) == (0, gid, [], 0o027)
 
 

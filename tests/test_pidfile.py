@@ -18,7 +18,7 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def _serve(prefork_cmd, tmp_path: Path, pid: Path, name: str = "a", flag: str = "--pid"):  # noqa: F811
-    return prefork_cmd("serve", APP, "--workers", "1", "--bind", f"127.0.0.1:{free_port()}",
+    return prefork_cmd("serve", APP, "--workers", "1", "--bind", f"127.0.0.1:{free_port()}", "--no-preload",
                        "--control", str(tmp_path / f"{name}.sock"), flag, str(pid))
 
 
@@ -84,7 +84,7 @@ def test_a_file_naming_another_primary_is_left_on_exit(prefork_cmd, tmp_path):  
 
 
 def test_an_unwritable_pid_file_is_one_line_exit_1(tmp_path):
-    result = run_prefork(["serve", APP, "--bind", f"127.0.0.1:{free_port()}", "--control",
+    result = run_prefork(["serve", APP, "--no-preload", "--bind", f"127.0.0.1:{free_port()}", "--control",
                           str(tmp_path / "c.sock"), "--pid", str(tmp_path / "no" / "such" / "p.pid")])
     assert result.returncode == 1, result
     assert result.stderr.strip().splitlines() == \

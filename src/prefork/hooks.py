@@ -42,6 +42,20 @@ class HookError(Exception):
     """The hooks module cannot be used: one line, exit 2 (cli/supervised.py)."""
 
 
+_loaded: dict[tuple[str, str], dict[str, Callable[..., Any]]] = {}  # the primary's, loaded once
+
+
+def load_options(opts: dict[str, Any]) -> dict[str, Callable[..., Any]]:
+    """The primary's hooks of --hooks (none without), imported once: HookError if unusable."""
+    spec = opts.get("hooks")
+    if not spec:
+        return {}
+    key = (spec, opts.get("chdir") or os.getcwd())  # --chdir as given: a later start resolves it again
+    if key not in _loaded:
+        _loaded[key] = load(*key)
+    return _loaded[key]
+
+
 def load(spec: str, base: str) -> dict[str, Callable[..., Any]]:
     """The known hooks a module defines. `spec` is a dotted name (found from `base` too) or a .py
     file (relative to `base`); other names in the module are the user's business."""
@@ -85,9 +99,10 @@ def _import(spec: str, base: str) -> Any:
 class HookServer:
     """`server` in the primary's hooks: what a hook may read and do.
 
-    pid: the primary's pid. app: serve's MODULE:APP, or run's script. cfg: the resolved options,
-    read-only. num_workers: the workers wanted now. log(msg): one line in the primary's log.
-    reload(), scale(n), stop(): as `prefork ctl` (each only starts it; they return at once)."""
+    pid: the primary's pid. app: serve's MODULE:APP, or run's script (with its arguments). cfg:
+    the resolved options, read-only. num_workers: the workers wanted now. log(msg): one line in the
+    primary's log. reload(), scale(n), stop(): as `prefork ctl` (each only starts it; they return at
+    once). The primary's hooks run on its loop thread: one that blocks holds up the pool's events."""
 
     def __init__(self, supervisor: Any, app: str, cfg: Mapping[str, Any], log: Callable[[str], None]) -> None:
         self._supervisor = supervisor
@@ -182,8 +197,8 @@ def install(supervisor: Any, opts: dict[str, Any], app: str, log: Callable[[str]
     spec = opts.get("hooks")
     if not spec:
         return Hooks({}, None, log)
-    base = opts.get("chdir") or os.getcwd()  # --chdir as given: a worker started later resolves it again
-    functions = load(spec, base)
+    base = opts.get("chdir") or os.getcwd()
+    functions = load_options(opts)
     server = HookServer(supervisor, app, opts, log)
     hooks = Hooks(functions, server, log)
     supervisor.watchers.append(hooks)

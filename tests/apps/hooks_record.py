@@ -51,7 +51,8 @@ def post_fork(server, worker):
 
 def post_worker_init(worker):
     _record("post_worker_init", worker_id=worker.id,
-            app_loaded="tests.apps.hello" in __import__("sys").modules)
+            app_loaded="tests.apps.hello" in __import__("sys").modules,
+            env_left=[k for k in os.environ if k.startswith("PREFORK_")])
 
 
 def worker_exit(server, worker):

@@ -176,13 +176,14 @@ def _abs(path: str | None) -> str | None:
 def _first_template(opts: dict[str, Any], cwd: str) -> Any:
     """--preload: a template process imports the app (never the primary: versions.py); the first
     one's failure stops the command with one line, as a broken app does without --preload."""
-    from prefork import _role, launch
+    from prefork import _role, hooks, launch
     from prefork.versions import CodeVersions, TemplateFailed
 
     primary = _role.require_primary("serve --preload")
     try:  # --user/--group/--umask apply to the template too (launch.py); run_supervised sets it again
         primary.launch = launch.from_options(opts)
-    except launch.LaunchError as exc:
+        hooks.load_options(opts)  # --hooks: a bad module is one line before the template imports the app
+    except (launch.LaunchError, hooks.HookError) as exc:
         raise UsageError(str(exc)) from None
     code = CodeVersions(primary, "prefork.http.preload:prepare", cwd, output.log,
                         import_timeout=opts["ready_timeout"] or 30.0)
