@@ -27,6 +27,11 @@ VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 FAMILIES = {socket.AF_INET: "tcp", socket.AF_INET6: "tcp", socket.AF_UNIX: "unix"}
 
 
+# The descriptors systemd passed (fd -> its name), for a hot upgrade: the new primary serves them in
+# place of its --bind addresses too (upgrade.py)
+ACTIVATED: dict[int, str | None] = {}
+
+
 class ActivationError(Exception):
     """An unusable descriptor or variable: the message is one line for a person."""
 
@@ -140,5 +145,7 @@ def take(binds: list[list[Any]], environ: Any = None) -> list[tuple[list[Any], s
         found = inspect(fd, name)
         addr = found.bind[1] if found.bind[0] == "unix" else tuple(found.bind[1:])
         binding.adopt(found.sock.family, addr, found.sock)
+        if how == "systemd socket activation":
+            ACTIVATED[fd] = name
         out.append((found.bind, found.show(how)))
     return out

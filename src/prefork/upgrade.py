@@ -24,7 +24,6 @@ import json
 import os
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import threading
@@ -33,10 +32,10 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _stdio, binding
+from .upgrade_sockets import ENV, label_binds, passed, previous_pid, take_admin, take_control
 
-ENV = "PREFORK_UPGRADE"
+__all__ = ["ENV", "Upgrader", "label_binds", "passed", "previous_pid", "take_admin", "take_control"]
 MAX_ARGS, MAX_ARG = 200, 4096  # what `ctl upgrade -- ARGS` may carry
-MAX_ENV = 1 << 20
 KILL_AFTER = 5.0  # a failed new primary gets SIGTERM, then SIGKILL this much later
 Done = Callable[[bool, str], None]
 
@@ -163,28 +162,30 @@ class Upgrader:
                                                                     f"within {timeout:g} s"))
 
     def _sockets(self) -> tuple[list[int], dict[str, Any]]:
-        """What to pass: every listening socket of the pool, the control and the admin socket."""
-        fds: list[int] = []
+        """What to pass: every listening socket of the pool, the control and the admin socket. A
+        socket this primary inherited (systemd's, fd://N) goes by its own number, so that the same
+        fd://N in the new command line still names it."""
+        from .activation import ACTIVATED
+
+        inherited = dict(binding._adopted)
         listeners = []
-        seen: set[tuple[Any, ...]] = set()
         for handle in list(self.supervisor.primary.servers.by_id.values()):
-            if handle.closed or handle.stopped:
+            if handle.closed or handle.stopped or binding._key(handle.family, handle.addr) in inherited:
                 continue
             slots = list(getattr(handle, "slots", {}).values())
-            socks = slots or [getattr(handle, "sock", None)]
-            addr = list(handle.addr) if not isinstance(handle.addr, str) else handle.addr
+            addr = handle.addr if isinstance(handle.addr, str) else list(handle.addr)
             if slots and handle.sockname is not None and not isinstance(addr, str):
                 addr = [addr[0], handle.sockname[1]]  # every slot is bound on the port the first got
-            for sock in socks:
+            for sock in slots or [getattr(handle, "sock", None)]:
                 if sock is not None and sock.fileno() >= 0:
-                    fds.append(sock.fileno())
                     listeners.append({"fd": sock.fileno(), "addr": addr, "slot": bool(slots)})
-            seen.add((handle.family, addr if isinstance(addr, str) else tuple(addr)))
-        for (family, *where), sock in list(binding._adopted.items()):  # systemd's, fd://N: unused now
-            addr = where[0] if family == socket.AF_UNIX else list(where)
-            if (family, addr if isinstance(addr, str) else tuple(addr)) not in seen and sock.fileno() >= 0:
-                fds.append(sock.fileno())
-                listeners.append({"fd": sock.fileno(), "addr": addr, "slot": False})
+        for (family, *where), sock in inherited.items():
+            if sock.fileno() >= 0:
+                addr = where[0] if family == socket.AF_UNIX else list(where)
+                listeners.append({"fd": sock.fileno(), "addr": addr, "slot": False,
+                                  "activated": sock.fileno() in ACTIVATED,
+                                  "name": ACTIVATED.get(sock.fileno())})
+        fds = [item["fd"] for item in listeners]
         spec: dict[str, Any] = {"listeners": listeners, "control": None, "admin": None}
         control_sock = getattr(self.control, "sock", None)
         if control_sock is not None:
@@ -388,196 +389,3 @@ def _isatty(stream: Any) -> bool:
         return bool(stream.isatty())
     except (ValueError, OSError):
         return False
-
-
-# -- the new primary: what was passed ----------------------------------------------------------------
-
-
-class Passed:
-    """The sockets a previous primary passed (PREFORK_UPGRADE), checked; see the module docstring."""
-
-    def __init__(self, spec: dict[str, Any]) -> None:
-        self.previous_pid = _int(spec.get("pid"))
-        self.ready_fd = _fd(spec.get("ready"))
-        self.stderr_fd = _fd(spec.get("stderr"))
-        self.pipe = spec.get("pipe") if isinstance(spec.get("pipe"), int) else None
-        control = spec.get("control") if isinstance(spec.get("control"), dict) else {}
-        self.control_fd, self.control_path = _fd(control.get("fd")), control.get("path")
-        self.admin_fd = _fd(spec.get("admin"))
-        self.listeners = [item for item in spec.get("listeners") or [] if isinstance(item, dict)][:65536]
-        self.control_taken = self.admin_taken = self.said = False
-        for fd in (self.ready_fd, self.stderr_fd, self.control_fd, self.admin_fd):
-            if fd is not None:
-                try:
-                    os.set_inheritable(fd, False)  # ours alone: never a worker's
-                except OSError:
-                    pass
-
-    def adopt_listeners(self, log: Callable[[str], None]) -> None:
-        """Serve each passed listening socket where a worker listens on its address (binding.py); an
-        fd:// bind of the new command line already took its own."""
-        from .activation import ActivationError, inspect
-
-        taken = binding.adopted_fds()
-        for item in self.listeners:
-            fd, addr = _fd(item.get("fd")), item.get("addr")
-            if fd is None or fd in taken:
-                continue
-            try:
-                found = inspect(fd)
-            except ActivationError as exc:
-                log(f"upgrade: a passed socket is not usable: {exc}")
-                continue
-            if not (isinstance(addr, str) or (isinstance(addr, list) and len(addr) == 2
-                                              and isinstance(addr[0], str) and isinstance(addr[1], int))):
-                addr = found.bind[1] if found.bind[0] == "unix" else found.bind[1:]
-            key = addr if isinstance(addr, str) else (addr[0], addr[1])
-            if item.get("slot") is True:
-                binding.adopt_slot(found.sock.family, key, found.sock)
-            else:
-                binding.adopt(found.sock.family, key, found.sock)
-        self.listeners = []
-
-    def take_control(self, path: str) -> socket.socket | None:
-        fd, self.control_fd = self.control_fd, None
-        if fd is None:
-            return None
-        if self.control_path != path or not _is_listening(fd, socket.AF_UNIX):
-            os.close(fd)
-            return None
-        self.control_taken = True
-        return socket.socket(fileno=fd)
-
-    def take_admin(self, host: str, port: int) -> socket.socket | None:
-        fd, self.admin_fd = self.admin_fd, None
-        if fd is None:
-            return None
-        sock = socket.socket(fileno=fd) if _is_listening(fd, None) else None
-        try:
-            wanted = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][4]
-        except (OSError, IndexError):
-            wanted = None
-        if sock is None or wanted is None or sock.getsockname()[0] != wanted[0] or (
-                port and sock.getsockname()[1] != port):
-            if sock is not None:
-                sock.close()
-            else:
-                os.close(fd)
-            return None
-        self.admin_taken = True
-        sock.setblocking(False)
-        return sock
-
-    def switch_stderr(self) -> None:
-        """From the pipe to the old primary (read until our workers start) to its own stderr."""
-        fd, self.stderr_fd = self.stderr_fd, None
-        if fd is None:
-            return
-        try:
-            st = os.fstat(2)
-            if stat.S_ISFIFO(st.st_mode) and st.st_ino == self.pipe:  # not moved (--log-file moves it)
-                sys.stderr.flush()
-                os.dup2(fd, 2)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-
-    def say(self, line: str) -> None:
-        """One line to the old primary, once: "ready {...}" or "failed WHY"."""
-        self.said = True
-        fd, self.ready_fd = self.ready_fd, None
-        if fd is None:
-            return
-        try:
-            os.write(fd, (" ".join(line.split())[:2000] + "\n").encode("utf-8", "replace"))
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-
-
-_passed: list[Passed | None] = []
-
-
-def passed(log: Callable[[str], None] | None = None) -> Passed | None:
-    """What a previous primary passed (read once; the variable is removed so no worker sees it)."""
-    if not _passed:
-        text = os.environ.pop(ENV, None)
-        found = None
-        if text is not None:
-            try:
-                spec = json.loads(text[:MAX_ENV])
-                found = Passed(spec if isinstance(spec, dict) else {})
-            except (ValueError, RecursionError) as exc:
-                _stdio.write(f"prefork: ignoring {ENV}: not JSON ({exc})\n")
-        _passed.append(found)
-        if found is not None:
-            found.adopt_listeners(log or (lambda line: _stdio.write(f"prefork: {line}\n")))
-    return _passed[0]
-
-
-def previous_pid() -> int | None:
-    """The pid of the primary that started this one for a hot upgrade (its --pid file names it)."""
-    found = passed()
-    return found.previous_pid if found is not None else None
-
-
-def take_control(path: str) -> socket.socket | None:
-    found = passed()
-    return found.take_control(path) if found is not None else None
-
-
-def take_admin(host: str, port: int) -> socket.socket | None:
-    found = passed()
-    return found.take_admin(host, port) if found is not None else None
-
-
-def label_binds(opts: dict[str, Any], labels: list[str | None],
-                log: Callable[[str], None]) -> list[str | None]:
-    """`prefork serve`: the banner label of each bind served from a passed socket (None: bind it), so
-    serve does not probe those addresses; reuseport over a passed plain socket falls back to rr."""
-    from .address import normalize
-
-    found = passed(log)
-    if found is None:
-        return labels
-    out = []
-    plain = False
-    for bind, label in zip(opts["bind"], labels, strict=True):
-        if label is None and bind[0] in ("tcp", "unix"):
-            family, addr = normalize(bind[1] if bind[0] == "unix" else (bind[1], bind[2]))
-            if binding.is_adopted(family, addr):
-                plain = plain or (bind[0] == "tcp" and not binding.adopted_slots(family, addr))
-                where = f"unix:{addr}" if bind[0] == "unix" else f"{addr[0]}:{addr[1]}"
-                label = f"{where} (from the previous primary, pid {found.previous_pid})"
-        out.append(label)
-    if plain and (opts.get("policy") or "") == "reuseport":
-        log("policy reuseport cannot serve a socket the previous primary served with another policy: "
-            "using rr")
-        opts["policy"] = "rr"
-    return out
-
-
-def _fd(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and 3 <= value < 1 << 20 else None
-
-
-def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _is_listening(fd: int, family: int | None) -> bool:
-    try:
-        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
-            return False
-        probe = socket.socket(fileno=os.dup(fd))
-    except OSError:
-        return False
-    try:
-        return bool(probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)) and (
-            family is None or probe.family == family)
-    except OSError:
-        return False
-    finally:
-        probe.close()
