@@ -138,6 +138,17 @@ def test_on_starting_raising_stops_the_start(tmp_path, preload):
     assert [c["hook"] for c in _calls(log)] == ["on_starting"]  # no worker started
 
 
+def test_hooks_from_the_config_file(tmp_path):
+    """`hooks = "module"` in [tool.prefork] is the same as --hooks (on_starting raising shows it ran)."""
+    config, log = tmp_path / "prefork.toml", tmp_path / "hooks.jsonl"
+    config.write_text(f'[tool.prefork]\nhooks = "{HOOKS}"\n')
+    result = run_prefork(["serve", APP, "--no-preload", "--config", str(config), "--bind",
+                          f"127.0.0.1:{free_port()}", "--control", str(tmp_path / "c.sock")],
+                         env={"HOOKS_LOG": str(log), "HOOKS_RAISE": "on_starting"}, timeout=30)
+    assert result.returncode == 1 and "hook on_starting failed" in result.stderr, result
+    assert [c["hook"] for c in _calls(log)] == ["on_starting"]
+
+
 @pytest.mark.parametrize(("hooks", "words"), [
     ("tests.apps.hooks_bad", "when_ready is a str, not a function"),
     ("tests.apps.no_such_hooks", "cannot load it: ModuleNotFoundError"),
