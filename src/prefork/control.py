@@ -46,8 +46,10 @@ def default_dir() -> str:
     return os.path.join("/tmp", f"prefork-{os.getuid()}")
 
 
-def default_path() -> str:
-    return os.path.join(default_dir(), DEFAULT_NAME)
+def default_path(name: str | None = None) -> str:
+    """The per-user default socket; `NAME.sock` for a server given --name (two named servers, two
+    sockets; `prefork ctl --name NAME` finds it)."""
+    return os.path.join(default_dir(), f"{name}.sock" if name else DEFAULT_NAME)
 
 
 def _owner_problem(path: str, st: os.stat_result, what: str) -> str:
@@ -104,7 +106,7 @@ class ControlServer:
             self._held = sock
             return
         folder = os.path.dirname(self.path)
-        if self.path == default_path():
+        if folder == default_dir():  # prefork.sock or a --name's NAME.sock
             _private_dir(folder)
         elif not os.path.isdir(folder):
             raise ControlError(f"control socket {self.path}: no such folder {folder}")
@@ -390,7 +392,7 @@ def request(path: str | None, message: dict[str, Any], timeout: float = 10.0) ->
     """Send one request to the primary behind `path` and return its reply; ControlError if none.
 
     Nothing is sent before the folder, the socket file and the server's uid have been checked."""
-    default = not path or os.path.abspath(path) == default_path()
+    default = not path or os.path.dirname(os.path.abspath(path)) == default_dir()
     path = os.path.abspath(path) if path else default_path()
     _check_folder(os.path.dirname(path), default)
     _check_socket_file(path)

@@ -64,6 +64,9 @@ def _main(argv: list[str]) -> int:
 
         return ctl(ns)
     opts = resolve(ns.command, cli_args.flags_of(ns, ns.command), ns.config)
+    from prefork import proctitle
+
+    proctitle.use_name(opts.get("name"))  # --name: titles and log tag here and in every process started
     if opts.get("chdir"):
         _chdir(opts)
     if ns.command == "serve":

@@ -47,6 +47,15 @@ def _interval(text: str) -> float:
     return _seconds(text, zero_ok=True)
 
 
+def _name(text: str) -> str:
+    from .values import to_name
+
+    try:
+        return to_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _count(text: str) -> int:
     try:
         n = int(text)
@@ -122,8 +131,11 @@ def build() -> Parser:
 
     ctl = sub.add_parser("ctl", help="control a running primary: status, reload, scale N, upgrade, stop",
                          description="Talk to a running primary through its control socket.")
-    ctl.add_argument("--control", metavar="PATH", default=None,
-                     help="control socket (default: the per-user default of serve/run)")
+    where = ctl.add_mutually_exclusive_group()
+    where.add_argument("--control", metavar="PATH", default=None,
+                       help="control socket (default: the per-user default of serve/run)")
+    where.add_argument("--name", metavar="NAME", type=_name, default=None,
+                       help="the server started with --name NAME (its NAME.sock in the per-user folder)")
     ctl.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
                      help="how long to wait for the primary's answer (default: 10, upgrade: 300)")
     actions = ctl.add_subparsers(dest="action", metavar="ACTION", parser_class=Parser)

@@ -19,6 +19,10 @@ UPGRADE_WAIT = 300.0  # the primary answers within its --ready-timeout (+ 15 s)
 
 def ctl(ns: Any) -> int:
     path, timeout = ns.control, ns.timeout or (UPGRADE_WAIT if ns.action == "upgrade" else 10.0)
+    if getattr(ns, "name", None):  # the socket of the server started with --name NAME
+        from prefork.control import default_path
+
+        path = default_path(ns.name)
     action = ns.action
     if action == "status":
         return _status(path, timeout, ns)

@@ -10,7 +10,7 @@ import os
 import time
 from typing import Any, TextIO
 
-from prefork import _stdio, logline
+from prefork import _stdio, logline, proctitle
 
 # words that make an event line more than news (the supervisor's lines carry no level of their own)
 _ERROR_WORDS = ("giving up",)
@@ -55,11 +55,14 @@ def level_of(line: str) -> str:
 
 def log(line: str, stream: TextIO | None = None, level: str | None = None) -> None:
     """One line from the primary (worker started, stopped, replaced and why); a closed log pipe
-    is silenced, never fatal (prefork/_stdio.py)."""
+    is silenced, never fatal (prefork/_stdio.py). With --name the tag is the name, `[api]`: it says
+    which server speaks when several log to one place, as `[worker N]` says which worker."""
+    server = proctitle.name()
     if logline.is_json():
-        logline.emit(level or level_of(line), line, stream)
+        logline.emit(level or level_of(line), line, stream, **({"name": server} if server else {}))
     else:
-        _stdio.write(f"{logline.stamp()} [prefork] {line}\n", logline.raw(stream) if stream else None)
+        _stdio.write(f"{logline.stamp()} [{server or 'prefork'}] {line}\n",
+                     logline.raw(stream) if stream else None)
 
 
 def error(message: str) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import prefork
-from prefork import sdnotify, upgrade
+from prefork import _stdio, logline, sdnotify, upgrade
 
 from . import output
 from .config import UsageError
@@ -30,15 +30,27 @@ class BootWatch:
         if self.supervisor.ever_ready:
             if text != self.shown:
                 self.shown = text
+                _traceback(message.get("traceback"))
                 output.log(f"worker {worker.id} (pid {worker.process.pid}) could not start: {text}")
             return
         if self.message is None:
             self.message = text
+            _traceback(message.get("traceback"))
             output.error(text)
             self.supervisor.stop(graceful=False)
 
     def on_reloading(self) -> None:  # a new save: its error (even the same one) is news again
         self.shown = None
+
+
+def _traceback(trace: Any) -> None:
+    """A worker's traceback (the app's import failed with something else than a SyntaxError or an
+    ImportError, or --log-level debug): as it is, or one JSON object with --log-format json."""
+    if trace and isinstance(trace, str):
+        if logline.is_json():
+            logline.emit("error", trace.rstrip("\n"))
+        else:
+            _stdio.write(trace if trace.endswith("\n") else trace + "\n")
 
 
 def _control_handler(supervisor: Any, path: str, info: dict[str, Any],
@@ -78,7 +90,7 @@ def run_supervised(opts: dict[str, Any], *, title: str, rows: list[tuple[str, st
                    code: Any = None, reloader: Any = None) -> int:
     """Start the pool (settings already set with setup_primary) and serve until it stops."""
     from prefork.admin import AdminError, open_admin
-    from prefork.control import ControlError, ControlServer
+    from prefork.control import ControlError, ControlServer, default_path
     from prefork.supervisor import Supervisor
 
     if opts.get("policy"):
@@ -122,7 +134,10 @@ def run_supervised(opts: dict[str, Any], *, title: str, rows: list[tuple[str, st
     notifier = sdnotify.from_environ(supervisor, output.log)  # systemd's Type=notify(-reload)
     if notifier is not None:
         supervisor.watchers.append(notifier)
-    control = ControlServer(opts.get("control"), lambda r: {"ok": False, "error": "starting"})
+    name = opts.get("name")  # --name: NAME.sock in the default folder, and in the banner's title
+    control = ControlServer(opts.get("control") or (default_path(name) if name else None),
+                            lambda r: {"ok": False, "error": "starting"})
+    title = f"{title} [{name}]" if name else title
     try:
         control.start()
     except ControlError as exc:
@@ -146,9 +161,10 @@ def run_supervised(opts: dict[str, Any], *, title: str, rows: list[tuple[str, st
     try:
         if not pid_file.write() or not hooks.starting():  # the pid once the control socket is up
             return 1
+        how_ctl = f"--name {name}" if name and not opts.get("control") else f"--control {control.path}"
         output.banner([("pid", str(os.getpid())), *rows, ("policy", prefork.scheduling_policy),
-                       ("workers", how), ("control", f"{control.path}  (prefork ctl --control "
-                                                     f"{control.path} status)"), *shown], title)
+                       ("workers", how), ("control", f"{control.path}  (prefork ctl {how_ctl} status)"),
+                       *shown], title)
         supervisor.start()
         hooks.started(supervisor)  # nworkers_changed(n, None)
         if reloader is not None:
