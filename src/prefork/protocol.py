@@ -5,7 +5,7 @@ Worker to primary:
     {"t": "listening", "address": [addr, port, type]} it listens (Address.to_wire, address.py)
     {"t": "leaving"}                                  it called its own disconnect() or kill()
     {"t": "fatal", "error": str, "traceback": str}    its script died of an uncaught exception
-    {"t": "boot_error", "message": str}               `prefork serve`: its app could not start
+    {"t": "boot_error", "message": str, "traceback": str (optional)}  `prefork serve`: its app could not start
     ["P", {"connections": int, ...}]                  the answer to a heartbeat, with counters
     {"t": "listen", "seq": int, "family": int, "addr": ..., "backlog": int | None,
      "policy": str} + its hand-off link's two ends (rr, least_conn)     a listen() call
@@ -90,6 +90,7 @@ def _fatal(message: Any, fds: list[int]) -> None:
 def _boot_error(message: Any, fds: list[int]) -> None:
     _fds(fds, (0,))
     _text(message.get("message"), "boot_error: message")
+    _text(message.get("traceback", ""), "boot_error: traceback")
 
 
 def _pong(message: Any, fds: list[int]) -> None:

@@ -45,15 +45,16 @@ async def _serve(opts: dict[str, Any], child: Any, app: Any, interface: str, out
     server.finished()
 
 
-def _report_boot_error(child: Any, message: str) -> None:
-    """Tell the primary (it prints the line once for all workers and stops), or print it ourselves."""
+def _report_boot_error(child: Any, message: str, trace: str = "") -> None:
+    """Tell the primary, which prints the line (and the traceback) once for all workers and all
+    retries of a crash loop; or print them ourselves."""
     if child is not None:
         try:
-            child.channel.send_internal({"t": "boot_error", "message": message})
+            child.channel.send_internal({"t": "boot_error", "message": message, "traceback": trace[-65536:]})
             return
         except Exception:
             pass
-    print(f"prefork: error: {message}", file=sys.stderr, flush=True)
+    print(f"{trace}prefork: error: {message}", file=sys.stderr, flush=True)
 
 
 def run(opts: dict[str, Any], app: Any = None) -> int:
@@ -96,12 +97,12 @@ def run(opts: dict[str, Any], app: Any = None) -> int:
     except Exception as exc:
         from .asgi import AppError
 
-        if debug or not isinstance(exc, (AppError, BootError, ImportError, SyntaxError)):
-            traceback.print_exc()
+        shown = debug or not isinstance(exc, (AppError, BootError, ImportError, SyntaxError))
+        trace = traceback.format_exc() if shown else ""
         text = str(exc) if isinstance(exc, (AppError, BootError)) else f"{type(exc).__name__}: {exc}"
         if isinstance(exc, (ImportError, SyntaxError)) and not isinstance(exc, AppError):
             text = f"app {opts['app']!r} failed to import: {text}"
-        _report_boot_error(child, text)
+        _report_boot_error(child, text, trace)
         return BOOT_ERROR
     hooks.in_worker("worker_exit")
     return 0
