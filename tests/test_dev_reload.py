@@ -125,6 +125,27 @@ def test_edit_break_fix(prefork_cmd, tmp_path, mode):  # noqa: F811
     assert "watcher failed" not in cmd.output and "Traceback" not in cmd.output[before:], cmd.output
 
 
+def test_a_broken_import_prints_its_traceback_once(prefork_cmd, tmp_path):  # noqa: F811
+    """Without --preload each new worker imports the app: a NameError at import is shown with its
+    traceback once, not again by each worker of a crash loop (a worker died meanwhile)."""
+    app = tmp_path / "app.py"
+    write(app, APP.format(version="v1"))
+    port, control = free_port(), str(tmp_path / "ctl.sock")
+    cmd = prefork_cmd("serve", "app:app", "--app-dir", str(tmp_path), "--reload", "--workers", "2",
+                      "--bind", f"127.0.0.1:{port}", "--control", control, "--lifespan", "off",
+                      cwd=tmp_path, env={"PREFORK_PRELOAD": "0"})
+    cmd.wait_ready(30)
+    pids = settle(cmd, control, port, "v1")
+    write(app, APP.format(version="v1") + "undefined_name\n")
+    wait_count(cmd, r"reload failed", 1)
+    os.kill(sorted(pids)[0], signal.SIGKILL)
+    wait_count(cmd, r"died \(code 3\)", 3)
+    assert count(cmd, r"Traceback \(most recent call last\)") == 1, cmd.output
+    assert count(cmd, r'File ".*app\.py", line 11, in <module>') == 1, cmd.output
+    assert count(cmd, r"could not start: NameError: name 'undefined_name' is not defined") == 1, cmd.output
+    assert [ask(port)[0] for _ in range(4)] == ["v1"] * 4
+
+
 def test_burst_of_changes_is_one_reload(prefork_cmd, tmp_path):  # noqa: F811
     """20 files written at once (a checkout): one reload, and only the files that count are named."""
     (tmp_path / "app.py").write_text(APP.format(version="v1"))
