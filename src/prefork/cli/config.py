@@ -336,11 +336,14 @@ def _toml_reader(path: str) -> Any:
 
 def resolve(command: str, flags: dict[str, Any], config_path: str | None,
             environ: dict[str, str] | None = None) -> dict[str, Any]:
-    """Defaults < config file < PREFORK_* variables < flags, each value checked. opts["_sources"]
-    says where each value came from (--print-config)."""
+    """Defaults < config file < PREFORK_* variables < PREFORK_CMD_ARGS < flags, each value checked.
+    opts["_sources"] says where each value came from (--print-config)."""
+    from . import cmdargs
     from .options import BY_NAME, OPTIONS
 
     environ = os.environ if environ is None else environ
+    env_flags, env_config = cmdargs.read(command, environ)  # PREFORK_CMD_ARGS, just below the flags
+    config_path = config_path or env_config
     explicit = config_path is not None
     path = config_path or environ.get("PREFORK_CONFIG") or "pyproject.toml"
     if config_path is None and "PREFORK_CONFIG" in environ:
@@ -377,6 +380,7 @@ def resolve(command: str, flags: dict[str, Any], config_path: str | None,
         if var in environ:
             out[option.name] = _convert(option, environ[var], var)
             sources[option.name] = var
+    cmdargs.apply(out, sources, env_flags)
     for name, value in flags.items():
         option = BY_NAME[name]
         flag = "--" + name.replace("_", "-")
@@ -386,7 +390,7 @@ def resolve(command: str, flags: dict[str, Any], config_path: str | None,
             out[name] = value if isinstance(value, bool) else _convert(option, value, flag)
         sources[name] = flag
     if command == "serve":
-        bind_given = "bind" in table or "PREFORK_BIND" in environ or "bind" in flags
+        bind_given = "bind" in table or "PREFORK_BIND" in environ or "bind" in flags or "bind" in env_flags
         _alias_binds(out, bind_given)
         given = [sources[n] for n in ("bind", "host", "port", "uds", "fd") if n in sources]
         if given:
