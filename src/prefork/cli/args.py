@@ -105,7 +105,8 @@ def _add_options(parser: argparse.ArgumentParser, command: str) -> None:
             target.add_argument(*flags, metavar=option.metavar or "VALUE", **kw)
     parser.add_argument("--config", metavar="FILE", default=None,
                         help="read options from FILE (TOML; [tool.prefork] table or top level); "
-                             "default: [tool.prefork] in ./pyproject.toml. Flags win, then PREFORK_* "
+                             "default: [tool.prefork] in ./pyproject.toml. Flags win, then "
+                             "PREFORK_CMD_ARGS (more flags, split as a shell would), then PREFORK_* "
                              "variables")
 
 
