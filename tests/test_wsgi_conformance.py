@@ -264,3 +264,16 @@ def test_wsgiref_validator_finds_nothing(prefork_cmd, tmp_path, name):  # noqa: 
                 assert r.content == body
     for word in ("AssertionError", "WSGIWarning", "garbage collected without being closed"):
         assert word not in cmd.output, cmd.output[-3000:]
+
+
+def test_file_wrapper_over_tls_is_read_not_sendfiled(prefork_cmd, tmp_path):  # noqa: F811
+    """sendfile would write the file's plain bytes into the TLS stream: over TLS it is read in blocks."""
+    from test_serve_tls import _cert
+
+    cert, key = _cert(tmp_path)
+    cmd, port, _pid = _serve(prefork_cmd, tmp_path, APP, "--certfile", str(cert), "--keyfile", str(key))
+    with httpx.Client(timeout=15, verify=False) as client:
+        for _ in range(2):
+            r = client.get(f"https://127.0.0.1:{port}/file?size=1000000")
+            assert (r.status_code, r.content == pattern(1_000_000)) == (200, True)
+        assert int(client.get(f"https://127.0.0.1:{port}/reads").text) > 0
