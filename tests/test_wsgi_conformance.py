@@ -277,3 +277,34 @@ def test_file_wrapper_over_tls_is_read_not_sendfiled(prefork_cmd, tmp_path):  # 
             r = client.get(f"https://127.0.0.1:{port}/file?size=1000000")
             assert (r.status_code, r.content == pattern(1_000_000)) == (200, True)
         assert int(client.get(f"https://127.0.0.1:{port}/reads").text) > 0
+
+
+def test_sendfile_to_a_client_that_stops_reading(prefork_cmd, tmp_path):  # noqa: F811
+    """A client that reads nothing of a large sendfile response: after --timeout-header seconds
+    without progress the connection is closed and the app's thread is free; the worker serves on."""
+    from cli_helpers import ctl_json
+
+    cmd, port, pid = _serve(prefork_cmd, tmp_path, APP, "--timeout-header", "1")
+    size = 32 << 20
+    httpx.get(f"http://127.0.0.1:{port}/file?size={size}&skip={size - 70000}", timeout=20)  # makes the file
+    control = str(tmp_path / "ctl.sock")
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", port))
+        s.sendall(f"GET /file?size={size} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+        deadline = time.monotonic() + 20
+        for state in (1, 0):  # the request runs, then ends although the client read nothing
+            while ctl_json(control)["workers"][0].get("in_flight") != state:
+                assert time.monotonic() < deadline, f"in flight never {state}: a thread hangs on the client"
+                time.sleep(0.1)
+        s.settimeout(10)
+        got = 0
+        while True:
+            data = s.recv(1 << 20)
+            if not data:
+                break
+            got += len(data)
+        assert got < size, "the whole file went to a client that did not read"
+    r = httpx.get(f"http://127.0.0.1:{port}/file?size=200000", timeout=10)
+    assert r.content == pattern(200_000)
+    assert cmd.track_workers(control) == [pid]

@@ -82,13 +82,18 @@ def plan(wrapper: Any, method: str, status: int, headers: list[tuple[bytes, byte
     return cycle, fd, offset, length
 
 
-async def open_socket(cycle: Any, start: dict[str, Any]) -> int | None:
+async def open_socket(cycle: Any, start: dict[str, Any], timeout: float | None) -> int | None:
     """On the loop: send the head, wait until the transport has written it, and return a dup of the
-    socket's descriptor (None when the client has gone)."""
+    socket's descriptor (None when the client has gone, or read nothing for `timeout` seconds)."""
     await cycle.send(start)
     await cycle.send({"type": "http.response.body", "body": b"", "more_body": True})  # the head goes out
     transport = cycle.transport
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
     while not cycle.disconnected and not transport.is_closing() and transport.get_write_buffer_size():
+        if deadline is not None and loop.time() > deadline:
+            await finish(cycle, 0, False)
+            return None
         await asyncio.sleep(0.001)
     if cycle.disconnected or transport.is_closing():
         return None

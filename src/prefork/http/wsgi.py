@@ -331,7 +331,8 @@ class _Call:
         cycle, in_fd, offset, count = how
         self.streaming = self.started = True
         start = {"type": "http.response.start", "status": self.status, "headers": self.headers}
-        out_fd = asyncio.run_coroutine_threadsafe(filewrapper.open_socket(cycle, start), self.loop).result()
+        opening = filewrapper.open_socket(cycle, start, self.timeout)
+        out_fd = asyncio.run_coroutine_threadsafe(opening, self.loop).result()
         if out_fd is None:  # the client has gone
             return True
         sent, ok = 0, True
