@@ -66,11 +66,16 @@ class WSGIBridge:
             await _refuse(send)
             return
         loop = asyncio.get_running_loop()
-        body = await self._read_body(scope, receive, loop)
+        env = environ(scope, None, self.header_map)
+        if "CONTENT_LENGTH" in env or "HTTP_TRANSFER_ENCODING" in env:  # a body comes: read it, bounded
+            body = await self._read_body(receive, loop)
+        else:  # none (HTTP/1.1 frames a body with one of those): the common GET, one receive
+            message = await receive()
+            body = None if message["type"] == "http.disconnect" else io.BytesIO(message.get("body", b""))
         if body is None:  # the client left before sending its body: nobody to answer
             return
+        env["wsgi.input"] = body
         done = loop.create_future()
-        env = environ(scope, body, self.header_map)
         self.pool.submit(_Call(self.app, env, loop, send, done, self.timeout))
         try:
             result = await done
@@ -84,12 +89,11 @@ class WSGIBridge:
             await send({"type": "http.response.body", "body": data})
 
 
-    async def _read_body(self, scope: Any, receive: Any, loop: asyncio.AbstractEventLoop) -> Any:
+    async def _read_body(self, receive: Any, loop: asyncio.AbstractEventLoop) -> Any:
         """The app's wsgi.input: all of a body of up to READ_AHEAD bytes, read here on the loop, or
         what came so far and a stream for the rest (wsgi_input.py); None if the client left. A body
         that stalls for `timeout` seconds ends there: the app gets what came, then an OSError."""
-        timed = self.timeout is not None and any(
-            name == b"content-length" or name == b"transfer-encoding" for name, _ in scope.get("headers", ()))
+        timed = self.timeout is not None
         chunks: list[bytes] = []
         size = 0
         while True:

@@ -68,6 +68,8 @@ def _paths(scope: Any) -> tuple[str, str]:
     raw = scope.get("raw_path")
     if raw is None:
         raw = scope["path"].encode("utf-8")
+    if not root:  # the usual case, kept short (every request)
+        return "", (raw.decode("latin-1") if b"%" not in raw else unquote_to_bytes(raw).decode("latin-1"))
     prefix = root.encode("utf-8")
     if prefix and raw.startswith(prefix):  # uvicorn puts the root path before the request's own
         raw = raw[len(prefix):]
