@@ -118,6 +118,11 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
+def end_upgrades(cmd) -> None:
+    """Every new primary this primary started (its log names each), whatever the test reached."""
+    end_tree(*{int(pid) for pid in re.findall(r"upgrading: new primary pid (\d+)", cmd.output)})
+
+
 def end_tree(*pids: int | None) -> None:
     """Stop primaries this test did not start itself (a new primary is not our child), and every
     process under them, by pid."""
@@ -170,7 +175,7 @@ def test_upgrade_under_load_fails_no_request(prefork_cmd, tmp_path: Path, extra:
         assert os.path.exists(unix) and os.path.exists(control)  # no file of a served socket deleted
         assert get(port) == "hello world\n" and get_unix(unix) == "hello world\n"
     finally:
-        end_tree(new)
+        end_upgrades(cmd)
 
 
 @pytest.mark.timeout(90)
@@ -194,7 +199,8 @@ def test_a_new_command_line_changes_the_app_and_workers_then_sigusr2(prefork_cmd
         assert wait_until(lambda: not pid_alive(second), 30)
         assert len(ctl_json(control)["workers"]) == 3 and get(port) == "upgraded\n"
     finally:
-        end_tree(second, third)
+        end_tree(third)  # started by the second, which logs into the same output
+        end_upgrades(cmd)
 
 
 @pytest.mark.timeout(90)
@@ -241,6 +247,7 @@ def test_a_new_primary_not_ready_in_time_is_killed_and_a_second_upgrade_is_refus
     try:
         thread.start()
         trial = int(cmd.expect(r"upgrading: new primary pid (\d+)", 20)[1])
+        assert wait_until(lambda: descendants(trial), 20)  # its template (or workers), stuck importing
         tree = descendants(trial)
         second = upgrade(control)
         assert second.returncode == 1 and "upgrade refused: an upgrade is already running" in second.stderr
@@ -252,5 +259,124 @@ def test_a_new_primary_not_ready_in_time_is_killed_and_a_second_upgrade_is_refus
         assert ctl_json(control)["pid"] == cmd.proc.pid and get(port) == "hello world\n"
     finally:
         thread.join(60)
-        end_tree(*[int(p) for p in re.findall(r"upgrading: new primary pid (\d+)", cmd.output)])
+        end_upgrades(cmd)
     assert json.dumps(ctl_json(control)["upgrade"]).count("not ready within 4 s") == 1
+
+
+# -- under systemd: socket activation, the notify protocol, PID 1 ------------------------------------
+
+
+class Notify:
+    """A datagram socket as systemd's NOTIFY_SOCKET, noting which pid sent each line (SO_PASSCRED)."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.bind(path)
+        self.sock.settimeout(0.2)
+        self.lines: list[tuple[int, str]] = []
+        self._open = True
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        size = socket.CMSG_SPACE(12)
+        while self._open:
+            try:
+                data, ancillary, _flags, _addr = self.sock.recvmsg(4096, size)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            pid = next((int.from_bytes(d[:4], "little") for level, kind, d in ancillary
+                        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS), 0)
+            self.lines += [(pid, line) for line in data.decode().split("\n")]
+
+    def seen(self, pid: int, line: str) -> bool:
+        return (pid, line) in list(self.lines)
+
+    def close(self) -> None:
+        self._open = False
+        self._thread.join(2)
+        self.sock.close()
+
+
+@pytest.mark.timeout(90)
+def test_under_systemd_socket_activation_and_notify(tmp_path: Path) -> None:
+    """The socket systemd passed is served by the new primary in place of its --bind addresses (its
+    command line has none); the old one says MAINPID=<new pid> and then nothing (no STOPPING=1:
+    the service is not stopping); the new one is told where to notify and pings the watchdog, and
+    its workers still see none of systemd's variables."""
+    import shutil
+
+    from wrapped import Wrapped
+
+    if shutil.which("systemd-socket-activate") is None:
+        pytest.skip("systemd-socket-activate is not installed (Debian: apt-get install systemd)")
+    port, control, notify = free_port(), str(tmp_path / "ctl.sock"), Notify(str(tmp_path / "notify.sock"))
+    cmd = Wrapped(["systemd-socket-activate", "-l", f"127.0.0.1:{port}", "-E", "NOTIFY_SOCKET", "-E",
+                   "WATCHDOG_USEC"],  # it passes on only the variables named so
+                  ["serve", "tests.apps.ops:app", "--workers", "2", "--control", control],
+                  env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "1000000"})
+    new = None
+    try:
+        cmd.expect(rf"Listening on 127\.0\.0\.1:{port}", 15)
+        first = threading.Thread(target=get, args=(port,), daemon=True)
+        first.start()  # systemd-socket-activate starts prefork on the first connection
+        cmd.wait_ready(30)
+        first.join(30)
+        old = cmd.proc.pid  # systemd-socket-activate exec'd prefork
+        assert wait_until(lambda: notify.seen(old, "READY=1"), 20), (old, notify.lines)
+        cmd.track_workers(control)
+        result = upgrade(control)
+        assert result.returncode == 0, result.stdout + result.stderr + cmd.output
+        new = new_pid(result.stdout)
+        assert cmd.finish(30) == 0
+        assert notify.seen(old, f"MAINPID={new}"), notify.lines
+        assert not notify.seen(old, "STOPPING=1"), notify.lines
+        assert wait_until(lambda: notify.seen(new, "WATCHDOG=1"), 20), notify.lines
+        cmd.expect(rf"listening +fd://3 \(systemd socket activation, 127\.0\.0\.1:{port}\)")
+        assert ctl_json(control)["pid"] == new
+        for _ in range(4):
+            assert json.loads(get_path(port, "/env"))["vars"] == {}
+    finally:
+        end_upgrades(cmd)  # first: it holds the output pipe, whose reader kill_all joins
+        cmd.kill_all()
+        notify.close()
+
+
+def get_path(port: int, path: str) -> str:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path, headers={"Connection": "close"})
+        return conn.getresponse().read().decode()
+    finally:
+        conn.close()
+
+
+@pytest.mark.timeout(60)
+def test_refused_when_the_primary_is_pid_1(tmp_path: Path) -> None:
+    """As a container's PID 1, the old primary's exit would end the container."""
+    import subprocess
+
+    from test_pid1 import _unshare_works
+    from wrapped import Wrapped
+
+    why = _unshare_works()
+    if why:
+        pytest.skip(why)
+    port, control = free_port(), str(tmp_path / "ctl.sock")
+    cmd = Wrapped(["unshare", "--pid", "--fork", "--mount-proc"],
+                  ["serve", "tests.apps.hello:asgi", "--workers", "1", "--bind", f"127.0.0.1:{port}",
+                   "--control", control])
+    try:
+        cmd.wait_ready(30)
+        assert re.search(r"pid\s+1\b", cmd.output), cmd.output
+        result = upgrade(control)
+        assert result.returncode == 1
+        assert "upgrade refused: the primary is PID 1: its exit would end the container" in result.stderr
+        cmd.expect(r"ctl upgrade: upgrade refused: the primary is PID 1")
+        assert get(port) == "hello world\n"
+    finally:
+        cmd.kill_all()
+        subprocess.run(["true"])
