@@ -180,14 +180,19 @@ def test_upgrade_under_load_fails_no_request(prefork_cmd, tmp_path: Path, extra:
 
 @pytest.mark.timeout(90)
 def test_a_new_command_line_changes_the_app_and_workers_then_sigusr2(prefork_cmd, tmp_path: Path) -> None:  # noqa: F811
-    cmd, port, unix, control = start(prefork_cmd, tmp_path)
+    """--pid: each new primary writes its pid; the old one, on exit, leaves the file that names another."""
+    pid_file = tmp_path / "prefork.pid"
+    cmd, port, unix, control = start(prefork_cmd, tmp_path, "--pid", str(pid_file))
+    assert pid_file.read_text().strip() == str(cmd.proc.pid)
     second = third = None
     try:
         result = upgrade(control, "serve", "tests.apps.upgraded:app", "--workers", "3", "--bind",
-                         f"127.0.0.1:{port}", "--bind", f"unix:{unix}", "--control", control)
+                         f"127.0.0.1:{port}", "--bind", f"unix:{unix}", "--control", control, "--pid",
+                         str(pid_file))
         assert result.returncode == 0, result.stdout + result.stderr + cmd.output
         second = new_pid(result.stdout)
         assert cmd.finish(30) == 0
+        assert pid_file.read_text().strip() == str(second)
         status = ctl_json(control)
         assert status["pid"] == second and len(status["workers"]) == 3
         assert get(port) == "upgraded\n" and get_unix(unix) == "upgraded\n"
@@ -198,6 +203,7 @@ def test_a_new_command_line_changes_the_app_and_workers_then_sigusr2(prefork_cmd
         cmd.expect(rf"upgraded: new primary pid {third} is ready")
         assert wait_until(lambda: not pid_alive(second), 30)
         assert len(ctl_json(control)["workers"]) == 3 and get(port) == "upgraded\n"
+        assert pid_file.read_text().strip() == str(third)
     finally:
         end_tree(third)  # started by the second, which logs into the same output
         end_upgrades(cmd)
@@ -261,6 +267,50 @@ def test_a_new_primary_not_ready_in_time_is_killed_and_a_second_upgrade_is_refus
         thread.join(60)
         end_upgrades(cmd)
     assert json.dumps(ctl_json(control)["upgrade"]).count("not ready within 4 s") == 1
+
+
+RUN_SCRIPT = """
+import sys
+from http.server import BaseHTTPRequestHandler
+
+import prefork
+
+
+class Hello(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "12")
+        self.end_headers()
+        self.wfile.write(b"hello world\\n")
+
+    def log_message(self, *args):
+        pass
+
+
+prefork.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Hello).serve_forever()
+"""
+
+
+@pytest.mark.timeout(60)
+def test_prefork_run_primary(prefork_cmd, tmp_path: Path) -> None:  # noqa: F811
+    """`prefork run`: the script's listen() goes through the primary, so its socket is passed too."""
+    script, port, control = tmp_path / "server.py", free_port(), str(tmp_path / "ctl.sock")
+    script.write_text(RUN_SCRIPT)
+    cmd = prefork_cmd("run", "--workers", "2", "--control", control, str(script), str(port))
+    cmd.wait_ready()
+    cmd.track_workers(control)
+    try:
+        with Load(port, threads=2) as load:
+            assert wait_until(lambda: load.ok >= 50, 20)
+            result = upgrade(control)
+            assert result.returncode == 0, result.stdout + result.stderr + cmd.output
+            assert cmd.finish(30) == 0
+            done = load.ok
+            assert wait_until(lambda: load.ok >= done + 50, 20)
+        assert load.errors == [] and load.bodies == {"hello world\n"}, load.errors[:5]
+        assert ctl_json(control)["pid"] == new_pid(result.stdout)
+    finally:
+        end_upgrades(cmd)
 
 
 # -- under systemd: socket activation, the notify protocol, PID 1 ------------------------------------
