@@ -8,6 +8,7 @@ the start of the command line: above the config file and the PREFORK_* variables
 actually given (gunicorn: GUNICORN_CMD_ARGS above the config file, the command line above it). A
 `--config FILE` there is used when the command line has none. Every problem is one line starting
 with PREFORK_CMD_ARGS, exit 2; --print-config shows `PREFORK_CMD_ARGS --flag` as the source.
+`prefork ctl` does not read it (gunicorn has no ctl; a ctl flag there would reach serve too).
 """
 
 from __future__ import annotations
