@@ -78,8 +78,6 @@ APP = '''\
 import asyncio
 import os
 
-BODY = f"{os.getpid()}\\n".encode()
-
 
 async def app(scope, receive, send):
     if scope["type"] == "lifespan":
@@ -92,9 +90,10 @@ async def app(scope, receive, send):
                 return
     if scope["path"] == "/slow":
         await asyncio.sleep(0.05)
+    body = f"{os.getpid()}\\n".encode()  # not at import: a preloaded app is imported once, by the template
     await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(BODY)).encode())]})
-    await send({"type": "http.response.body", "body": BODY})
+                "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
 '''
 BROKEN = "async def app(scope, receive, send:\n    pass\n"
 
@@ -131,14 +130,34 @@ def _stat(pid: int) -> tuple[str, int] | None:
     return fields[0], int(fields[1])
 
 
-def _children(ppid: int) -> dict[int, str]:
-    """Every child of `ppid` (any of its threads) with its state letter, zombies included."""
+def _direct_children(ppid: int) -> dict[int, str]:
     out = {}
     for name in os.listdir("/proc"):
         if name.isdigit():
             st = _stat(int(name))
             if st is not None and st[1] == ppid:
                 out[int(name)] = st[0]
+    return out
+
+
+def _is_template(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()  # setproctitle rewrites it: "prefork: template app:app"
+    except OSError:
+        return False
+    return b"prefork.template_boot" in cmdline or cmdline.startswith(b"prefork: template ")
+
+
+def _children(ppid: int, templates: bool = True) -> dict[int, str]:
+    """Every process of the primary's pool with its state letter, zombies included: its children and,
+    under --preload, the children of its template processes (serve's workers are theirs); the
+    templates themselves unless `templates` is false."""
+    out = _direct_children(ppid)
+    for pid in [p for p, st in out.items() if st not in ("Z", "X") and _is_template(p)]:
+        out.update(_direct_children(pid))
+        if not templates:
+            del out[pid]
     return out
 
 
@@ -197,7 +216,7 @@ class Server:
     """`prefork serve` with its output on a pipe the test reads (and may close), and a watcher that
     remembers every child pid the primary ever had and when each victim of the test died."""
 
-    def __init__(self, folder: Path, policy: str) -> None:
+    def __init__(self, folder: Path, policy: str, preload: bool) -> None:
         self.folder = folder
         self.port = free_port()
         self.control = str(folder / "c.sock")
@@ -205,6 +224,7 @@ class Server:
                 "--control", self.control, "--timeout", str(TIMEOUT), "--graceful-timeout", str(GRACEFUL)]
         if policy != "reuseport":  # serve's default
             args += ["--policy", policy]
+        args.append("--preload" if preload else "--no-preload")
         self.proc = subprocess.Popen(
             [PREFORK, *args], cwd=folder, env=clean_env({"PYTHONDONTWRITEBYTECODE": "1"}),
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -559,7 +579,7 @@ class Chaos:
 
 
 def _settled(server: Server, status: dict) -> bool:
-    live = [pid for pid, st in _children(server.pid).items() if st not in ("Z", "X")]
+    live = [pid for pid, st in _children(server.pid, templates=False).items() if st not in ("Z", "X")]
     rows = status["workers"]
     return (status["reload"]["state"] != "running" and len(rows) == status["target"] == len(live)
             and all(w["state"] == "ready" for w in rows) and sorted(live) == sorted(w["pid"] for w in rows))
@@ -571,7 +591,8 @@ def _settled(server: Server, status: dict) -> bool:
 def test_chaos(tmp_path: Path, seed: int) -> None:
     policy = POLICIES[seed % len(POLICIES)]
     (tmp_path / "app.py").write_text(APP)
-    server = Server(tmp_path, policy)
+    # both ways of starting workers: forked from the template (serve's default) and fresh interpreters
+    server = Server(tmp_path, policy, preload=seed % 2 == 0)
     load = Load(server.port, seed)
     chaos = Chaos(seed, server, load)
     try:
@@ -607,7 +628,8 @@ def test_chaos(tmp_path: Path, seed: int) -> None:
         chaos.note(f"final reload: {reload}")
         assert reload["state"] == "done", f"final reload: {reload}\n{chaos.context()}"
         assert _until(lambda: _settled(server, server.status()[0]), SETTLE_WITHIN, 0.1), \
-            f"not settled within {SETTLE_WITHIN} s: {server.status()[0]}\n{chaos.context()}"
+            f"not settled within {SETTLE_WITHIN} s: {server.status()[0]}\npool: {_children(server.pid)}\n" \
+            f"{chaos.context()}"
         status = chaos.check("the final reload")
         chaos.note(f"settled: {[(w['pid'], w['state']) for w in status['workers']]}")
 
@@ -689,7 +711,7 @@ def test_reload_after_fixing_a_crash_loop_starts_the_fixed_app(tmp_path: Path) -
     comes while the slot's worker is still booting the broken code. That boot failing is not the
     reload's failure: the reload must start the slot again with the fixed code and end "done"."""
     (tmp_path / "app.py").write_text(APP)
-    server = Server(tmp_path, "reuseport")
+    server = Server(tmp_path, "reuseport", preload=False)  # a respawn must load the file from disk
     try:
         assert _until(lambda: any("ready:" in line for line in server.lines), 30), server.output()
         victim = server.status()[0]["workers"][0]["pid"]
@@ -718,7 +740,7 @@ def test_scaling_down_a_slot_whose_replacement_boots_ends_the_reload(tmp_path: P
     last slot's replacement is still booting. The replacement is drained before it was ready; the
     reload must still end (it hung in "running" for good, and every later reload with it)."""
     _write(tmp_path / "app.py", "import os, time\nif os.path.exists('slow'):\n    time.sleep(2)\n" + APP)
-    server = Server(tmp_path, "reuseport")
+    server = Server(tmp_path, "reuseport", preload=False)  # a respawn must load the file from disk
     try:
         assert _until(lambda: any("ready:" in line for line in server.lines), 30), server.output()
         (tmp_path / "slow").touch()

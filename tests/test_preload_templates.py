@@ -198,3 +198,25 @@ def test_an_app_that_starts_threads_at_import_is_not_forked(prefork_cmd, tmp_pat
     assert ctl_json(control)["templates"] == []
     assert _reload(control) == "done"
     assert _versions(port) == {"v1"}
+
+
+def test_a_connection_opened_at_import_is_reported(prefork_cmd, tmp_path):  # noqa: F811
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))  # a "database" the app connects to at import
+    db_port = listener.getsockname()[1]
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    _write(app_dir, "v1")
+    with open(app_dir / "verapp.py", "a") as f:
+        f.write(f"\nimport socket\nDB = socket.create_connection(('127.0.0.1', {db_port}))\n")
+    port, control = free_port(), str(tmp_path / "ctl.sock")
+    try:
+        cmd = prefork_cmd("serve", "verapp:app", "--app-dir", str(app_dir), "--workers", "1",
+                          "--bind", f"127.0.0.1:{port}", "--control", control,
+                          env={"IMPORTS_LOG": str(tmp_path / "log")})
+        cmd.wait_ready()
+        cmd.expect(rf"the app opened 1 connection\(s\) at import \(127.0.0.1:{db_port}\), which every "
+                   "forked worker shares")
+    finally:
+        listener.close()

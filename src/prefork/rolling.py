@@ -96,7 +96,7 @@ class Rolling:
         self.sup.log(f"reloading {len(self.sup.slots)} worker(s), {self.sup.reload_batch} at a time")
         self.sup.tell("reloading")
         if self.sup.code is not None:  # serve --preload: import the new code once, in a new template
-            self.status["state"] = "importing"
+            self.status["step"] = "importing"
             self.sup.code.prepare(self._prepared)
             return
         self._reload_step(list(self.sup.slots))
@@ -105,7 +105,7 @@ class Rolling:
         if not ok:
             self._reload_finished(False, why)
             return
-        self.status["state"] = "running"
+        self.status["step"] = "rolling"
         self._reload_step(list(self.sup.slots))
 
     def _reload_step(self, todo: list[Slot]) -> None:

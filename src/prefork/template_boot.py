@@ -39,7 +39,10 @@ def main() -> int:
         target, info = getattr(importlib.import_module(module), name)()
     except BaseException as exc:  # SystemExit from an app's import too: the primary says why, once
         line = str(exc) if getattr(exc, "one_line", False) else f"{type(exc).__name__}: {exc}"
-        _send(sock, {"error": line[:4000], "traceback": traceback.format_exc()[-65536:]})
+        # the app's own error, not prefork's wrapping of it (http/preload.py's ImportFailed)
+        cause = exc.__cause__ if getattr(exc, "one_line", False) and exc.__cause__ else exc
+        details = "".join(traceback.format_exception(type(cause), cause, cause.__traceback__))
+        _send(sock, {"error": line[:4000], "traceback": details[-65536:]})
         return 1
     sys.stdout.flush()
     sys.stderr.flush()
@@ -50,6 +53,9 @@ def main() -> int:
 
         info["threads"] = [t.name for t in threading.enumerate() if t is not threading.main_thread()] \
             or [f"{threads - 1} thread(s) not started by the threading module"]
+    peers = _connections(keep)
+    if peers:
+        info["connections"] = peers
     _send(sock, {"ready": info})
     from .template import _serve
 
@@ -61,6 +67,26 @@ def _send(sock: socket.socket, message: dict) -> None:
         sock.send(json.dumps(message).encode())
     except OSError:
         pass
+
+
+def _connections(fds: set[int]) -> list[str]:
+    """The peers of the connected sockets the app opened at import (a database's, say): every
+    forked worker would share each one, and their bytes would interleave."""
+    peers = []
+    for fd in sorted(fds - {0, 1, 2}):
+        try:
+            probe = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            continue  # not a socket
+        try:
+            if probe.type == socket.SOCK_STREAM:
+                peer = probe.getpeername()
+                peers.append(peer if isinstance(peer, str) else f"{peer[0]}:{peer[1]}")
+        except OSError:
+            pass  # not connected (a listening socket, say)
+        finally:
+            probe.close()
+    return peers[:10]
 
 
 def _threads() -> int:

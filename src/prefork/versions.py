@@ -183,6 +183,10 @@ class CodeVersions:
             self._retire(old)
 
     def _became_current(self, version: Version, info: dict[str, Any]) -> None:
+        if info.get("connections"):
+            self.log(f"the app opened {len(info['connections'])} connection(s) at import "
+                     f"({', '.join(map(str, info['connections']))}), which every forked worker shares: "
+                     "reopen them in a post_fork hook (--hooks), or serve with --no-preload")
         version.info = info
         version.state = "current"
         self.current = version

@@ -81,10 +81,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("interface", choice(INTERFACES), "auto", "the app's interface (detected by default)", ("serve",),
            "auto|asgi|wsgi"),
     Option("factory", to_bool, False, "APP is a function returning the app", ("serve",), flag=True),
-    Option("preload", to_bool, False, "import the app once in a template process per code version and fork "
+    Option("preload", to_bool, True, "import the app once in a template process per code version and fork "
            "the workers from it (they start in milliseconds and share its memory); a reload imports the "
            "new code in a new template first, and keeps the old workers if that import fails. The "
-           "primary never imports the app", ("serve",), flag=True),
+           "primary never imports the app. On by default; --no-preload: each worker imports the app "
+           "itself (an app that opens connections at import and cannot reopen them in post_fork)",
+           ("serve",), flag=True),
     Option("reload", to_bool, False, "development: a rolling reload of every worker when a file under "
            "--reload-dir changes (needs `pip install 'prefork[reload]'`); a save that breaks the app keeps "
            "the old workers serving", ("serve",), flag=True),
