@@ -211,14 +211,15 @@ def test_a_new_command_line_changes_the_app_and_workers_then_sigusr2(prefork_cmd
 
 @pytest.mark.timeout(90)
 def test_a_failing_new_primary_leaves_the_old_one_serving(prefork_cmd, tmp_path: Path) -> None:  # noqa: F811
-    cmd, port, unix, control = start(prefork_cmd, tmp_path)
+    pid_file = tmp_path / "prefork.pid"
+    cmd, port, unix, control = start(prefork_cmd, tmp_path, "--pid", str(pid_file))
     old = cmd.proc.pid
     bad_flag = upgrade(control, "serve", "tests.apps.hello:asgi", "--no-such-flag")
     assert bad_flag.returncode == 1
     assert ("upgrade failed, still serving: the new primary exited with code 2: prefork: error: "
             "unrecognized arguments: --no-such-flag") in bad_flag.stderr, bad_flag.stderr
     broken = upgrade(control, "serve", "tests.apps.broken:app", "--bind", f"127.0.0.1:{port}", "--bind",
-                     f"unix:{unix}", "--control", control)
+                     f"unix:{unix}", "--control", control, "--pid", str(pid_file))
     assert broken.returncode == 1
     assert "upgrade failed, still serving: " in broken.stderr
     assert "No module named 'this_dependency_does_not_exist'" in broken.stderr, broken.stderr
@@ -233,6 +234,7 @@ def test_a_failing_new_primary_leaves_the_old_one_serving(prefork_cmd, tmp_path:
     assert "last upgrade: failed" in run_prefork(["ctl", "--control", control, "status"]).stdout
     assert get(port) == "hello world\n" and get_unix(unix) == "hello world\n"
     assert os.path.exists(unix) and os.path.exists(control)
+    assert pid_file.read_text().strip() == str(old)
     # the request is checked where it comes in: an error answer, never a hang
     for args, why in (("serve", "non-empty list of strings"), ([1], "each argument must be a string"),
                       (["serve"] * 201, "at most 200 arguments"), (["x" * 5000], "at most 4096")):
@@ -245,15 +247,18 @@ def test_a_failing_new_primary_leaves_the_old_one_serving(prefork_cmd, tmp_path:
 def test_a_new_primary_not_ready_in_time_is_killed_and_a_second_upgrade_is_refused(
         prefork_cmd, tmp_path: Path) -> None:  # noqa: F811
     gate = tmp_path / "gate"  # never made: the new primary's workers wait in their import
-    cmd, port, unix, control = start(prefork_cmd, tmp_path, "--ready-timeout", "4",
+    pid_file = tmp_path / "prefork.pid"
+    cmd, port, unix, control = start(prefork_cmd, tmp_path, "--ready-timeout", "4", "--pid", str(pid_file),
                                      env={"SLOW_START_GATE": str(gate)})  # the new one inherits it
-    args = ["serve", "tests.apps.slow_start:app", "--bind", f"127.0.0.1:{port}", "--control", control]
+    args = ["serve", "tests.apps.slow_start:app", "--bind", f"127.0.0.1:{port}", "--control", control,
+            "--pid", str(pid_file), "--no-preload"]  # its primary runs (and writes its pid), its workers wait
     outcome: list = []
     thread = threading.Thread(target=lambda: outcome.append(upgrade(control, *args)))
     try:
         thread.start()
         trial = int(cmd.expect(r"upgrading: new primary pid (\d+)", 20)[1])
-        assert wait_until(lambda: descendants(trial), 20)  # its template (or workers), stuck importing
+        assert wait_until(lambda: descendants(trial), 20)  # its workers, stuck importing
+        assert wait_until(lambda: pid_file.read_text().strip() == str(trial), 20)  # it wrote its pid
         tree = descendants(trial)
         second = upgrade(control)
         assert second.returncode == 1 and "upgrade refused: an upgrade is already running" in second.stderr
@@ -263,6 +268,8 @@ def test_a_new_primary_not_ready_in_time_is_killed_and_a_second_upgrade_is_refus
         assert "upgrade failed, still serving: the new primary was not ready within 4 s" in outcome[0].stderr
         assert wait_until(lambda: not pid_alive(trial) and not any(pid_alive(p) for p in tree), 20)
         assert ctl_json(control)["pid"] == cmd.proc.pid and get(port) == "hello world\n"
+        # killed, it removed the file naming it: the old primary writes its own pid again
+        assert wait_until(lambda: pid_file.exists() and pid_file.read_text().strip() == str(cmd.proc.pid), 10)
     finally:
         thread.join(60)
         end_upgrades(cmd)

@@ -78,6 +78,7 @@ class Upgrader:
         self.handed_over = False
         self._trial: dict[str, Any] = {}  # the running upgrade's sockets, readers and timers
         self.passed = passed()  # we are a new primary: what the old one passed
+        self.after_failure: Callable[[], Any] = lambda: None  # once a failed new primary has exited
 
     # -- any thread ------------------------------------------------------------------------------
 
@@ -113,7 +114,9 @@ class Upgrader:
         refusal = ("the primary is PID 1: its exit would end the container (restart the container "
                    "instead)" if os.getpid() == 1 else
                    "an upgrade is already running" if self.proc is not None or self.handed_over else
-                   "the pool is stopping" if sup.stopping or sup.delaying else None)
+                   "the pool is stopping" if sup.stopping or sup.delaying else
+                   "this primary is still being started by an upgrade" if self.passed is not None
+                   and not self.passed.said else None)
         if refusal:
             self.log(f"{why}: upgrade refused: {refusal}")
             if done is not None:
@@ -291,6 +294,7 @@ class Upgrader:
             self._kill(proc, signal.SIGTERM)
             self.supervisor.primary.loop.call_later(KILL_AFTER, self._kill, proc, signal.SIGKILL)
         self._end_trial(proc)
+        self._reap(proc)
         self.log(f"upgrade failed, still serving: {why}")
         self._set("failed", why, proc.pid)
         self._answer(False, f"upgrade failed, still serving: {why}")
@@ -301,8 +305,6 @@ class Upgrader:
                 os.kill(proc.pid, signum)  # by pid; its workers exit when their channel closes
             except ProcessLookupError:
                 pass
-            if signum == signal.SIGKILL:
-                threading.Thread(target=proc.wait, daemon=True).start()  # reaped, never a zombie
 
     def _end_trial(self, proc: subprocess.Popen[bytes]) -> None:
         trial, self._trial = self._trial, {}
@@ -317,16 +319,20 @@ class Upgrader:
         if pidfd is not None:
             loop.remove_reader(pidfd)
             os.close(pidfd)
-            if proc.poll() is None and not self.handed_over:  # being killed: reap it when it goes
-                loop.call_later(0.2, self._reap, proc)
         fd = trial.get("errors")
         if fd is not None:
             loop.remove_reader(fd)
             os.close(fd)
 
     def _reap(self, proc: subprocess.Popen[bytes]) -> None:
+        """A failed new primary: wait for it (no zombie), then let the pid file be ours again."""
         if proc.poll() is None:
-            self.supervisor.primary.loop.call_later(0.2, self._reap, proc)
+            self.supervisor.primary.loop.call_later(0.1, self._reap, proc)
+            return
+        try:
+            self.after_failure()
+        except Exception as exc:  # reported; it fails nothing else
+            self.log(f"after a failed upgrade: {type(exc).__name__}: {exc}")
 
     def _hand_over(self, info: dict[str, Any]) -> None:
         proc = self.proc

@@ -147,6 +147,7 @@ def run_supervised(opts: dict[str, Any], *, title: str, rows: list[tuple[str, st
     supervisor.workers_how = how
     upgrader = upgrade.Upgrader(supervisor, control, output.log, lambda: boot.message)  # ctl upgrade, USR2
     supervisor.watchers.append(upgrader)
+    upgrader.after_failure = pid_file.write  # a failed new primary removed its own pid from --pid
     control.handler = _control_handler(supervisor, control.path, info, upgrader)
     try:  # the admin endpoint (admin.py): bound now, so a bad address stops us before any worker starts
         admin = open_admin(opts.get("admin"), supervisor,
