@@ -258,14 +258,14 @@ TARGETS: list[tuple[str, tuple[str, str, str, str], tuple[str, str, str, str] | 
         0.25,
     ),
     (
-        "serve --preload: respawn to a served request at most a quarter of Node's",
+        "serve (default: --preload): respawn to a served request at most a quarter of Node's",
         ("deploys", "respawn, kill to a served request, 1 worker", "prefork serve --preload", "ms"),
         ("deploys", "respawn, kill to a served request, 1 worker", "node cluster", "ms"),
         "<=",
         0.25,
     ),
     (
-        "serve --preload: per-worker USS at least 30% below without (Django, 4 workers)",
+        "serve --preload: per-worker USS at least 30% below --no-preload (Django, 4 workers)",
         ("deploys", "memory, Django WSGI, 4 workers", "prefork serve --preload", "worker USS MB"),
         ("deploys", "memory, Django WSGI, 4 workers", "prefork serve --no-preload", "worker USS MB"),
         "<=",
@@ -279,7 +279,7 @@ TARGETS: list[tuple[str, tuple[str, str, str, str], tuple[str, str, str, str] | 
         1.0,
     ),
     (
-        "serve --preload: reload no slower than Node's master.js",
+        "serve (default: --preload): reload (SIGHUP, 2 workers) no slower than Node's master.js",
         ("deploys", "reload, 2 workers, idle", "prefork serve --preload", "replaced ms"),
         ("deploys", "reload, 2 workers, idle", "node cluster (kill)", "replaced ms"),
         "<=",
