@@ -414,8 +414,6 @@ def get_path(port: int, path: str) -> str:
 @pytest.mark.timeout(60)
 def test_refused_when_the_primary_is_pid_1(tmp_path: Path) -> None:
     """As a container's PID 1, the old primary's exit would end the container."""
-    import subprocess
-
     from test_pid1 import _unshare_works
     from wrapped import Wrapped
 
@@ -434,6 +432,8 @@ def test_refused_when_the_primary_is_pid_1(tmp_path: Path) -> None:
         assert "upgrade refused: the primary is PID 1: its exit would end the container" in result.stderr
         cmd.expect(r"ctl upgrade: upgrade refused: the primary is PID 1")
         assert get(port) == "hello world\n"
+        cmd.track_workers(control)
+        assert run_prefork(["ctl", "--control", control, "stop", "--now"]).returncode == 0
+        cmd.finish(20)  # unshare passes no SIGTERM on: kill_all would wait for it in vain
     finally:
         cmd.kill_all()
-        subprocess.run(["true"])
