@@ -128,14 +128,20 @@ class Upgrader:
         try:
             self._spawn(args, why)
         except Exception as exc:  # a spawn that fails fails this upgrade only
-            self._fail(f"cannot start the new primary: {type(exc).__name__}: {exc}")
+            reason = f"cannot start the new primary: {type(exc).__name__}: {exc}"
+            if self.proc is not None:
+                self._fail(reason)
+            else:
+                self._end_trial()
+                self._failed(reason, None)
 
     def _spawn(self, args: list[str] | None, why: str) -> None:
         ours, theirs = socket.socketpair()
         errors_r, errors_w = os.pipe()
         trial = self._trial = {"hand": ours, "errors": errors_r, "buf": b"", "last": "", "timers": []}
-        stderr = os.dup(2)
+        stderr = -1
         try:
+            stderr = os.dup(2)  # where the new one writes once it starts its workers
             fds, spec = self._sockets()
             spec.update({"v": 1, "pid": os.getpid(), "ready": theirs.fileno(), "stderr": stderr,
                          "pipe": os.fstat(errors_w).st_ino})
@@ -148,7 +154,8 @@ class Upgrader:
         finally:
             theirs.close()
             os.close(errors_w)
-            os.close(stderr)
+            if stderr >= 0:
+                os.close(stderr)
         self.log(f"{why}: upgrading: new primary pid {self.proc.pid}: {' '.join(argv[1:])[:300]}")
         loop = self.supervisor.primary.loop
         ours.setblocking(False)
@@ -293,10 +300,13 @@ class Upgrader:
         if proc.poll() is None:
             self._kill(proc, signal.SIGTERM)
             self.supervisor.primary.loop.call_later(KILL_AFTER, self._kill, proc, signal.SIGKILL)
-        self._end_trial(proc)
+        self._end_trial()
         self._reap(proc)
+        self._failed(why, proc.pid)
+
+    def _failed(self, why: str, pid: int | None) -> None:
         self.log(f"upgrade failed, still serving: {why}")
-        self._set("failed", why, proc.pid)
+        self._set("failed", why, pid)
         self._answer(False, f"upgrade failed, still serving: {why}")
 
     def _kill(self, proc: subprocess.Popen[bytes], signum: int) -> None:
@@ -306,7 +316,7 @@ class Upgrader:
             except ProcessLookupError:
                 pass
 
-    def _end_trial(self, proc: subprocess.Popen[bytes]) -> None:
+    def _end_trial(self) -> None:
         trial, self._trial = self._trial, {}
         loop = self.supervisor.primary.loop
         for timer in trial.get("timers", []):
@@ -338,7 +348,7 @@ class Upgrader:
         proc = self.proc
         assert proc is not None
         self.handed_over = True
-        self._end_trial(proc)
+        self._end_trial()
         self.log(f"upgraded: new primary pid {proc.pid} is ready; draining the old workers and exiting")
         notifier = self._notifier()
         if notifier is not None:  # the new one is the service now; our STOPPING=1 must not be heard
