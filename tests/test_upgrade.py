@@ -69,6 +69,35 @@ class Load:
             time.sleep(0.002)
 
 
+class Probe:
+    """A load balancer's health check: GET /readyz on the admin port every 20 ms; every answer that is
+    not 200, or no answer, is noted."""
+
+    def __init__(self, admin: int) -> None:
+        self.admin, self.ok, self.bad = admin, 0, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Probe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(15)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            try:
+                body = get_path(self.admin, "/readyz")
+            except Exception as exc:
+                self.bad.append(repr(exc))
+                continue
+            self.ok += body == "ready\n"
+            if body != "ready\n":
+                self.bad.append(body)
+
+
 def start(prefork_cmd, tmp_path: Path, *extra: str, env: dict[str, str] | None = None):  # noqa: F811
     port, unix, control = free_port(), str(tmp_path / "app.sock"), str(tmp_path / "ctl.sock")
     cmd = prefork_cmd("serve", "tests.apps.hello:asgi", "--workers", "2", "--bind", f"127.0.0.1:{port}",
@@ -146,7 +175,8 @@ def end_tree(*pids: int | None) -> None:
 def test_upgrade_under_load_fails_no_request(prefork_cmd, tmp_path: Path, extra: list[str]) -> None:  # noqa: F811
     """reuseport: every SO_REUSEPORT socket of the group is passed (closing one would reset what is
     queued on it); rr (and the preloading template): the one listening socket."""
-    cmd, port, unix, control = start(prefork_cmd, tmp_path, *extra)
+    admin = free_port()
+    cmd, port, unix, control = start(prefork_cmd, tmp_path, *extra, "--admin", f"127.0.0.1:{admin}")
     policy = ctl_json(control)["policy"]
     assert policy == ("rr" if "rr" in extra else "reuseport")
     # 3 workers now, 2 on the command line: the new primary's 2 workers serve the group's 3 sockets
@@ -155,7 +185,7 @@ def test_upgrade_under_load_fails_no_request(prefork_cmd, tmp_path: Path, extra:
     cmd.track_workers(control)
     new = None
     try:
-        with Load(port) as load:
+        with Load(port) as load, Probe(admin) as probe:
             assert wait_until(lambda: load.ok >= 100, 20)
             before = load.ok
             result = upgrade(control)
@@ -166,6 +196,9 @@ def test_upgrade_under_load_fails_no_request(prefork_cmd, tmp_path: Path, extra:
             assert wait_until(lambda: load.ok >= before + during + 100, 20)
         assert load.errors == [], load.errors[:5]
         assert load.bodies == {"hello world\n"}
+        # the admin socket too: the new primary answers only once ready, the old one not once draining
+        assert probe.bad == [] and probe.ok > 10, probe.bad[:5]
+        assert json.loads(get_path(admin, "/status"))["pid"] == new
         print(f"\nupgrade under load ({policy}): {load.ok} requests, {len(load.errors)} failed")
         cmd.expect(rf"127\.0\.0\.1:{port} \(from the previous primary, pid {cmd.proc.pid}\)")
         status = ctl_json(control)  # the same control path, now the new primary's
