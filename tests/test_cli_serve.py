@@ -272,7 +272,7 @@ def test_preload(prefork_cmd, tmp_path):  # noqa: F811
     # without setproctitle's titles (proctitle.py), which would tell the command lines apart
     cmd, port, control = _serve(prefork_cmd, tmp_path, "tests.apps.flaskapp:app", "--preload", workers=1,
                                 env={"PREFORK_SETPROCTITLE": "0"})
-    template = int(cmd.expect(r"template v1 \(pid (\d+)\) imported the app")[1])
+    template = int(cmd.expect(r"template v1 \(pid (\d+)\) imported ")[1])
     assert "tests.apps.flaskapp:app (wsgi)" in cmd.output
     assert httpx.get(f"http://127.0.0.1:{port}/", timeout=5).text.startswith("hello from flask")
     worker = cmd.track_workers(control)[0]

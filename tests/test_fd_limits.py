@@ -240,12 +240,13 @@ def _serve_limit() -> None:
 
 
 @pytest.mark.timeout(90)
+@pytest.mark.parametrize("preload", ["--preload", "--no-preload"])
 @pytest.mark.parametrize("policy", ["none", "reuseport"])
-def test_serve_worker_at_its_limit_backs_off(prefork_cmd, tmp_path, policy):  # noqa: F811
+def test_serve_worker_at_its_limit_backs_off(prefork_cmd, tmp_path, policy, preload):  # noqa: F811
     port = free_port()
     control = str(tmp_path / "ctl.sock")
     cmd = prefork_cmd("serve", "tests.apps.hello:asgi", "--workers", "1", "--bind", f"127.0.0.1:{port}",
-                      "--policy", policy, "--control", control, preexec_fn=_serve_limit)
+                      "--policy", policy, "--control", control, preload, preexec_fn=_serve_limit)
     cmd.wait_ready()
     (pid,) = cmd.track_workers(control)
     assert _get(port)

@@ -220,3 +220,30 @@ def test_a_connection_opened_at_import_is_reported(prefork_cmd, tmp_path):  # no
                    "forked worker shares")
     finally:
         listener.close()
+
+
+def _listening_pids(port: int) -> set[int]:
+    """Pids holding a listening TCP socket on `port` (from /proc: inodes of /proc/net/tcp)."""
+    inodes = set()
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].split(":")[1], 16) == port:  # 0A: LISTEN
+                inodes.add(fields[9])
+    pids = set()
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            links = [os.readlink(f"/proc/{name}/fd/{fd}") for fd in os.listdir(f"/proc/{name}/fd")]
+        except OSError:
+            continue
+        if any(link[8:-1] in inodes for link in links if link.startswith("socket:[")):
+            pids.add(int(name))
+    return pids
+
+
+def test_forked_workers_follow_the_policy_of_the_primary(served):
+    """reuseport (serve's default): each forked worker listens on a socket of its own, as a fresh
+    interpreter would; the template imported prefork before it knew the policy."""
+    cmd, port, control, _, _ = served
+    workers = set(cmd.track_workers(control))
+    assert workers <= _listening_pids(port), (workers, _listening_pids(port))

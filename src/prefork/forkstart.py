@@ -105,6 +105,11 @@ def _become_worker(env: dict[str, str], channel_fd: int, own_group: bool, keep_f
     forget_adopted()
     os.environ.clear()
     os.environ.update(env)
+    import prefork
+
+    # prefork was imported before this fork (by the template, or the primary), with the policy of
+    # then: a fresh interpreter would read this worker's own from its environment, so must a fork
+    prefork.scheduling_policy = env.get("PREFORK_SCHED_POLICY") or prefork.scheduling_policy
     from . import _role
     from .child import bootstrap
 

@@ -88,6 +88,9 @@ class Rolling:
     def reload(self) -> None:
         if self.sup.stopping:
             return
+        if self.sup.holding:  # the first template is importing the code on disk right now
+            self.sup.log("reload ignored: the app is still being imported for the first workers")
+            return
         if self.running:
             self.again = True
             return

@@ -82,13 +82,15 @@ class Supervisor:
         self.last_error: str | None = None
         self.rolling = Rolling(self)
         self.code: Any = None  # versions.CodeVersions: serve --preload's templates, one per code version
+        self.holding = False  # no worker starts yet: the first template is importing the app
         self._done = threading.Event()
         self._sigints = 0
 
     # -- public: any thread ----------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Fork the workers; from the main thread, also take HUP, TERM, INT, TTIN and TTOU."""
+    def start(self, wait_for: Callable[[Callable[[bool, str], None]], None] | None = None) -> None:
+        """Fork the workers; from the main thread, also take HUP, TERM, INT, TTIN and TTOU. With
+        `wait_for`, the workers start once it calls back ok (serve's first template: versions.py)."""
         loop = self.primary.start()
         for event in ("listening", "online", "message", "exit"):
             self.primary.cluster.on(event, getattr(self, f"_on_{event}"))
@@ -97,7 +99,7 @@ class Supervisor:
             signal.SIGTTIN: self.handle_ttin, signal.SIGTTOU: self.handle_ttou,
             signal.SIGUSR1: self.handle_usr1, signal.SIGUSR2: self.handle_usr2,
         })
-        loop.run_sync(self._start)
+        loop.run_sync(self._start, wait_for)
 
     def reload(self) -> None:
         self._post(self.rolling.reload)
@@ -204,16 +206,28 @@ class Supervisor:
             return False, "no worker is ready" + ("" if self.ever_ready else " yet")
         return True, "ready"
 
-    def _start(self) -> None:
+    def _start(self, wait_for: Callable[[Callable[[bool, str], None]], None] | None) -> None:
         self.slots = [Slot(i) for i in range(self.count)]
+        self.primary.loop.call_later(self.beat_every, self.health.beat)
+        if wait_for is None:
+            self._fill_all(True, "")
+        else:
+            self.holding = True
+            wait_for(self._fill_all)
+
+    def _fill_all(self, ok: bool, why: str) -> None:
+        self.holding = False
+        if not ok:
+            self.last_error = why
+            return  # whoever waited stops the pool, with its own words
         for slot in self.slots:
             self.fill(slot)
-        self.primary.loop.call_later(self.beat_every, self.health.beat)
 
     def fill(self, slot: Slot) -> None:
         """Start the slot's own worker, if it still has none (a timer may come late)."""
         slot.timer = None
-        if self.stopping or slot.removed or slot.current is not None or slot.incoming is not None:
+        if self.stopping or self.holding or slot.removed or slot.current is not None or \
+                slot.incoming is not None:
             return
         member, error = self.fork_for(slot)
         if member is None:

@@ -11,7 +11,8 @@ never imports the app. A reload first starts a template for the code now on disk
 If the current template dies, workers are started as fresh interpreters (the primary's spawn path)
 while a new template starts, after a pause that grows with repeated deaths.
 
-All of it runs on the primary's loop thread; only `start_first` (before the loop serves) blocks.
+All of it runs on the primary's loop thread, and none of it blocks: the first template imports the
+app while the control socket and the admin endpoint already answer.
 """
 
 from __future__ import annotations
@@ -69,9 +70,10 @@ class CodeVersions:
     """The templates of one primary (see the module docstring)."""
 
     def __init__(self, primary: Any, entry: str, cwd: str | None, log: Callable[[str], None],
-                 import_timeout: float = 30.0) -> None:
+                 import_timeout: float = 30.0, label: str = "the app") -> None:
         self.primary = primary
         self.entry = entry
+        self.label = label
         self.cwd = cwd
         self.log = log
         self.import_timeout = import_timeout
@@ -104,18 +106,6 @@ class CodeVersions:
         self.count += 1
         return Version(self.count, popen, ours)
 
-    def start_first(self) -> dict[str, Any]:
-        """The first template, before any worker: blocks until it has imported the app; raises
-        TemplateFailed (the caller stops with one line) or OSError."""
-        version = self._spawn()
-        answer = _wait_answer(version, self.import_timeout)
-        if "ready" not in answer:
-            self._end(version)
-            raise TemplateFailed(str(answer.get("error", "the template failed")), answer.get("traceback", ""))
-        if not self._unsafe(version, answer["ready"]):
-            self._became_current(version, answer["ready"])
-        return answer["ready"]
-
     def _unsafe(self, version: Version, info: dict[str, Any]) -> bool:
         """An app that starts threads at import cannot be forked safely (a worker may inherit a lock
         another thread held, and hang): use fresh interpreters from now on, and say so once."""
@@ -129,9 +119,11 @@ class CodeVersions:
         self.current = None
         return True
 
-    def prepare(self, done: Callable[[bool, str], None]) -> None:
-        """Start a template for the code on disk now (a reload); `done(ok, why)` once it has
-        imported the app and is current, or failed. Never blocks the loop."""
+    def prepare(self, done: Callable[[bool, str], None], quiet: bool = False) -> None:
+        """Start a template for the code on disk now (at start, and for each reload); `done(ok, why)`
+        once it has imported the app and is current, or failed (its traceback is printed then,
+        unless `quiet`: the first one's failure ends the command with one line). Never blocks the
+        loop: control, admin and status answer meanwhile."""
         if self.disabled:
             done(True, "")  # the workers load the code themselves
             return
@@ -160,7 +152,7 @@ class CodeVersions:
                 str(answer.get("error", "the template ended before it imported the app"))
             version.state = "failed"
             self._end(version)
-            if answer.get("traceback"):
+            if answer.get("traceback") and not quiet:
                 _stdio.write(answer["traceback"])  # once: the file and line of what broke
             done(False, why)
 
@@ -190,10 +182,10 @@ class CodeVersions:
         version.info = info
         version.state = "current"
         self.current = version
-        self.log(f"template v{version.number} (pid {version.popen.pid}) imported the app in "
+        interface = f" ({info['interface']})" if info.get("interface") else ""
+        self.log(f"template v{version.number} (pid {version.popen.pid}) imported {self.label}{interface} in "
                  f"{time.monotonic() - version.started:.2f} s")
-        if self.primary.loop is not None:
-            self._watch(version)
+        self._watch(version)
 
     # -- forking, retiring, deaths ---------------------------------------------------------------
 
@@ -207,11 +199,6 @@ class CodeVersions:
         except OSError as exc:
             self.log(f"template v{version.number}: {exc}; starting this worker as a fresh interpreter")
             return None
-
-    def watch_all(self) -> None:
-        """Once the loop runs: follow the current template (its exit reports, its death)."""
-        if self.current is not None:
-            self._watch(self.current)
 
     def _watch(self, version: Version) -> None:
         fd = version.watch_fd
@@ -290,20 +277,6 @@ def _read_answer(version: Version, settle: Callable[[dict[str, Any]], None]) -> 
     if answer is None and template.alive:
         return  # nothing whole yet
     settle(answer or {})
-
-
-def _wait_answer(version: Version, timeout: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    template = version.template
-    while template.alive:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return {"error": f"the app's import took over {timeout:g} s"}
-        with template._lock:
-            answer = template._read(min(left, 1.0))
-        if answer is not None:
-            return answer
-    return {"error": "the template ended before it imported the app"}
 
 
 def _manager_vars() -> frozenset[str]:

@@ -12,7 +12,6 @@ import errno
 import json
 import os
 import socket
-import sys
 from typing import Any
 
 import prefork
@@ -134,15 +133,13 @@ def serve(opts: dict[str, Any]) -> int:
     reloader = prepare(opts, output.log)  # --reload: checked (exit 2), and no .pyc, before any template
     os.environ["PREFORK_SERVE"] = json.dumps(worker_opts)
     prefork.setup_primary(module="prefork.http.worker", args=[], cwd=cwd)
-    code = _first_template(opts, cwd) if opts["preload"] else None
-    if code is not None and code.current is not None:
-        interface = code.current.info.get("interface", interface)
+    code = _templates(opts, cwd, app) if opts["preload"] else None
     tls = bool(opts["certfile"])
     addresses = [show_bind(b, tls) for b in opts["bind"]]
     shown = [label or address for label, address in zip(labels, addresses, strict=True)]
     rows = [("app", f"{app} ({interface})"), ("listening", ", ".join(shown))]
-    if code is not None and code.current is not None:
-        rows.append(("preload", f"template v1, pid {code.current.popen.pid} (workers fork from it)"))
+    if code is not None:
+        rows.append(("preload", "a template process imports the app; workers fork from it"))
     proctitle.set_title(f"primary {app}", "prefork-primary")
     return run_supervised(opts, title=f"prefork {prefork.__version__} serve", rows=rows,
                           addresses=addresses if all(b[0] == "unix" or b[2] for b in opts["bind"]) else None,
@@ -173,27 +170,14 @@ def _abs(path: str | None) -> str | None:
     return os.path.abspath(path) if path else None
 
 
-def _first_template(opts: dict[str, Any], cwd: str) -> Any:
-    """--preload: a template process imports the app (never the primary: versions.py); the first
-    one's failure stops the command with one line, as a broken app does without --preload."""
-    from prefork import _role, hooks, launch
-    from prefork.versions import CodeVersions, TemplateFailed
+def _templates(opts: dict[str, Any], cwd: str, app: str) -> Any:
+    """serve's preload: a template process per code version imports the app, never the primary
+    (versions.py); run_supervised starts the first one once control and admin answer."""
+    from prefork import _role
+    from prefork.versions import CodeVersions
 
     primary = _role.require_primary("serve --preload")
-    try:  # --user/--group/--umask apply to the template too (launch.py); run_supervised sets it again
-        primary.launch = launch.from_options(opts)
-        hooks.load_options(opts)  # --hooks: a bad module is one line before the template imports the app
-    except (launch.LaunchError, hooks.HookError) as exc:
-        raise UsageError(str(exc)) from None
     code = CodeVersions(primary, "prefork.http.preload:prepare", cwd, output.log,
-                        import_timeout=opts["ready_timeout"] or 30.0)
-    try:
-        code.start_first()
-    except TemplateFailed as exc:
-        if opts["log_level"] in ("debug", "trace") and exc.traceback:
-            sys.stderr.write(exc.traceback)
-        raise CommandError(str(exc)) from None
-    except OSError as exc:
-        raise CommandError(f"cannot start the template process: {exc}") from None
-    primary.versions = code  # from here on workers are forked by the current template
+                        import_timeout=opts["ready_timeout"] or 30.0, label=app)
+    primary.versions = code  # workers are forked by the current template
     return code

@@ -166,12 +166,10 @@ def run_supervised(opts: dict[str, Any], *, title: str, rows: list[tuple[str, st
         output.banner([("pid", str(os.getpid())), *rows, ("policy", prefork.scheduling_policy),
                        ("workers", how), ("control", f"{control.path}  (prefork ctl {how_ctl} status)"),
                        *shown], title)
-        supervisor.start()
+        supervisor.start(wait_for=_first_template(code, boot, opts))
         hooks.started(supervisor)  # nworkers_changed(n, None)
         if reloader is not None:
             reloader.start(supervisor)
-        if code is not None:
-            supervisor.primary.loop.call_soon(code.watch_all)
         if opts.get("init") or os.getpid() == 1:  # an init process: reap orphans (reaper.py)
             from prefork import reaper
 
@@ -192,6 +190,23 @@ def run_supervised(opts: dict[str, Any], *, title: str, rows: list[tuple[str, st
     if code == 0:
         output.log("stopped")
     return code
+
+
+def _first_template(code: Any, boot: BootWatch, opts: dict[str, Any]) -> Any:
+    """serve --preload: the workers start once the first template has imported the app, on the
+    loop, while control and admin answer; if it cannot, the command stops with one line, exit 1."""
+    if code is None:
+        return None
+    quiet = opts.get("log_level") not in ("debug", "trace")
+
+    def wait_for(start: Callable[[bool, str], None]) -> None:
+        def settled(ok: bool, why: str) -> None:
+            if not ok:
+                boot(None, {"message": why}, [])  # never ready yet: fatal, printed once
+            start(ok, why)
+
+        code.prepare(settled, quiet=quiet)
+    return wait_for
 
 
 class Announcer:
