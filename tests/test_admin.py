@@ -72,15 +72,17 @@ def scraped(admin: int, name: str, **labels: str) -> float | None:
 
 
 @pytest.mark.timeout(120)
-def test_states_across_a_start_a_kill_and_a_stop(prefork_cmd, tmp_path: Path) -> None:  # noqa: F811
+@pytest.mark.parametrize("preload", ["--preload", "--no-preload"])
+def test_states_across_a_start_a_kill_and_a_stop(prefork_cmd, tmp_path: Path, preload: str) -> None:  # noqa: F811
     gate = tmp_path / "gate"
-    cmd, port, admin = serve(prefork_cmd, tmp_path, SLOW, env={"SLOW_START_GATE": str(gate)})
-    # starting: the workers import the app (held by the gate); alive, not ready
+    cmd, port, admin = serve(prefork_cmd, tmp_path, SLOW, preload, env={"SLOW_START_GATE": str(gate)})
+    # starting: the template, or each worker, imports the app (held by the gate); alive, not ready
     assert wait_until(lambda: answers(admin, "/readyz") is not None, 20)
     status, body = admin_get(admin, "/readyz")
     assert (status, body) == (503, "no worker is ready yet\n")
     assert admin_get(admin, "/livez")[0] == 200
-    assert metric(admin_get(admin, "/metrics")[1], "prefork_workers", state="starting") == 2
+    starting = metric(admin_get(admin, "/metrics")[1], "prefork_workers", state="starting")
+    assert starting == (0 if preload == "--preload" else 2)  # preloaded: forked once it is imported
     gate.write_text("go")
     assert wait_until(lambda: answers(admin, "/readyz") == (200, "ready\n"), 30), cmd.output
     cmd.wait_ready()

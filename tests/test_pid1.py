@@ -16,7 +16,7 @@ import subprocess
 
 import httpx
 import pytest
-from cli_helpers import free_port, pid_alive
+from cli_helpers import ctl_json, free_port, pid_alive
 from conftest import children, wait_until
 from wrapped import Wrapped
 
@@ -122,23 +122,27 @@ def test_init_makes_the_primary_reap_orphans_without_a_namespace(tmp_path, prelo
         cmd.kill_all()
 
 
-def test_workers_statuses_are_not_stolen(tmp_path):
-    """The reaper leaves the workers to their own Popen: a killed worker is still reported with its
-    signal and replaced (a stolen status would read as 'code 0', or never arrive)."""
+@pytest.mark.parametrize("preload", ["--preload", "--no-preload"])
+def test_workers_statuses_are_not_stolen(tmp_path, preload):
+    """The reaper leaves the workers (and the template, whose workers' statuses it reports) to their
+    owners: a killed worker is still reported with its signal and replaced (a stolen status would
+    read as 'code 0', or never arrive)."""
     port = free_port()
+    control = str(tmp_path / "ctl.sock")
     cmd = Wrapped([], ["serve", APP, "--workers", "2", "--init", "--bind", f"127.0.0.1:{port}",
-                       "--control", str(tmp_path / "ctl.sock")])
+                       "--control", control, preload])
+    current = lambda: [w["pid"] for w in ctl_json(control)["workers"]]  # noqa: E731
     try:
         cmd.wait_ready(30)
         primary = cmd.proc.pid
-        workers = children(primary)
-        cmd.worker_pids.update(workers)
+        workers = current()
+        cmd.worker_pids.update(workers, children(primary))
         for pid in workers:
             os.kill(pid, signal.SIGKILL)
             cmd.expect(rf"\(pid {pid}\) died \(signal SIGKILL\)", 20)
-        fresh = lambda: [p for p in children(primary) if p not in workers]  # noqa: E731
+        fresh = lambda: [p for p in current() if p not in workers]  # noqa: E731
         assert wait_until(lambda: len(fresh()) == 2, 20), cmd.output
-        cmd.worker_pids.update(children(primary))
+        cmd.worker_pids.update(current(), children(primary))
         os.kill(primary, signal.SIGTERM)
         assert cmd.finish(30) == 0, cmd.output
     finally:

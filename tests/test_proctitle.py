@@ -66,7 +66,8 @@ def test_serve_titles_without_setproctitle(prefork_cmd, tmp_path):  # noqa: F811
     pids = cmd.track_workers(control)
     assert _comm(cmd.proc.pid) == "prefork-primary"
     assert sorted(_comm(pid) for pid in pids) == ["prefork-w1", "prefork-w2"]
-    assert "prefork.http.worker" in _args(pids[0])  # the real command line, untouched
+    # the real command line, untouched: the template's, which forked it (serve preloads by default)
+    assert "prefork.template_boot" in _args(pids[0])
     _stop(cmd)
 
 

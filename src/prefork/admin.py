@@ -304,7 +304,9 @@ def routes(supervisor: Any, status: Callable[[], dict[str, Any]],
 
     def livez(reply: Reply) -> None:
         alive = sum(1 for m in supervisor.members.values() if not m.worker.is_dead())
-        if alive:
+        if supervisor.holding:  # serve's first template imports the app: no worker yet, by design
+            reply(200, b"ok: the primary's loop answers; the app is being imported\n", TEXT)
+        elif alive:
             reply(200, f"ok: the primary's loop answers, {alive} worker(s) alive\n".encode(), TEXT)
         else:
             reply(503, b"no worker is alive\n", TEXT)

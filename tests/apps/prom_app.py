@@ -11,12 +11,12 @@ from tests.apps.lifespan import lifespan
 HITS = Counter("app_hits", "Requests the app saw.", ["path"])
 WORKER_PID = Gauge("app_worker_pid", "The pid of the worker (a per-worker gauge).")
 SIZES = Histogram("app_body_bytes", "Sizes of the bodies sent.", buckets=(1, 10, 100))
-WORKER_PID.set(os.getpid())
 
 
 async def app(scope, receive, send):
     if scope["type"] == "lifespan":
         return await lifespan(receive, send)
+    WORKER_PID.set(os.getpid())  # not at import: a preloaded app is imported once, by the template
     HITS.labels(path=scope["path"]).inc()
     body = f"{os.getpid()}\n".encode()
     SIZES.observe(len(body))

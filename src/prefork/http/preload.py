@@ -51,7 +51,7 @@ def _warm(opts: dict[str, Any], app: Any, interface: str) -> None:
     from .uvconfig import build_config
 
     try:
-        build_config(dict(opts), app, interface)
+        build_config({**opts, "log_config": None}, app, interface)  # applied once, by each worker
         import uvloop  # noqa: F401
     except Exception:  # the worker will meet it again, and say so in its own way
         pass
