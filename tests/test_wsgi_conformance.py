@@ -14,9 +14,22 @@ from pathlib import Path
 
 import httpx
 import pytest
-from cli_helpers import free_port, prefork_cmd  # noqa: F401
+from cli_helpers import ROOT, free_port, prefork_cmd  # noqa: F401
 
-from tests.apps.wsgi_conformance import pattern
+
+def _load_pattern():
+    """The app's byte pattern, loaded by path: importing the `tests` package here would take that name
+    from tests/uvicorn_suite, which needs it for uvicorn's own test package."""
+    import importlib.util
+
+    path = ROOT / "tests" / "apps" / "wsgi_conformance.py"
+    spec = importlib.util.spec_from_file_location("_wsgi_conformance_app", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.pattern
+
+
+pattern = _load_pattern()
 
 APP = "tests.apps.wsgi_conformance:app"
 
