@@ -171,10 +171,11 @@ def end_tree(*pids: int | None) -> None:
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("extra", [["--no-preload"], ["--policy", "rr"]], ids=["reuseport", "rr"])
+@pytest.mark.parametrize("extra", [[], ["--policy", "rr", "--no-preload"]], ids=["reuseport", "rr"])
 def test_upgrade_under_load_fails_no_request(prefork_cmd, tmp_path: Path, extra: list[str]) -> None:  # noqa: F811
-    """reuseport: every SO_REUSEPORT socket of the group is passed (closing one would reset what is
-    queued on it); rr (and the preloading template): the one listening socket."""
+    """reuseport (with serve's default, preloading templates): every SO_REUSEPORT socket of the group
+    is passed (closing one would reset what is queued on it); rr (workers as fresh interpreters): the
+    one listening socket."""
     admin = free_port()
     cmd, port, unix, control = start(prefork_cmd, tmp_path, *extra, "--admin", f"127.0.0.1:{admin}")
     policy = ctl_json(control)["policy"]
