@@ -4,8 +4,9 @@ without --preload, and reload time; `prefork serve` against Node's cluster and g
     .venv/bin/python bench/deploys.py [--kills 8] [--reloads 5] [--only respawn,memory,reload]
 
 Respawn: every server runs 1 worker, so "ready again" means the same for each. Its worker is
-SIGKILLed; the figure is the time from the kill to the first GET / that succeeds again (a new
-connection every ~1 ms on 127.0.0.1), median of --kills kills. The servers run side by side and are
+SIGKILLed; the figure is the time from the kill to the first GET / answered 200 again (a new
+connection every ~1 ms on 127.0.0.1, up to 4 waiting at once: _procs.until_served), median of
+--kills kills. The servers run side by side and are
 killed in turn (A, B, C, A, B, C), each at least 1.3 s after it was last ready (prefork counts a
 death within 1 s of ready as a crash loop). prefork's own view: the kill to its "is ready" line.
 App: tests/apps/hello.py (WSGI), Node: bench/node/reload_master.js MODE=respawn.
