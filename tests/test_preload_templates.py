@@ -247,3 +247,54 @@ def test_forked_workers_follow_the_policy_of_the_primary(served):
     cmd, port, control, _, _ = served
     workers = set(cmd.track_workers(control))
     assert workers <= _listening_pids(port), (workers, _listening_pids(port))
+
+
+def test_a_template_that_stops_answering_cannot_hang_the_primary(served):
+    """SIGSTOPped (a debugger, a freezer): the exit report of its worker never comes. The primary
+    waits a bounded time, then ends that template and refills the pool; it answers throughout."""
+    cmd, port, control, _, _ = served
+    template = ctl_json(control)["templates"][0]["pid"]
+    victim = cmd.track_workers(control)[0]
+    os.kill(template, signal.SIGSTOP)
+    try:
+        os.kill(victim, signal.SIGKILL)
+        assert _until(lambda: not pid_alive(template), timeout=30), "the stopped template is still there"
+        assert _until(lambda: sum(w["state"] == "ready" for w in ctl_json(control)["workers"]) == 2,
+                      timeout=30)
+        cmd.track_workers(control)
+        assert _versions(port) == {"v1"}
+    finally:
+        if pid_alive(template):
+            os.kill(template, signal.SIGCONT)
+
+
+def test_workers_forked_after_a_log_rotation_write_to_the_new_file(prefork_cmd, tmp_path):  # noqa: F811
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    _write(app_dir, "v1")
+    log, port, control = tmp_path / "app.log", free_port(), str(tmp_path / "ctl.sock")
+    cmd = prefork_cmd("serve", "verapp:app", "--app-dir", str(app_dir), "--workers", "1",
+                      "--log-file", str(log), "--bind", f"127.0.0.1:{port}", "--control", control,
+                      env={"IMPORTS_LOG": str(tmp_path / "imports")})
+    assert _until(lambda: "ready:" in log.read_text() if log.exists() else False)
+    os.rename(log, tmp_path / "app.log.1")
+    os.kill(cmd.proc.pid, signal.SIGUSR1)
+    assert _until(log.exists)
+    victim = cmd.track_workers(control)[0]
+    os.kill(victim, signal.SIGKILL)
+    assert _until(lambda: "[worker 2] INFO: Application startup complete" in log.read_text()), log.read_text()
+    assert "[worker 2]" not in (tmp_path / "app.log.1").read_text()
+    cmd.track_workers(control)
+
+
+def test_a_stop_during_a_reloads_import_ends_cleanly(served):
+    cmd, port, control, app_dir, _ = served
+    gate = app_dir / "gate"
+    with open(app_dir / "verapp.py", "a") as f:  # the reload's import waits for a file that never comes
+        f.write(f"\nimport os, time\nwhile not os.path.exists({str(gate)!r}):\n    time.sleep(0.05)\n")
+    assert run_prefork(["ctl", "--control", control, "reload"]).returncode == 0
+    assert _until(lambda: len(ctl_json(control)["templates"]) == 2)
+    importing = [t["pid"] for t in ctl_json(control)["templates"] if t["state"] == "importing"]
+    cmd.proc.send_signal(signal.SIGTERM)
+    assert cmd.finish(30) == 0, cmd.output
+    assert importing and not any(pid_alive(p) for p in importing)

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 MAX_MESSAGE = 1 << 20  # a worker's environment, as JSON
 UNKNOWN_EXIT = 1  # the template died before it could say how one of its workers ended
-REPORT_WAIT = 10.0  # seconds an exited worker's status may take to come from the template
+REPORT_WAIT = 3.0  # seconds an exited worker's status may take to come from the template (ms, normally)
 
 
 def start(target: Callable[[], Any], keep_fds: set[int]) -> Template | None:
@@ -68,7 +68,7 @@ class Template:
         self.exits: dict[int, int] = {}  # worker pid -> exit code, reported and not yet taken
         self._lock = threading.Lock()  # Worker.kill() may poll from any thread
 
-    def fork(self, env: dict[str, str], channel_fd: int, own_group: bool, timeout: float = 10.0) -> Forked:
+    def fork(self, env: dict[str, str], channel_fd: int, own_group: bool, timeout: float = 5.0) -> Forked:
         """Ask for one worker; OSError if the template cannot give one (the caller falls back)."""
         request = json.dumps({"env": env, "group": own_group}).encode()
         with self._lock:
@@ -145,7 +145,7 @@ class Template:
             message = json.loads(data)
         except ValueError:
             message = None
-        if not isinstance(message, dict):  # not ours to read: a template that says this is broken
+        if not _well_formed(message):  # the app's own code runs there: a template that says this is broken
             self._gone()
             return None
         if "exit" in message:
@@ -153,13 +153,33 @@ class Template:
         return message
 
     def _gone(self) -> None:
+        """The template ended, or cannot be trusted any more: end it (a stopped or confused one
+        would never exit by itself, and the loop must not wait for it), then reap it."""
         if self.alive:
             self.alive = False
             self.sock.close()
             try:
-                os.waitpid(self.pid, 0)  # it ends once its end of the pair closes: no zombie
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                os.waitpid(self.pid, 0)  # no zombie; SIGKILL ends even a stopped process at once
             except ChildProcessError:
                 pass
+
+
+def _well_formed(message: Any) -> bool:
+    """What a template may say: a worker's pid (a real one, never 0, -1 or our own group), a worker's
+    exit with an int code, an error line, or (versions.py) ready/error with its details."""
+    if not isinstance(message, dict):
+        return False
+    if "pid" in message:
+        return type(message["pid"]) is int and message["pid"] > 1
+    if "exit" in message:
+        return type(message["exit"]) is int and message["exit"] > 1 and type(message.get("code")) is int
+    if "ready" in message:
+        return isinstance(message["ready"], dict)
+    return isinstance(message.get("error"), str)
 
 
 class Forked(ForkedProcess):

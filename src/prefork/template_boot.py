@@ -33,6 +33,7 @@ def main() -> int:
         return 1
     sock = socket.socket(fileno=int(os.environ.pop(ENV_FD)))
     entry = os.environ.pop(ENV_ENTRY)
+    os.environ.pop("PREFORK_HOOKS", None)  # the workers' (their fork requests carry it), not the app's
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the primary's to handle
     try:
         module, _, name = entry.partition(":")
@@ -42,7 +43,7 @@ def main() -> int:
         # the app's own error, not prefork's wrapping of it (http/preload.py's ImportFailed)
         cause = exc.__cause__ if getattr(exc, "one_line", False) and exc.__cause__ else exc
         details = "".join(traceback.format_exception(type(cause), cause, cause.__traceback__))
-        _send(sock, {"error": line[:4000], "traceback": details[-65536:]})
+        _send(sock, {"error": line[:4000], "traceback": details[-16384:]})  # within one datagram
         return 1
     sys.stdout.flush()
     sys.stderr.flush()
@@ -75,8 +76,13 @@ def _connections(fds: set[int]) -> list[str]:
     peers = []
     for fd in sorted(fds - {0, 1, 2}):
         try:
-            probe = socket.socket(fileno=os.dup(fd))
+            copy = os.dup(fd)
         except OSError:
+            continue
+        try:
+            probe = socket.socket(fileno=copy)
+        except OSError:
+            os.close(copy)
             continue  # not a socket
         try:
             if probe.type == socket.SOCK_STREAM:

@@ -52,6 +52,7 @@ class Version:
         self.state = "importing"  # importing, current, previous, retired, failed
         self.info: dict[str, Any] = {}
         self.timer: Any = None
+        self.settle: Callable[[dict[str, Any]], None] | None = None  # while importing
         # the loop watches a copy of the socket's descriptor: any path may close the socket itself
         # (Template._gone, on its end), and a closed fd must never stay in the loop's selector
         self.watch_fd = os.dup(sock.fileno())
@@ -85,6 +86,7 @@ class CodeVersions:
         self._restart_timer: Any = None
         self.stopping = False
         self.disabled: str | None = None  # why workers start as fresh interpreters for good
+        self.importing: Version | None = None  # one import at a time: `previous` belongs to it
 
     # -- starting a template ---------------------------------------------------------------------
 
@@ -127,6 +129,9 @@ class CodeVersions:
         if self.disabled:
             done(True, "")  # the workers load the code themselves
             return
+        if self.importing is not None:
+            done(False, "a template is importing the app already (a dead one's replacement): try again")
+            return
         try:
             version = self._spawn()
         except OSError as exc:
@@ -137,6 +142,10 @@ class CodeVersions:
         fd = version.watch_fd
 
         def settle(answer: dict[str, Any]) -> None:
+            if version.settle is None:
+                return  # settled already (stopped meanwhile)
+            version.settle = None
+            self.importing = None
             if version.timer is not None:
                 version.timer.cancel()
                 version.timer = None
@@ -156,6 +165,8 @@ class CodeVersions:
                 _stdio.write(answer["traceback"])  # once: the file and line of what broke
             done(False, why)
 
+        version.settle = settle
+        self.importing = version
         loop.add_reader(fd, lambda: _read_answer(version, settle))
         version.timer = loop.call_later(self.import_timeout, settle,
                                         {"error": f"the app's import took over {self.import_timeout:g} s"})
@@ -225,6 +236,9 @@ class CodeVersions:
         self._restart_timer = None
         if self.stopping or self.current is not None:
             return
+        if self.importing is not None or self.previous is not None:  # a reload's: let it finish
+            self._restart_timer = self.primary.loop.call_later(RESTART_MIN, self._replace_dead)
+            return
 
         def done(ok: bool, why: str) -> None:
             self.previous = None  # nothing to go back to: the dead one is gone
@@ -238,6 +252,8 @@ class CodeVersions:
 
     def _retire(self, version: Version) -> None:
         version.state = "retired"
+        if not version.template.alive:
+            return  # gone already: nothing to wait for
         if version not in self.others:
             self.others.append(version)
         version.template.retire()
@@ -260,8 +276,8 @@ class CodeVersions:
         if self._restart_timer is not None:
             self._restart_timer.cancel()
         for version in [self.current, *self.others]:
-            if version is not None and version.state == "importing":
-                self._end(version)
+            if version is not None and version.settle is not None:
+                version.settle({"error": "stopping"})  # its reader and timer go, then it does
             elif version is not None:
                 version.template.retire()
 

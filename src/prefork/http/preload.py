@@ -27,7 +27,8 @@ def prepare() -> tuple[Any, dict[str, Any]]:
     from .. import proctitle
     from .asgi import AppError, import_app, resolve_interface
 
-    opts = json.loads(os.environ[ENV_OPTIONS])
+    # ours, not the app's (it may hold a key's password): each worker's fork request carries its own
+    opts = json.loads(os.environ.pop(ENV_OPTIONS))
     proctitle.set_title(f"template {opts['app']}", "prefork-tmpl")
     if opts["app_dir"] not in sys.path:
         sys.path.insert(0, opts["app_dir"])

@@ -74,6 +74,8 @@ def run(opts: dict[str, Any], app: Any = None) -> int:
 
         wrap_output(wid, fmt)  # `[worker N] line`, or one JSON object per line
         proctitle.set_title(f"worker {wid} {opts['app']}", f"prefork-w{wid}")
+        if app is not None:  # forked by a template, whose fds 1/2 may predate a log rotation
+            logfile.reopen(opts.get("log_file"))
         logfile.follow_reopen(opts.get("log_file"))
     # the primary reopens --log-file on SIGUSR1 and tells us through the channel; the signal sent to
     # this worker itself does the same (as gunicorn's workers), rather than end it (its default)
