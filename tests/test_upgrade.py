@@ -471,3 +471,26 @@ def test_refused_when_the_primary_is_pid_1(tmp_path: Path) -> None:
         cmd.finish(20)  # unshare passes no SIGTERM on: kill_all would wait for it in vain
     finally:
         cmd.kill_all()
+
+
+@pytest.mark.timeout(60)
+def test_an_address_the_new_command_line_drops_is_closed(prefork_cmd, tmp_path: Path) -> None:  # noqa: F811
+    """Adopted but unserved, the old port would queue connections nobody accepts: it is closed (a
+    client is refused); the unix socket file is left where it is, never removed by the new primary."""
+    cmd, port, unix, control = start(prefork_cmd, tmp_path)
+    other = free_port()
+    second = None
+    try:
+        result = upgrade(control, "serve", "tests.apps.hello:asgi", "--workers", "1", "--bind",
+                         f"127.0.0.1:{other}", "--control", control)
+        assert result.returncode == 0, result.stdout + result.stderr + cmd.output
+        second = new_pid(result.stdout)
+        assert cmd.finish(30) == 0
+        assert get(other) == "hello world\n"
+        cmd.expect(rf"upgrade: no longer serving .*127\.0\.0\.1:{port}")
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        assert os.path.exists(unix)
+    finally:
+        end_tree(second)
+        end_upgrades(cmd)

@@ -43,6 +43,23 @@ def is_adopted(family: int, addr: Any) -> bool:
     return _key(family, addr) in _adopted or bool(_slots.get(_key(family, addr)))
 
 
+_claimed: set[tuple[Any, ...]] = set()  # adopted addresses a handle serves
+
+
+def close_unclaimed() -> list[str]:
+    """Close the adopted sockets no handle serves (a hot upgrade whose new command line dropped an
+    address: left open, it would queue connections nobody accepts); their addresses, for the log.
+    The socket files of unix addresses stay: removing a file is never the listener's to do."""
+    gone = []
+    for table in (_adopted, _slots):
+        for key in [k for k in table if k not in _claimed]:
+            value = table.pop(key)
+            for sock in value if isinstance(value, list) else [value]:
+                sock.close()
+            gone.append(key[1] if len(key) == 2 else f"{key[1]}:{key[2]}")
+    return gone
+
+
 def adopted_fds() -> set[int]:
     return {sock.fileno() for sock in _adopted.values()} | {s.fileno() for v in _slots.values() for s in v}
 
@@ -59,6 +76,8 @@ def forget_adopted() -> None:
 def bind_socket(family: int, addr: Any, backlog: int, reuseport: bool = False) -> socket.socket:
     """A listening socket as a plain server would make it (OSError as a plain bind raises it)."""
     slots = _slots.get(_key(family, addr)) if _slots else None
+    if slots or (_adopted and _key(family, addr) in _adopted):
+        _claimed.add(_key(family, addr))
     if slots:  # the group's sockets of the previous primary: the first handle takes them one by one
         if reuseport:
             return slots.pop(0)

@@ -398,6 +398,11 @@ class Upgrader:
             self.control.take_over()
             if self.admin is not None:
                 self.admin.serve_now()
+            from .binding import close_unclaimed
+
+            dropped = close_unclaimed()
+            if dropped:
+                self.log(f"upgrade: no longer serving {', '.join(dropped)} (not in the new command line)")
 
 
 def _isatty(stream: Any) -> bool:
