@@ -298,3 +298,32 @@ def test_a_stop_during_a_reloads_import_ends_cleanly(served):
     cmd.proc.send_signal(signal.SIGTERM)
     assert cmd.finish(30) == 0, cmd.output
     assert importing and not any(pid_alive(p) for p in importing)
+
+
+def test_a_reload_takes_the_spare_template(served):
+    """The spare has imported the serving machinery, not the app: a reload makes it import the app
+    (it becomes v2); a new spare follows. The app's folder is followed as given when it takes over."""
+    cmd, port, control, app_dir, log = served
+    assert _until(lambda: _spare_pid(cmd.proc.pid))  # a second after the first template's import
+    first_spare = _spare_pid(cmd.proc.pid)
+    assert first_spare not in [int(line) for line in log.read_text().split()]  # it has not the app
+    _write(app_dir, "v2")
+    assert _reload(control) == "done"
+    current = [t for t in ctl_json(control)["templates"] if t["state"] == "current"]
+    assert current[0]["pid"] == first_spare and current[0]["version"] == 2
+    assert _versions(port) == {"v2"}
+    assert _until(lambda: _spare_pid(cmd.proc.pid) not in (None, first_spare))
+
+
+def _spare_pid(primary: int) -> int | None:
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                title = f.read()
+        except OSError:
+            continue
+        if ppid == primary and title.startswith(b"prefork: template (spare)"):
+            return int(name)
+    return None

@@ -179,6 +179,8 @@ def _well_formed(message: Any) -> bool:
         return type(message["exit"]) is int and message["exit"] > 1 and type(message.get("code")) is int
     if "ready" in message:
         return isinstance(message["ready"], dict)
+    if "spare" in message:
+        return message["spare"] is True
     return isinstance(message.get("error"), str)
 
 

@@ -20,6 +20,7 @@ import sys
 import traceback
 
 ENV_FD, ENV_ENTRY, ENV_PARENT = "PREFORK_TEMPLATE_FD", "PREFORK_TEMPLATE_ENTRY", "PREFORK_TEMPLATE_PARENT"
+ENV_SPARE = "PREFORK_TEMPLATE_SPARE"
 
 
 def main() -> int:
@@ -35,6 +36,8 @@ def main() -> int:
     entry = os.environ.pop(ENV_ENTRY)
     os.environ.pop("PREFORK_HOOKS", None)  # the workers' (their fork requests carry it), not the app's
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the primary's to handle
+    if os.environ.pop(ENV_SPARE, "") == "1" and not _wait_as_spare(sock, entry):
+        return 0
     try:
         module, _, name = entry.partition(":")
         target, info = getattr(importlib.import_module(module), name)()
@@ -61,6 +64,29 @@ def main() -> int:
     from .template import _serve
 
     return _serve(sock, target, keep, parent)
+
+
+def _wait_as_spare(sock: socket.socket, entry: str) -> bool:
+    """A spare (versions.py): import the serving machinery now, say so, then wait for the primary's
+    "go" (a reload) to import the app; False when the primary closes instead."""
+    started_in = os.getcwd()  # the folder as resolved at our start: a deploy may remove it later
+    module = importlib.import_module(entry.partition(":")[0])
+    warm = getattr(module, "warm_machinery", None)
+    if warm is not None:
+        warm()
+    _send(sock, {"spare": True})
+    try:
+        data = sock.recv(1 << 16)
+        go = json.loads(data)["go"] if data else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if not isinstance(go, dict):
+        return False
+    cwd = go.get("cwd")
+    if isinstance(cwd, str):
+        os.chdir(cwd)  # as given: a `current` symlink swapped since we started is followed now
+        sys.path[:] = [cwd if p in (started_in, "") else p for p in sys.path]
+    return True
 
 
 def _send(sock: socket.socket, message: dict) -> None:

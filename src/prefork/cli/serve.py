@@ -178,6 +178,7 @@ def _templates(opts: dict[str, Any], cwd: str, app: str) -> Any:
 
     primary = _role.require_primary("serve --preload")
     code = CodeVersions(primary, "prefork.http.preload:prepare", cwd, output.log,
-                        import_timeout=opts["ready_timeout"] or 30.0, label=app)
+                        import_timeout=opts["ready_timeout"] or 30.0, label=app,
+                        spare=opts["spare_template"])
     primary.versions = code  # workers are forked by the current template
     return code

@@ -44,6 +44,21 @@ def prepare() -> tuple[Any, dict[str, Any]]:
     return functools.partial(_worker, opts, app), {"interface": interface, "pid": os.getpid()}
 
 
+def warm_machinery() -> None:
+    """A spare template (versions.py), before it knows the app: what `_warm` imports, with a stand-in
+    app, so that a reload's import is the app's alone."""
+    from .. import proctitle
+
+    opts = json.loads(os.environ[ENV_OPTIONS])
+    proctitle.set_title(f"template (spare) {opts['app']}", "prefork-tmpl")
+    _warm(opts, _stand_in, "asgi3")
+    from . import wsgi  # noqa: F401 - for a WSGI app
+
+
+async def _stand_in(scope: Any, receive: Any, send: Any) -> None:
+    """The app a spare warms the machinery with; never called."""
+
+
 def _warm(opts: dict[str, Any], app: Any, interface: str) -> None:
     """Import here what a worker imports before it serves (uvicorn's config, protocols, lifespan,
     middlewares; uvloop): about 140 modules that each forked worker would otherwise load from disk

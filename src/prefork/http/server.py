@@ -282,7 +282,8 @@ class Server:
         for connection in list(self.state.connections):
             if not _idle(connection):
                 connection.shutdown()  # the response in progress goes out with `Connection: close`
-        await asyncio.sleep(0.05)
+        if self.state.connections or self.state.tasks:
+            await asyncio.sleep(0.05)  # the responses cut short above go out first
         timeout = self.opts.get("graceful_timeout")
         try:
             await asyncio.wait_for(self._wait_idle(), timeout=timeout)
