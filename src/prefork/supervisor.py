@@ -33,6 +33,7 @@ from typing import Any
 from . import _role, _stdio
 from .health import Health
 from .rolling import Rolling
+from .sighandlers import SignalHandlers
 from .slots import Member, Slot
 
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 10.0
@@ -42,7 +43,7 @@ BEAT_EVERY = 1.0
 MAX_WORKERS = 1024  # what `--workers` and `ctl scale` accept (cli/config.py)
 
 
-class Supervisor:
+class Supervisor(SignalHandlers):
     """Keeps `workers` workers running; see the module docstring."""
 
     def __init__(self, workers: int, *, timeout: float | None = None, graceful_timeout: float = 30.0,
@@ -124,57 +125,6 @@ class Supervisor:
 
     def finished(self) -> bool:
         return self._done.is_set()
-
-    # -- signals: run on the loop (signals.py) ---------------------------------------------------
-
-    def handle_hup(self) -> None:
-        self.rolling.reload()
-
-    def handle_term(self) -> None:
-        self._stop_after_delay("SIGTERM")
-
-    def _stop_after_delay(self, why: str) -> None:
-        """Graceful stop; with a shutdown delay, first report not ready and serve on for that long
-        (a load balancer or Kubernetes stops sending meanwhile), then drain. A second one drains."""
-        if self.shutdown_delay and not self.stopping and not self.delaying:
-            self.delaying = True
-            self.log(f"{why}: not ready any more; serving for {self.shutdown_delay:g} s more, "
-                     "then draining (--shutdown-delay)")
-            self.tell("stopping")
-            self.primary.loop.call_later(self.shutdown_delay, self._delay_over)
-            return
-        self._stop(True)
-
-    def _delay_over(self) -> None:
-        if not self.stopping:
-            self.log("shutdown delay over: draining the workers")
-            self._stop(True)
-
-    def handle_usr1(self) -> None:
-        """Reopen the log files (logrotate): whoever owns them watches `reopen`."""
-        self.tell("reopen")
-
-    def handle_usr2(self) -> None:
-        """Hot upgrade of the primary: whoever can do it (upgrade.py) watches `upgrade`."""
-        if not any(hasattr(w, "on_upgrade") for w in self.watchers):
-            self.log("SIGUSR2: no hot upgrade here (only the prefork command's primary does it)")
-        self.tell("upgrade")
-
-    def handle_int(self) -> None:
-        """First Ctrl-C drains; a second one stops at once."""
-        self._sigints += 1
-        if self._sigints == 1:
-            self.log("stopping gracefully (Ctrl-C again to stop at once)")
-            self._stop(True)
-        else:
-            self.exit_code = 130
-            self._stop(False)
-
-    def handle_ttin(self) -> None:
-        self._scale(len(self.slots) + 1)
-
-    def handle_ttou(self) -> None:
-        self._scale(max(1, len(self.slots) - 1))
 
     # -- loop thread: starting workers -----------------------------------------------------------
 
