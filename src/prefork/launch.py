@@ -2,9 +2,9 @@
 
 A primary started as root (to bind port 80, read a TLS key, write to /var/run) should not run the
 app as root: its workers drop to the user and group given, with no supplementary groups (root's
-would stay otherwise), and take the umask given. A spawned worker gets them from subprocess.Popen
-(`popen_kwargs`), which sets them between fork and exec; a process forked without exec (a fork
-template, forkstart.py) calls `apply_in_child` first thing.
+would stay otherwise), and take the umask given. Each spawned process gets them from
+subprocess.Popen (`popen_kwargs`), which sets them between fork and exec: the workers that start as
+fresh interpreters, and serve's templates (versions.py), whose forked workers inherit them.
 """
 
 from __future__ import annotations
@@ -40,18 +40,6 @@ class Launch:
         if self.umask is not None:
             kwargs["umask"] = self.umask
         return kwargs
-
-    def apply_in_child(self) -> None:
-        """In a process forked without exec: groups, then group, then user (the user last, since
-        after it the process may change nothing), then the umask."""
-        if self.uid is not None or self.gid is not None:
-            os.setgroups([])
-        if self.gid is not None:
-            os.setgid(self.gid)
-        if self.uid is not None:
-            os.setuid(self.uid)
-        if self.umask is not None:
-            os.umask(self.umask)
 
 
 def from_options(opts: dict[str, Any]) -> Launch | None:
