@@ -106,8 +106,8 @@ def _write(path: Path, text: str) -> None:
 
 def _seeds() -> list[int]:
     spec = os.environ.get("CHAOS_SEEDS", "").strip()
-    if not spec:
-        return [1, 2, 3, 4, 5]
+    if not spec:  # CI's: each of the 4 policies once, 2 with preloading templates and 2 without
+        return [1, 2, 3, 4]
     if re.fullmatch(r"\d+-\d+", spec):
         low, high = map(int, spec.split("-"))
         return list(range(low, high + 1))
