@@ -146,18 +146,19 @@ def _run_as_nobody(fn) -> _Result:
     /root) nor read the checkout when it was cloned into a folder only its owner may enter (mktemp -d).
     For the same reason the child works in a world-readable temporary folder, not in the checkout."""
     import encodings.idna  # noqa: F401 - imported before the fork: nobody cannot read the stdlib here
+    import importlib
+    import pkgutil
     import ssl  # noqa: F401
     import traceback
 
     import uvicorn  # noqa: F401
 
+    import prefork
     import prefork.cli
-    import prefork.cli.args
-    import prefork.cli.config
-    import prefork.cli.ctl
-    import prefork.cli.run
-    import prefork.cli.serve  # noqa: F401
-    import prefork.control  # noqa: F401
+
+    for module in pkgutil.walk_packages(prefork.__path__, "prefork."):  # every one the CLI may import late
+        if not module.name.endswith("__main__"):
+            importlib.import_module(module.name)
 
     prefork.cli.config._toml_reader("")  # tomllib, or tomli on Python 3.10
     workdir = _open_dir()
