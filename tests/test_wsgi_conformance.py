@@ -194,15 +194,17 @@ def test_client_that_sends_less_than_its_content_length(prefork_cmd, tmp_path, s
             s.sendall(b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 4000000\r\n\r\n" + b"c" * sent)
             deadline = time.monotonic() + 20  # the app has read its whole blocks (small: it never starts)
             blocks = str(sent // 65536 * 65536)  # and waits for the rest of its last one
-            while sent > 1 << 20 and client.get(f"http://127.0.0.1:{port}/progress").text != blocks:
+            # at least: on a loaded machine --timeout-header may pass before a poll sees exactly that
+            while sent > 1 << 20 and int(client.get(f"http://127.0.0.1:{port}/progress").text) < int(blocks):
                 assert time.monotonic() < deadline, "the app did not read what came"
                 time.sleep(0.05)
-        if sent > 1 << 20:  # the app was reading: it learns the body ended early
+        if sent > 1 << 20:  # the app was reading: it learns the body ended early (the client left, or
+            # went silent for --timeout-header first, on a loaded machine): either way what came, then
             last = client.get(f"http://127.0.0.1:{port}/last").text
-            while "closed the connection" not in last and time.monotonic() < deadline:
+            while not last.startswith(f"{sent} then") and time.monotonic() < deadline:
                 time.sleep(0.05)
                 last = client.get(f"http://127.0.0.1:{port}/last").text
-            assert last.startswith(f"{sent} then ClientDisconnected: the client closed"), last
+            assert last.startswith(f"{sent} then ClientDisconnected: "), last
         r = client.post(f"http://127.0.0.1:{port}/upload", content=b"z" * 10)
         assert r.text == f"10 {hashlib.sha256(b'z' * 10).hexdigest()}"
     assert cmd.track_workers(str(tmp_path / "ctl.sock")) == [pid]
