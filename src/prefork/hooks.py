@@ -42,20 +42,6 @@ class HookError(Exception):
     """The hooks module cannot be used: one line, exit 2 (cli/supervised.py)."""
 
 
-_loaded: dict[tuple[str, str], dict[str, Callable[..., Any]]] = {}  # the primary's, loaded once
-
-
-def load_options(opts: dict[str, Any]) -> dict[str, Callable[..., Any]]:
-    """The primary's hooks of --hooks (none without), imported once: HookError if unusable."""
-    spec = opts.get("hooks")
-    if not spec:
-        return {}
-    key = (spec, opts.get("chdir") or os.getcwd())  # --chdir as given: a later start resolves it again
-    if key not in _loaded:
-        _loaded[key] = load(*key)
-    return _loaded[key]
-
-
 def load(spec: str, base: str) -> dict[str, Callable[..., Any]]:
     """The known hooks a module defines. `spec` is a dotted name (found from `base` too) or a .py
     file (relative to `base`); other names in the module are the user's business."""
@@ -197,8 +183,8 @@ def install(supervisor: Any, opts: dict[str, Any], app: str, log: Callable[[str]
     spec = opts.get("hooks")
     if not spec:
         return Hooks({}, None, log)
-    base = opts.get("chdir") or os.getcwd()
-    functions = load_options(opts)
+    base = opts.get("chdir") or os.getcwd()  # --chdir as given: a later start resolves it again
+    functions = load(spec, base)
     server = HookServer(supervisor, app, opts, log)
     hooks = Hooks(functions, server, log)
     supervisor.watchers.append(hooks)

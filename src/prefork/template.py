@@ -122,6 +122,11 @@ class Template:
                 except OSError:
                     self._gone()
 
+    def message_now(self) -> dict[str, Any] | None:
+        """The next message if a whole one is there (the loop's reader calls this; versions.py)."""
+        with self._lock:
+            return self._read(0.0) if self.alive else None
+
     def pump(self) -> None:
         """File what the template has said (exit reports; its end): the primary's loop calls this
         when the socket is readable, so a template that exits is reaped at once."""

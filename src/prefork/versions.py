@@ -205,10 +205,8 @@ class CodeVersions:
 
     def _spare_said(self, version: Version) -> None:
         """Its one message ("machinery imported"); anything after that is its end."""
-        template = version.template
-        with template._lock:
-            answer = template._read(0.0)
-        if answer is None and template.alive:
+        answer = version.template.message_now()
+        if answer is None and version.template.alive:
             return
         if version.state == "starting" and answer is not None and answer.get("spare") is True:
             version.state = "spare"
@@ -361,11 +359,8 @@ class CodeVersions:
 
 
 def _read_answer(version: Version, settle: Callable[[dict[str, Any]], None]) -> None:
-    template = version.template
-    answer = None
-    with template._lock:
-        answer = template._read(0.0)
-    if answer is None and template.alive:
+    answer = version.template.message_now()
+    if answer is None and version.template.alive:
         return  # nothing whole yet
     settle(answer or {})
 
