@@ -79,7 +79,9 @@ def test_bad_heartbeat_counters_do_not_break_status_or_beats(py):
     # worker 1 never gave a valid answer: after `timeout` it is taken for hung and replaced
     ids = json.loads(re.search(r"ids (\[.*\])", result.stdout)[1])
     assert 2 in ids, result
-    assert "Traceback" not in result.stderr, result.stderr
+    # no exception: worker 1's stacks, dumped by the SIGABRT that ends it as hung (faulthandler: "most
+    # recent call first"), may come before the stop when the machine is loaded; they are expected
+    assert "Traceback (most recent call last)" not in result.stderr, result.stderr
 
 
 def test_every_listen_call_is_answered(py):
