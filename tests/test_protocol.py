@@ -59,8 +59,10 @@ def test_bad_heartbeat_counters_do_not_break_status_or_beats(py):
         import sys, time
         import prefork as cluster
         if cluster.is_primary:
-            sup = cluster.supervise(2, timeout=3.0)
-            time.sleep(3.0)  # several beats, each answered with garbage by worker 1
+            # beats every second, each answered with garbage by worker 1; status is read well before
+            # the timeout could take worker 1 for hung (at 3.0 it raced with that kill and respawn)
+            sup = cluster.supervise(2, timeout=6.0)
+            time.sleep(3.0)
             status = sup.status()
             print("workers", len(status["workers"]), "ids", sorted(w["id"] for w in status["workers"]),
                   flush=True)
@@ -76,12 +78,9 @@ def test_bad_heartbeat_counters_do_not_break_status_or_beats(py):
     """, timeout=30)
     assert result.returncode == 0, result
     assert "workers 2" in result.stdout, result
-    # worker 1 never gave a valid answer: after `timeout` it is taken for hung and replaced
     ids = json.loads(re.search(r"ids (\[.*\])", result.stdout)[1])
-    assert 2 in ids, result
-    # no exception: worker 1's stacks, dumped by the SIGABRT that ends it as hung (faulthandler: "most
-    # recent call first"), may come before the stop when the machine is loaded; they are expected
-    assert "Traceback (most recent call last)" not in result.stderr, result.stderr
+    assert ids == [1, 2], result  # garbage answers neither broke the status nor ended the beats
+    assert "Traceback" not in result.stderr, result.stderr
 
 
 def test_every_listen_call_is_answered(py):
