@@ -220,11 +220,12 @@ class CodeVersions:
         self._end(version)
 
     def _take_spare(self) -> Version | None:
-        """The spare, told to import the app now; None when there is no ready one."""
+        """The spare, told to import the app now; None when there is none. One still importing the
+        machinery is taken too (its "go" waits in the socket): it is further on than a new one."""
         spare = self.spare
         if spare is None:
             return None
-        if spare.state != "spare" or not spare.template.alive:
+        if spare.state not in ("spare", "starting") or not spare.template.alive:
             self._drop_spare(spare)
             return None
         self.primary.loop.remove_reader(spare.watch_fd)
@@ -362,6 +363,8 @@ def _read_answer(version: Version, settle: Callable[[dict[str, Any]], None]) -> 
     answer = version.template.message_now()
     if answer is None and version.template.alive:
         return  # nothing whole yet
+    if answer is not None and answer.get("spare") is True and "ready" not in answer:
+        return  # a spare taken while it still imported the machinery: its first word, not the answer
     settle(answer or {})
 
 
