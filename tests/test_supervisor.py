@@ -240,7 +240,8 @@ def test_worker_over_max_memory_is_replaced_gracefully(py):
         assert wait_until(lambda: not pid_alive(pids[0]), 10)
         time.sleep(0.3)
     script.track(*listening_pids(script))
-    assert re.search(r"worker 1 \(pid \d+\) uses \d+ MiB \(max 60 MiB\): replacing it", script.stderr)
+    assert re.search(r"worker 1 \(pid \d+\) uses \d+ MiB of its own \(USS; max 60 MiB\): replacing it",
+                     script.stderr)
     assert load.errors == [], load.errors[:5]
     script.signal("SIGTERM")
     assert script.wait(15) == 0

@@ -126,8 +126,8 @@ OPTIONS: tuple[Option, ...] = (
            metavar="N", aliases=("--limit-max-requests",)),
     Option("max_requests_jitter", to_count, 0, "add up to this many to --max-requests, per worker, so "
            "workers are not all replaced at once", metavar="N", aliases=("--limit-max-requests-jitter",)),
-    Option("max_memory", to_size, None, "replace a worker whose RSS grows beyond this (e.g. 512M)",
-           metavar="SIZE"),
+    Option("max_memory", to_size, None, "replace a worker whose own memory (USS: its private pages, "
+           "not those shared with the preloaded app) grows beyond this (e.g. 512M)", metavar="SIZE"),
     Option("log_level", choice(LOG_LEVELS), "info", "critical, error, warning, info, debug (shows "
            "tracebacks) or trace", metavar="LEVEL"),
     Option("access_log", to_bool, False, "write one Common Log Format line per request to stdout",

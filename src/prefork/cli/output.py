@@ -107,7 +107,7 @@ def human_seconds(s: float | None) -> str:
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
-COLUMNS = ("id", "pid", "state", "uptime", "restarts", "conns", "reqs", "in flight", "rss", "cpu%")
+COLUMNS = ("id", "pid", "state", "uptime", "restarts", "conns", "reqs", "in flight", "rss", "uss", "cpu%")
 
 
 def status_table(status: dict[str, Any]) -> str:
@@ -116,7 +116,8 @@ def status_table(status: dict[str, Any]) -> str:
     for w in status.get("workers", []):
         rows.append((str(w.get("id")), str(w.get("pid")), str(w.get("state")), human_seconds(w.get("uptime")),
                      str(w.get("restarts", 0)), str(w.get("connections", 0)), str(w.get("requests", 0)),
-                     str(w.get("in_flight", 0)), human_bytes(w.get("rss")), f"{w.get('cpu', 0.0):.1f}"))
+                     str(w.get("in_flight", 0)), human_bytes(w.get("rss")),
+                     human_bytes(w.get("uss")), f"{w.get('cpu', 0.0):.1f}"))
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(COLUMNS)]
     left = {0, 2}
 
