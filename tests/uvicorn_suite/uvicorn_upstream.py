@@ -25,6 +25,11 @@ SDISTS = {
         "30e9280707135d2cfc589dfff3cb796bd07a3aeb1a3e415ba09dd89d7bb4/uvicorn-0.54.0.tar.gz",
         "a2e33cbfaa0306f8e6b0c13e0cb89d7d7a2da3e62b90c66e18c33d9807b28620",
     ),
+    "0.55.0": (
+        "https://files.pythonhosted.org/packages/60/32/"
+        "ed1b49f4eca183639f1048bc48494c8e24386c865dce1357cd108d5871ea/uvicorn-0.55.0.tar.gz",
+        "b65ae5f0f30cdcbc26a104b93d7d19723aa5f46fec3915a6c247d5795449331c",
+    ),
 }
 NEEDED = (  # test_http.py and what it imports (tests.response; fixtures of tests/conftest.py)
     "tests/__init__.py",

@@ -85,6 +85,7 @@ def install(cls: Any, base: Any, opts: dict[str, Any]) -> bool:
                 _refuse(self, _431, f"more than {fields} header fields")
             _refuse(self, _431, f"a header field is longer than {field} bytes")
         name = name.lower()
+        value = value.rstrip(b" \t")  # llhttp keeps trailing whitespace; RFC 9110 5.5 excludes it
         if name == b"expect" and value.lower() == b"100-continue":
             self.expect_100_continue = True
         self.headers.append((name, value))
