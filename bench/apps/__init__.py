@@ -1,0 +1,1 @@
+"""Apps doing a framework's real work per request, for bench/realistic.py (FastAPI, Flask)."""
