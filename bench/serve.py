@@ -1,24 +1,38 @@
 """`prefork serve` against its peers, hello world, 2 workers each, with wrk on 127.0.0.1, in one run.
 
     .venv/bin/pip install -e '.[serve,bench]'     # gunicorn, uvicorn-worker, granian (peers only)
-    .venv/bin/python bench/serve.py [--seconds 5] [--rounds 3] [--only prefork-asgi,uvicorn]
+    .venv/bin/python bench/serve.py [--seconds 4] [--rounds 3] [--shapes t1c64,t2c32,many]
+                                    [--only prefork-asgi,uvicorn]
 
-For every server: requests per second with keep-alive and with `Connection: close` (a new
-connection per request, which is where accept hand-off costs show), and p99 latency. Servers are
-measured in rounds, interleaved, and the median of the rounds is shown: this machine is shared and
-noisy, and interleaving spreads the noise over every server alike.
+Every server is measured in three load shapes (bench/targets_serve.py): `t1c64` (wrk -t1 -c64),
+`t2c32` (wrk -t2 -c32), each with keep-alive and with `Connection: close` (a new connection per
+request, where accept hand-off costs show), and `many` (wrk -t2 -c2000, keep-alive only: thousands
+of open connections; the bench raises its RLIMIT_NOFILE, which wrk and the servers inherit, and
+reports a server's "Too many open files" and wrk's socket errors and timeouts). For each
+measurement: requests per second, p50 and p99 latency, and where the CPU went: utime and stime of
+the server's main process and of all its descendants (workers, templates), read from /proc before
+and after the wrk run, as CPU microseconds per request, primary and workers, user and kernel.
 
-Targets checked at the end: prefork's ASGI rate at least uvicorn's (same engine, so prefork must
-add no cost), and prefork's WSGI rate at least twice gunicorn gthread's.
+Records: case "hello, keep-alive, t1c64" and so on; the t2c32 shape keeps the names of the runs
+before shapes ("hello, keep-alive", "hello, Connection: close"; keep-alive was -c64 then). The CPU
+figures are in the case "<case>, CPU us/req". Servers are measured in rounds, interleaved, and the
+median of the rounds is shown: this machine is shared and noisy, and interleaving spreads the noise
+over every server alike. One server takes about 5 x --seconds + 4 s (start, warm-up, stop) for the
+three shapes; one round of the 9 servers with --seconds 3 takes about 3 minutes on 2 cores.
+
+The targets of issue #13 are checked at the end, per shape (bench/targets_serve.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import resource
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +48,26 @@ from _harness import (  # noqa: E402
     stop_process,
     wait_http,
 )
+from _procs import descendants  # noqa: E402
+from targets_serve import (  # noqa: E402
+    CLOSE,
+    CPU_PARTS,
+    CPU_TOTAL,
+    KEEP,
+    SHAPES,
+    case,
+    check,
+    cpu_case,
+    modes,
+    wrk_label,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / ".venv" / "bin"
 PEERS = ROOT / ".venv-peers" / "bin"  # the peers live in their own venv (scripts/bench makes it)
 WORKERS = "2"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+FD_ERROR = re.compile(r"Too many open files|EMFILE", re.I)
 
 
 def _peer(name: str) -> Path:
@@ -76,6 +105,7 @@ def servers(port: int, tmp: str) -> dict[str, dict[str, Any]]:
     ]
     return {
         "prefork-asgi": {"argv": [*prefork, "tests.apps.hello:asgi"], "kind": "asgi"},
+        "prefork-asgi-rr": {"argv": [*prefork, "--policy", "rr", "tests.apps.hello:asgi"], "kind": "asgi"},
         "prefork-wsgi": {"argv": [*prefork, "tests.apps.hello:wsgi"], "kind": "wsgi"},
         "uvicorn": {
             "argv": [
@@ -135,42 +165,135 @@ def available(spec: dict[str, Any]) -> str | None:
     return None
 
 
+# -- where the CPU goes ----------------------------------------------------------------------------
+
+Ticks = tuple[int, int]  # utime, stime in clock ticks (all threads of a process)
+
+
+def _ticks(pid: int) -> Ticks | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[11]), int(fields[12])  # proc(5) fields 14 and 15; fields[0] is field 3 (state)
+
+
+def cpu_sample(root: int) -> dict[int, Ticks]:
+    """pid -> (utime, stime) of `root` and every live descendant (gunicorn, granian, uvicorn, Node
+    and prefork all run workers below their main process; prefork also a template)."""
+    out = {}
+    for pid in [root, *descendants(root)]:
+        if (t := _ticks(pid)) is not None:
+            out[pid] = t
+    return out
+
+
+def cpu_per_request(root: int, before: dict[int, Ticks], after: dict[int, Ticks], requests: int) -> dict:
+    """CPU microseconds per request: the main process's and its descendants', user and kernel. A
+    descendant that started meanwhile counts from zero; one that exited meanwhile is lost (noted)."""
+    scale = 1e6 / CLK_TCK / max(1, requests)
+    out = dict.fromkeys(CPU_PARTS, 0.0)
+    for pid, (user, kernel) in after.items():
+        user0, kernel0 = before.get(pid, (0, 0))
+        who = "primary" if pid == root else "workers"
+        out[f"{who} user"] += (user - user0) * scale
+        out[f"{who} kernel"] += (kernel - kernel0) * scale
+    out[CPU_TOTAL] = sum(out[p] for p in CPU_PARTS)
+    out["exited"] = len(set(before) - set(after))
+    return out
+
+
+# -- file descriptors ------------------------------------------------------------------------------
+
+
+def raise_nofile(needed: int) -> int:
+    """Raise this process's soft RLIMIT_NOFILE to `needed` (at most the hard limit) before wrk and the
+    servers start: they inherit it. Returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        soft = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return soft
+
+
+def nofile_of(pids: list[int]) -> int | None:
+    """The lowest soft "Max open files" of these processes (a server may lower its own)."""
+    limits = []
+    for pid in pids:
+        try:
+            m = re.search(r"^Max open files\s+(\d+|unlimited)", Path(f"/proc/{pid}/limits").read_text(), re.M)
+        except OSError:
+            continue
+        if m:
+            limits.append(1 << 62 if m.group(1) == "unlimited" else int(m.group(1)))
+    return min(limits) if limits else None
+
+
+def _wrk_errors(raw: str) -> tuple[int, int]:
+    """(connect + read + write errors + non-2xx/3xx answers, timeouts) from wrk's output."""
+    errors = timeouts = 0
+    if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", raw):
+        errors, timeouts = sum(int(g) for g in m.groups()[:3]), int(m.group(4))
+    if m := re.search(r"Non-2xx or 3xx responses: (\d+)", raw):
+        errors += int(m.group(1))
+    return errors, timeouts
+
+
+# -- one server ------------------------------------------------------------------------------------
+
+
 def measure(name: str, spec: dict[str, Any], port: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Start the server, measure every shape and mode, stop it: {(shape, mode): figures, "fd": ...}."""
     url = f"http://127.0.0.1:{port}/"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFORK_")}
     env.update(spec.get("env", {}))
     env["PYTHONPATH"] = str(ROOT)
-    proc = start_process(spec["argv"], env=env, ready_line=None, cwd=str(ROOT), stderr=None)
-    try:
-        wait_http(url)
-        run_wrk(url, 1, args.connections, 2, latency=False)  # warm-up
-        keep = run_wrk(url, args.seconds, args.connections, 2)
-        close = run_wrk(url, args.seconds, args.close_connections, 2, close=True)
-    finally:
-        stop_process(proc, timeout=10.0)
-    return {
-        "keep_rps": keep["rps"],
-        "keep_p50_ms": keep["p50_ms"],
-        "keep_p99_ms": keep["p99_ms"],
-        "close_p50_ms": close["p50_ms"],
-        "close_rps": close["rps"],
-        "close_p99_ms": close["p99_ms"],
-        "errors": keep["errors"] + close["errors"],
-    }
+    out: dict[Any, Any] = {}
+    with tempfile.TemporaryFile() as log:  # its stderr, searched for fd errors afterwards
+        proc = start_process(spec["argv"], env=env, ready_line=None, cwd=str(ROOT), stderr=log)
+        try:
+            wait_http(url, proc=proc)
+            run_wrk(url, 1, 32, 2, latency=False)  # warm-up
+            out["nofile"] = nofile_of([proc.pid, *descendants(proc.pid)])
+            for shape in args.shapes:
+                threads, connections, _ = SHAPES[shape]
+                for mode in modes(shape):
+                    before = cpu_sample(proc.pid)
+                    res = run_wrk(url, args.seconds, connections, threads, close=mode == CLOSE)
+                    after = cpu_sample(proc.pid)
+                    errors, timeouts = _wrk_errors(res["raw"])
+                    out[(shape, mode)] = {
+                        "rps": res["rps"], "p50_ms": res["p50_ms"], "p99_ms": res["p99_ms"],
+                        "errors": errors, "timeouts": timeouts,
+                        **cpu_per_request(proc.pid, before, after, res["requests"] or 0),
+                    }
+        finally:
+            stop_process(proc, timeout=10.0)
+            log.seek(0)
+            text = log.read().decode(errors="replace")
+    out["fd_errors"] = len(FD_ERROR.findall(text))
+    if re.search(r"Traceback|error|Too many open files", text, re.I):  # else only start/stop lines
+        sys.stderr.write(f"--- {name}'s stderr (last 3000 characters) ---\n{text[-3000:]}\n")
+    return out
+
+
+# -- the run ---------------------------------------------------------------------------------------
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--seconds", type=float, default=5.0, help="wrk duration per measurement")
+    parser.add_argument("--seconds", type=float, default=4.0, help="wrk duration per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median shown)")
-    parser.add_argument("--connections", type=int, default=64, help="wrk connections, keep-alive")
-    parser.add_argument(
-        "--close-connections", type=int, default=32, help="wrk connections, Connection: close"
-    )
+    parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated: " + ",".join(SHAPES))
     parser.add_argument("--only", default="", help="comma-separated server names")
     args = parser.parse_args()
+    args.shapes = [s for s in SHAPES if s in args.shapes.split(",")]
+    if not args.shapes:
+        parser.error(f"--shapes: none of {', '.join(SHAPES)}")
+    most = max(SHAPES[s][1] for s in args.shapes)
+    nofile = raise_nofile(2 * most + 256)  # wrk's sockets, a server's (all in one worker at worst)
 
     tmp = tempfile.mkdtemp(prefix="prefork-bench-")
     names = list(servers(0, tmp))
@@ -182,75 +305,104 @@ def main() -> int:
         if why:
             skipped[name] = why
             names.remove(name)
-    results: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    results: dict[str, list[dict[Any, Any]]] = {n: [] for n in names}
+    started = time.monotonic()
     for rnd in range(args.rounds):
         for name in names:
             port = free_port()
+            t0 = time.monotonic()
             try:
                 res = measure(name, servers(port, tmp)[name], port, args)
             except Exception as exc:
                 print(f"round {rnd + 1}: {name} failed: {exc}", file=sys.stderr)
                 continue
             results[name].append(res)
-            print(
-                f"round {rnd + 1}/{args.rounds} {name:17s} keep-alive {res['keep_rps']:9.0f} req/s "
-                f"p99 {res['keep_p99_ms']:6.2f} ms | close {res['close_rps']:8.0f} req/s "
-                f"p99 {res['close_p99_ms']:6.2f} ms | errors {res['errors']}",
-                flush=True,
-            )
+            for shape in args.shapes:
+                got = [(mode, res[(shape, mode)]) for mode in modes(shape)]
+                cells = " | ".join(f"{mode} {r['rps']:8.0f} req/s p99 {r['p99_ms'] or 0:7.2f} ms "
+                                   f"errors {r['errors']} timeouts {r['timeouts']}" for mode, r in got)
+                print(f"round {rnd + 1}/{args.rounds} {name:17s} {shape:5s} {cells}", flush=True)
+                if gone := sum(r["exited"] for _, r in got):
+                    print(f"WARNING {name}: {gone} worker(s) exited while measured: their CPU is missing")
+            fds = f", server fd errors {res['fd_errors']}" if res["fd_errors"] else ""
+            print(f"round {rnd + 1}/{args.rounds} {name:17s} {time.monotonic() - t0:.0f} s, "
+                  f"server nofile {res['nofile']}{fds}", flush=True)
+            if res["nofile"] is not None and res["nofile"] < most + 64:
+                print(f"WARNING {name}: a process's RLIMIT_NOFILE is {res['nofile']}, below {most + 64}")
+    elapsed = time.monotonic() - started
 
-    rows = []
-    summary: dict[str, dict[str, float]] = {}
-    for name in names:
-        runs = results[name]
-        if not runs:
-            continue
-        row = {"server": name}
-        for key in ("keep_rps", "keep_p50_ms", "keep_p99_ms", "close_rps", "close_p50_ms", "close_p99_ms"):
-            row[key] = median([r[key] for r in runs if r[key] is not None] or [0.0])
-        row["errors"] = sum(r["errors"] for r in runs)
-        summary[name] = row  # type: ignore[assignment]
-        rows.append(row)
+    summary = summarize(results, args.shapes)
     print()
-    print(
-        f"hello world, {WORKERS} workers each, wrk -t2 -c{args.connections} (keep-alive) / "
-        f"-c{args.close_connections} (Connection: close), {args.seconds:g} s, median of {args.rounds} rounds"
-    )
-    print_table(rows, ["server", "keep_rps", "keep_p99_ms", "close_rps", "close_p99_ms", "errors"], ratios=[])
+    print(f"hello world, {WORKERS} workers each, {args.seconds:g} s per measurement, median of "
+          f"{args.rounds} rounds ({elapsed:.0f} s in all, {elapsed / max(1, args.rounds):.0f} s a round); "
+          f"RLIMIT_NOFILE {nofile}")
+    rates, cpu = [], []
+    for name, by in summary.items():
+        for shape in args.shapes:
+            keep, close = by.get((shape, KEEP)), by.get((shape, CLOSE))
+            if keep is None:
+                continue
+            rates.append({"server": name, "shape": wrk_label(shape), "keep_rps": keep["rps"],
+                          "keep_p99_ms": keep["p99_ms"], "close_rps": close and close["rps"],
+                          "close_p99_ms": close and close["p99_ms"],
+                          "errors": keep["errors"] + (close["errors"] if close else 0),
+                          "timeouts": keep["timeouts"] + (close["timeouts"] if close else 0)})
+            for mode in modes(shape):
+                row = by[(shape, mode)]
+                cpu.append({"server": name, "shape": wrk_label(shape), "mode": mode,
+                            "us/req": row[CPU_TOTAL], **{p: row[p] for p in CPU_PARTS}})
+    print_table(rates, ["server", "shape", "keep_rps", "keep_p99_ms", "close_rps", "close_p99_ms",
+                        "errors", "timeouts"], ratios=[])
+    print("\nwhere the CPU goes, microseconds per request (primary = the main process, workers = all"
+          " its descendants)")
+    print_table(cpu, ["server", "shape", "mode", "us/req", *CPU_PARTS], ratios=[])
     for name, why in skipped.items():
         print(f"skipped {name}: {why}")
+    for name, runs in results.items():
+        if bad := sum(r["fd_errors"] for r in runs):
+            print(f"WARNING {name}: {bad} 'Too many open files' lines on its stderr")
 
-    ok = True
-
-    def target(label: str, a: str, b: str, factor: float, key: str) -> None:
-        nonlocal ok
-        if a in summary and b in summary and summary[b][key]:
-            ratio = summary[a][key] / summary[b][key]
-            passed = ratio >= factor * 0.95  # 5% allowance for the noise of a shared machine
-            ok &= passed
-            print(
-                f"{'PASS' if passed else 'FAIL'} {label}: {a} / {b} {key} = {ratio:.2f}x (target {factor:g}x)"
-            )
-
+    recs = records(summary)
+    medians = {(r["case"], r["subject"], r["metric"]): r["value"] for r in recs}
     print()
-    for key in ("keep_rps", "close_rps"):
-        target("ASGI at least uvicorn", "prefork-asgi", "uvicorn", 1.0, key)
-        target("WSGI at least 2x gunicorn gthread", "prefork-wsgi", "gunicorn-gthread", 2.0, key)
-    emit_records(records(summary), skipped=skipped)
-    return 0 if ok else 1
+    verdicts = check(lambda c, s, m: medians.get((c, s, m)), tuple(args.shapes))
+    for status, label, figure in verdicts:
+        if status != "n/a":
+            print(f"{status} {label}: {figure}")
+    emit_records(recs, skipped=skipped)
+    return 1 if any(v[0] == "MISS" for v in verdicts) else 0
 
 
-def records(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """The figures as scripts/bench's records: rate, p50 and p99 per server and connection mode."""
+def summarize(results: dict[str, list[dict[Any, Any]]], shapes: list[str]) -> dict[str, dict[Any, Any]]:
+    """server -> (shape, mode) -> the median over the rounds of each figure."""
+    out: dict[str, dict[Any, Any]] = {}
+    for name, runs in results.items():
+        for shape in shapes:
+            for mode in modes(shape):
+                got = [r[(shape, mode)] for r in runs if (shape, mode) in r]
+                if got:
+                    out.setdefault(name, {})[(shape, mode)] = {
+                        k: median([g[k] for g in got if g[k] is not None] or [0.0]) for k in got[0]
+                    }
+    return out
+
+
+def records(summary: dict[str, dict[Any, Any]]) -> list[dict[str, Any]]:
+    """scripts/bench's records: per server and measurement, rate, latency, errors, then the CPU."""
     out = []
-    for name, row in summary.items():
+    for name, by in summary.items():
         subject = name.replace("-", " ")
-        for mode, case in (("keep", "hello, keep-alive"), ("close", "hello, Connection: close")):
+        for (shape, mode), row in by.items():
+            c, cc = case(shape, mode), cpu_case(shape, mode)
             out += [
-                record("serve", case, subject, "req/s", row[f"{mode}_rps"], "req/s"),
-                record("serve", case, subject, "p50 ms", row[f"{mode}_p50_ms"], "ms", higher=False),
-                record("serve", case, subject, "p99 ms", row[f"{mode}_p99_ms"], "ms", higher=False),
+                record("serve", c, subject, "req/s", row["rps"], "req/s"),
+                record("serve", c, subject, "p50 ms", row["p50_ms"], "ms", higher=False),
+                record("serve", c, subject, "p99 ms", row["p99_ms"], "ms", higher=False),
+                record("serve", c, subject, "errors", row["errors"], "", higher=False),
+                record("serve", c, subject, "timeouts", row["timeouts"], "", higher=False),
+                record("serve", cc, subject, CPU_TOTAL, row[CPU_TOTAL], "us", higher=False),
             ]
+            out += [record("serve", cc, subject, p, row[p], "us", higher=False) for p in CPU_PARTS]
     return out
 
 
