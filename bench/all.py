@@ -37,7 +37,7 @@ PYTHON = sys.executable
 BENCHES: dict[str, tuple[list[str], list[str], float]] = {
     "ipc": (["--runs", "1", "--seconds", "2"], ["--runs", "1", "--seconds", "0.5"], 600),  # 3 placements
     "policies": (["--runs", "1", "--seconds", "3"], ["--runs", "1", "--seconds", "1"], 400),
-    # 9 servers x 3 shapes (5 wrk runs each): about 3 minutes a round, 80 s quick
+    # 9 servers x 3 shapes, 5 wrk runs each: 152 s a round, 62-72 s quick (2 cores, measured)
     "serve": (["--rounds", "1", "--seconds", "3"], ["--rounds", "1", "--seconds", "1"], 400),
     "lifecycle": (
         ["--kills", "5", "--reloads", "3", "--seconds", "6"],

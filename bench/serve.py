@@ -4,21 +4,29 @@
     .venv/bin/python bench/serve.py [--seconds 4] [--rounds 3] [--shapes t1c64,t2c32,many]
                                     [--only prefork-asgi,uvicorn]
 
-Every server is measured in three load shapes (bench/targets_serve.py): `t1c64` (wrk -t1 -c64),
+Every server is measured in three load shapes (bench/targets_serve.py): `t1c64` (wrk -t1 -c64) and
 `t2c32` (wrk -t2 -c32), each with keep-alive and with `Connection: close` (a new connection per
-request, where accept hand-off costs show), and `many` (wrk -t2 -c2000, keep-alive only: thousands
-of open connections; the bench raises its RLIMIT_NOFILE, which wrk and the servers inherit, and
-reports a server's "Too many open files" and wrk's socket errors and timeouts). For each
-measurement: requests per second, p50 and p99 latency, and where the CPU went: utime and stime of
-the server's main process and of all its descendants (workers, templates), read from /proc before
-and after the wrk run, as CPU microseconds per request, primary and workers, user and kernel.
+request, where accept hand-off costs show), and `many` (wrk -t2 -c2000, keep-alive only). For
+`many` the bench raises its RLIMIT_NOFILE, which wrk and the servers inherit, and reports each
+server's fd limit, the sockets it holds mid-run (one that stopped accepting holds fewer than 2000:
+the servers here mostly say nothing about EMFILE), "Too many open files" on its stderr, and wrk's
+errors and timeouts. prefork-asgi-rr is prefork's ASGI with --policy rr (the primary hands out the
+connections).
 
-Records: case "hello, keep-alive, t1c64" and so on; the t2c32 shape keeps the names of the runs
-before shapes ("hello, keep-alive", "hello, Connection: close"; keep-alive was -c64 then). The CPU
-figures are in the case "<case>, CPU us/req". Servers are measured in rounds, interleaved, and the
-median of the rounds is shown: this machine is shared and noisy, and interleaving spreads the noise
-over every server alike. One server takes about 5 x --seconds + 4 s (start, warm-up, stop) for the
-three shapes; one round of the 9 servers with --seconds 3 takes about 3 minutes on 2 cores.
+For each measurement: requests per second, p50 and p99 latency, wrk's errors and timeouts, and where
+the CPU went (bench/_cost.py): utime and stime of the server's main process and of all its
+descendants (workers, templates) from /proc just before and after the wrk run, as CPU microseconds
+per request, primary and workers, user and kernel. A figure is the median of the rounds on its own,
+so the four parts need not add up to the total exactly.
+
+Records: case "hello, keep-alive, t1c64", "hello, Connection: close, t1c64", ..., "hello, keep-alive,
+many"; the t2c32 shape keeps the names of the runs before shapes ("hello, keep-alive", "hello,
+Connection: close": close was wrk -t2 -c32 then too, keep-alive -t2 -c64). The CPU of a measurement
+is in the case "<its case>, CPU us/req". Servers are measured in rounds, interleaved, and the median
+of the rounds is shown: this machine is shared and noisy, and interleaving spreads the noise over
+every server alike. A server takes 5 x --seconds + about 2 s (start, warm-up, stop) for the three
+shapes: one round of the 9 servers took 62-72 s with --seconds 1, and 152 s with --seconds 3
+(scripts/bench's round), on 2 cores.
 
 The targets of issue #13 are checked at the end, per shape (bench/targets_serve.py).
 """
@@ -28,15 +36,16 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import resource
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cost import cpu_per_request, cpu_sample, nofile_of, open_sockets, raise_nofile  # noqa: E402
 from _harness import (  # noqa: E402
     emit_records,
     free_port,
@@ -55,6 +64,7 @@ from targets_serve import (  # noqa: E402
     CPU_TOTAL,
     KEEP,
     SHAPES,
+    SOCKETS,
     case,
     check,
     cpu_case,
@@ -66,7 +76,6 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / ".venv" / "bin"
 PEERS = ROOT / ".venv-peers" / "bin"  # the peers live in their own venv (scripts/bench makes it)
 WORKERS = "2"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 FD_ERROR = re.compile(r"Too many open files|EMFILE", re.I)
 
 
@@ -165,70 +174,6 @@ def available(spec: dict[str, Any]) -> str | None:
     return None
 
 
-# -- where the CPU goes ----------------------------------------------------------------------------
-
-Ticks = tuple[int, int]  # utime, stime in clock ticks (all threads of a process)
-
-
-def _ticks(pid: int) -> Ticks | None:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return int(fields[11]), int(fields[12])  # proc(5) fields 14 and 15; fields[0] is field 3 (state)
-
-
-def cpu_sample(root: int) -> dict[int, Ticks]:
-    """pid -> (utime, stime) of `root` and every live descendant (gunicorn, granian, uvicorn, Node
-    and prefork all run workers below their main process; prefork also a template)."""
-    out = {}
-    for pid in [root, *descendants(root)]:
-        if (t := _ticks(pid)) is not None:
-            out[pid] = t
-    return out
-
-
-def cpu_per_request(root: int, before: dict[int, Ticks], after: dict[int, Ticks], requests: int) -> dict:
-    """CPU microseconds per request: the main process's and its descendants', user and kernel. A
-    descendant that started meanwhile counts from zero; one that exited meanwhile is lost (noted)."""
-    scale = 1e6 / CLK_TCK / max(1, requests)
-    out = dict.fromkeys(CPU_PARTS, 0.0)
-    for pid, (user, kernel) in after.items():
-        user0, kernel0 = before.get(pid, (0, 0))
-        who = "primary" if pid == root else "workers"
-        out[f"{who} user"] += (user - user0) * scale
-        out[f"{who} kernel"] += (kernel - kernel0) * scale
-    out[CPU_TOTAL] = sum(out[p] for p in CPU_PARTS)
-    out["exited"] = len(set(before) - set(after))
-    return out
-
-
-# -- file descriptors ------------------------------------------------------------------------------
-
-
-def raise_nofile(needed: int) -> int:
-    """Raise this process's soft RLIMIT_NOFILE to `needed` (at most the hard limit) before wrk and the
-    servers start: they inherit it. Returns the soft limit now in force."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        soft = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    return soft
-
-
-def nofile_of(pids: list[int]) -> int | None:
-    """The lowest soft "Max open files" of these processes (a server may lower its own)."""
-    limits = []
-    for pid in pids:
-        try:
-            m = re.search(r"^Max open files\s+(\d+|unlimited)", Path(f"/proc/{pid}/limits").read_text(), re.M)
-        except OSError:
-            continue
-        if m:
-            limits.append(1 << 62 if m.group(1) == "unlimited" else int(m.group(1)))
-    return min(limits) if limits else None
-
-
 def _wrk_errors(raw: str) -> tuple[int, int]:
     """(connect + read + write errors + non-2xx/3xx answers, timeouts) from wrk's output."""
     errors = timeouts = 0
@@ -258,13 +203,18 @@ def measure(name: str, spec: dict[str, Any], port: int, args: argparse.Namespace
             for shape in args.shapes:
                 threads, connections, _ = SHAPES[shape]
                 for mode in modes(shape):
+                    mid: list[int] = []
+                    timer = threading.Timer(args.seconds / 2, lambda into=mid: into.append(
+                        open_sockets([proc.pid, *descendants(proc.pid)])))
                     before = cpu_sample(proc.pid)
+                    timer.start()
                     res = run_wrk(url, args.seconds, connections, threads, close=mode == CLOSE)
                     after = cpu_sample(proc.pid)
+                    timer.join()
                     errors, timeouts = _wrk_errors(res["raw"])
                     out[(shape, mode)] = {
                         "rps": res["rps"], "p50_ms": res["p50_ms"], "p99_ms": res["p99_ms"],
-                        "errors": errors, "timeouts": timeouts,
+                        "errors": errors, "timeouts": timeouts, "sockets": mid[0] if mid else None,
                         **cpu_per_request(proc.pid, before, after, res["requests"] or 0),
                     }
         finally:
@@ -294,6 +244,8 @@ def main() -> int:
         parser.error(f"--shapes: none of {', '.join(SHAPES)}")
     most = max(SHAPES[s][1] for s in args.shapes)
     nofile = raise_nofile(2 * most + 256)  # wrk's sockets, a server's (all in one worker at worst)
+    if nofile < most + 64:
+        print(f"WARNING: RLIMIT_NOFILE is {nofile} (the hard limit): wrk cannot open {most} connections")
 
     tmp = tempfile.mkdtemp(prefix="prefork-bench-")
     names = list(servers(0, tmp))
@@ -319,8 +271,9 @@ def main() -> int:
             results[name].append(res)
             for shape in args.shapes:
                 got = [(mode, res[(shape, mode)]) for mode in modes(shape)]
-                cells = " | ".join(f"{mode} {r['rps']:8.0f} req/s p99 {r['p99_ms'] or 0:7.2f} ms "
-                                   f"errors {r['errors']} timeouts {r['timeouts']}" for mode, r in got)
+                cells = " | ".join(f"{mode} {r['rps']:8.0f} req/s p99 {r['p99_ms'] or 0:7.2f} ms errors "
+                                   f"{r['errors']} timeouts {r['timeouts']} sockets {r['sockets']}"
+                                   for mode, r in got)
                 print(f"round {rnd + 1}/{args.rounds} {name:17s} {shape:5s} {cells}", flush=True)
                 if gone := sum(r["exited"] for _, r in got):
                     print(f"WARNING {name}: {gone} worker(s) exited while measured: their CPU is missing")
@@ -345,14 +298,15 @@ def main() -> int:
             rates.append({"server": name, "shape": wrk_label(shape), "keep_rps": keep["rps"],
                           "keep_p99_ms": keep["p99_ms"], "close_rps": close and close["rps"],
                           "close_p99_ms": close and close["p99_ms"],
-                          "errors": keep["errors"] + (close["errors"] if close else 0),
-                          "timeouts": keep["timeouts"] + (close["timeouts"] if close else 0)})
+                          "errors": int(keep["errors"] + (close["errors"] if close else 0)),
+                          "timeouts": int(keep["timeouts"] + (close["timeouts"] if close else 0)),
+                          "keep_sockets": keep["sockets"]})
             for mode in modes(shape):
                 row = by[(shape, mode)]
                 cpu.append({"server": name, "shape": wrk_label(shape), "mode": mode,
-                            "us/req": row[CPU_TOTAL], **{p: row[p] for p in CPU_PARTS}})
+                            "us/req": row["total"], **{p: row[p] for p in CPU_PARTS}})
     print_table(rates, ["server", "shape", "keep_rps", "keep_p99_ms", "close_rps", "close_p99_ms",
-                        "errors", "timeouts"], ratios=[])
+                        "errors", "timeouts", "keep_sockets"], ratios=[])
     print("\nwhere the CPU goes, microseconds per request (primary = the main process, workers = all"
           " its descendants)")
     print_table(cpu, ["server", "shape", "mode", "us/req", *CPU_PARTS], ratios=[])
@@ -400,8 +354,10 @@ def records(summary: dict[str, dict[Any, Any]]) -> list[dict[str, Any]]:
                 record("serve", c, subject, "p99 ms", row["p99_ms"], "ms", higher=False),
                 record("serve", c, subject, "errors", row["errors"], "", higher=False),
                 record("serve", c, subject, "timeouts", row["timeouts"], "", higher=False),
-                record("serve", cc, subject, CPU_TOTAL, row[CPU_TOTAL], "us", higher=False),
+                record("serve", cc, subject, CPU_TOTAL, row["total"], "us", higher=False),
             ]
+            if shape == "many":
+                out.append(record("serve", c, subject, SOCKETS, row["sockets"], "sockets"))
             out += [record("serve", cc, subject, p, row[p], "us", higher=False) for p in CPU_PARTS]
     return out
 

@@ -23,6 +23,7 @@ KEEP, CLOSE = "keep-alive", "Connection: close"
 LEGACY_SHAPE = "t2c32"
 CPU_PARTS = ("primary user", "primary kernel", "workers user", "workers kernel")
 CPU_TOTAL = "cpu us/req"
+SOCKETS = "sockets mid-run"  # recorded for `many`: the sockets the server's processes hold halfway
 
 ASGI_PEERS = ("node cluster", "uvicorn", "gunicorn uvicorn", "granian asgi")
 
@@ -86,6 +87,12 @@ def _verdict(
     figure = f"{value:.2f}x {best} (target {'>=' if higher else '<='} {bound:g})"
     if len(theirs) < len(peers):
         figure += f", {len(theirs)} of {len(peers)} peers measured"
+    if not higher:  # a server that leaves clients in its listen queue keeps them out of its latency
+        wanted = SHAPES[shape][1]
+        for who in (ours, best):
+            held = get(c, who, SOCKETS)
+            if held is not None and held < 0.9 * wanted:
+                figure += f"; {who} held {held:.0f} sockets for {wanted} clients mid-run (the others waited)"
     if not passed:
         peer_total = get(cpu_case(shape, mode), best, CPU_TOTAL)
         figure += f"; {cpu_breakdown(get, shape, mode, ours)}; {best} CPU "
