@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -64,11 +65,15 @@ def _peer(name: str) -> Path:
     return PEERS / name if (PEERS / name).exists() else BIN / name
 
 
-def servers(port: int, tmp: str) -> dict[str, dict[str, Any]]:
-    """"app/server" -> argv and what it needs; the flags are bench/serve.py's for each server."""
+def servers(port: int, tmp: str, prefork_args: str = "") -> dict[str, dict[str, Any]]:
+    """"app/server" -> argv and what it needs; the flags are bench/serve.py's for each server.
+
+    prefork_args: more flags for prefork serve (to compare its own options, e.g. "--policy none").
+    """
     bind = f"127.0.0.1:{port}"
     prefork = [str(BIN / "prefork"), "serve", "--workers", WORKERS, "--bind", bind,
-               "--log-level", "warning", "--control", os.path.join(tmp, "ctl.sock")]
+               "--log-level", "warning", "--control", os.path.join(tmp, "ctl.sock"),
+               *shlex.split(prefork_args)]
     uvicorn = [str(_peer("uvicorn")), "--workers", WORKERS, "--host", "127.0.0.1", "--port", str(port),
                "--log-level", "warning", "--no-access-log"]
     gunicorn = [str(_peer("gunicorn")), "-w", WORKERS, "-b", bind, "--log-level", "warning"]
@@ -235,6 +240,9 @@ def main() -> int:
     parser.add_argument("--close-connections", type=int, default=None,
                         help="wrk connections, Connection: close (default: --connections)")
     parser.add_argument("--only", default="", help="comma-separated apps, servers or app/server names")
+    parser.add_argument(
+        "--prefork-args", default="", help='more prefork serve flags, given as --prefork-args="--policy none"'
+    )
     args = parser.parse_args()
     if args.close_connections is None:
         args.close_connections = args.connections
@@ -250,7 +258,7 @@ def main() -> int:
         for name in names[shift:] + names[:shift]:
             port = free_port()
             try:
-                res = measure(name, servers(port, tmp)[name], port, args)
+                res = measure(name, servers(port, tmp, args.prefork_args)[name], port, args)
             except Exception as exc:
                 failures[name] = str(exc)
                 print(f"round {rnd + 1}/{args.rounds} {name:24s} FAILED: {exc}", flush=True)
@@ -281,6 +289,7 @@ def main() -> int:
         f"FastAPI POST /items (pydantic, 1 ms await) and Flask GET / (Jinja2), {WORKERS} workers each, "
         f"wrk -t2 -c{args.connections} (keep-alive) / -c{args.close_connections} (Connection: close), "
         f"{args.seconds:g} s, median of {args.rounds} rounds"
+        + (f"; prefork serve {args.prefork_args}" if args.prefork_args else "")
     )
     print_table(rows, ["server", "keep_rps", "keep_p99_ms", "close_rps", "close_p99_ms", "errors"], ratios=[])
     for name, why in skipped.items():
