@@ -188,7 +188,8 @@ def _wrk_errors(raw: str) -> tuple[int, int]:
 
 
 def measure(name: str, spec: dict[str, Any], port: int, args: argparse.Namespace) -> dict[str, Any]:
-    """Start the server, measure every shape and mode, stop it: {(shape, mode): figures, "fd": ...}."""
+    """Start the server, measure every shape and mode, stop it: {(shape, mode): figures, "nofile": its
+    lowest fd limit, "fd_errors": "Too many open files" lines on its stderr}."""
     url = f"http://127.0.0.1:{port}/"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFORK_")}
     env.update(spec.get("env", {}))
