@@ -18,10 +18,12 @@ rotates each round) and the median of the rounds is shown: this machine is share
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -247,7 +249,8 @@ def main() -> int:
     if args.close_connections is None:
         args.close_connections = args.connections
 
-    tmp = tempfile.mkdtemp(prefix="prefork-bench-")
+    tmp = tempfile.mkdtemp(prefix="prefork-bench-")  # prefork's control socket
+    atexit.register(shutil.rmtree, tmp, True)
     names = selected(list(servers(0, tmp)), args.only)
     skipped = {n: why for n in names if (why := available(n, servers(0, tmp)[n]))}
     names = [n for n in names if n not in skipped]
