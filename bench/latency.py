@@ -6,10 +6,10 @@
 Every server of bench/serve.py's table (2 workers each) first gets its maximum keep-alive rate with
 plain wrk (-t2 -c64). In each kind group (ASGI with Node's cluster; WSGI) the fixed rate is
 --fraction of the best peer's maximum (median of the rounds); then every server of the group is
-driven at that same rate, open loop, by bench/openloop.lua: wrk2's method in a wrk 4 Lua script
-(each connection sends on a fixed schedule, and a request sent late counts from its intended send
-time, so a stall is not hidden: coordinated omission corrected). Shown: p50, p99, p99.9, achieved
-rate, errors; rounds are interleaved and medians shown, as in bench/serve.py.
+driven at that same rate, open loop, by bench/openloop.py (wrk2's method: requests fall due on a
+fixed schedule, and one sent late counts from its intended send time, so a stall is not hidden:
+coordinated omission corrected; --client lua: bench/openloop.lua, the same in a wrk Lua script).
+Shown: p50, p99, p99.9, achieved rate, errors; rounds are interleaved and medians shown, as in bench/serve.py.
 
 Target: prefork's p99 at the fixed rate at most the lowest peer p99 (ASGI and WSGI); targets()
 gives the verdicts from bench/all.py's summary.
@@ -98,9 +98,23 @@ def _run(argv: list[str], seconds: float, during: Any = None) -> dict[str, Any]:
     return _parse(out)
 
 
-def open_loop(url: str, rate: float, seconds: float, connections: int, during: Any = None) -> dict[str, Any]:
-    """bench/openloop.lua at `rate` req/s in total: one connection per wrk thread (the script says why)."""
-    argv = _script_argv(url, seconds, connections, connections, [f"{rate:.3f}", str(connections)])
+def open_loop(
+    url: str,
+    rate: float,
+    seconds: float,
+    connections: int,
+    during: Any = None,
+    client: str = "python",
+    procs: int = 2,
+) -> dict[str, Any]:
+    """`rate` req/s in total, open loop: bench/openloop.py (default), or bench/openloop.lua (one connection
+    per wrk thread, the script says why; it cost about 3x the CPU per request here and could not hold
+    half a fast peer's maximum on this 2-CPU machine)."""
+    if client == "lua":
+        argv = _script_argv(url, seconds, connections, connections, [f"{rate:.3f}", str(connections)])
+    else:
+        argv = [sys.executable, str(SCRIPT.with_suffix(".py")), url, "--rate", f"{rate:.3f}", "--seconds",
+                f"{seconds:g}", "--connections", str(connections), "--procs", str(procs)]  # fmt: skip
     return _run(argv, seconds, during)
 
 
@@ -208,7 +222,9 @@ def measure(
                 continue
             try:
                 with running(name) as (_, url):
-                    res = open_loop(url, rate, args.seconds, args.connections)
+                    res = open_loop(
+                        url, rate, args.seconds, args.connections, client=args.client, procs=args.procs
+                    )
             except Exception as exc:
                 print(f"round {rnd + 1}: {name} failed: {exc}", file=sys.stderr)
                 continue
@@ -291,8 +307,14 @@ def validate(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             pause_workers(proc, half, args.pause_ms / 1000)
 
         for label, res in (
-            ("open loop", open_loop(url, rate, args.seconds, args.connections)),
-            ("open loop, paused", open_loop(url, rate, args.seconds, args.connections, during=pause)),
+            (
+                "open loop",
+                open_loop(url, rate, args.seconds, args.connections, client=args.client, procs=args.procs),
+            ),
+            (
+                "open loop, paused",
+                open_loop(url, rate, args.seconds, args.connections, pause, args.client, args.procs),
+            ),
             ("plain wrk -t2 -c64", closed_loop(url, args.seconds)),
             ("plain wrk -t2 -c64, paused", closed_loop(url, args.seconds, during=pause)),
         ):
@@ -326,7 +348,9 @@ def main() -> int:
     parser.add_argument("--max-seconds", type=float, default=3.0, help="plain wrk run for the maximum")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median shown)")
     parser.add_argument("--fraction", type=float, default=0.5, help="fixed rate / best peer's maximum")
-    parser.add_argument("--connections", type=int, default=64, help="open-loop connections (= wrk threads)")
+    parser.add_argument("--connections", type=int, default=64, help="open-loop connections, in total")
+    parser.add_argument("--client", choices=["python", "lua"], default="python", help="open-loop client")
+    parser.add_argument("--procs", type=int, default=2, help="open-loop client processes (python client)")
     parser.add_argument("--only", default="", help="comma-separated server names")
     parser.add_argument("--validate", metavar="SERVER", help="check the method on one server instead")
     parser.add_argument("--pause-ms", type=float, default=100.0, help="--validate: SIGSTOP length")
