@@ -262,6 +262,15 @@ def records(
             record(BENCH, case, subject, "achieved req/s", median([r["rate"] for r in runs]), "req/s"),
             record(BENCH, case, subject, "offered req/s", rates[kind_of(name)], "req/s"),
             record(BENCH, case, subject, "errors", sum(r["errors"] for r in runs), "", higher=False),
+            record(
+                BENCH,
+                case,
+                subject,
+                "client lag p99 ms",
+                median([r["send_late_us"]["p99"] / 1000 for r in runs]),
+                "ms",
+                higher=False,
+            ),  # fmt: skip
         ]
     return out
 
@@ -371,7 +380,7 @@ def main() -> int:
 
     print()
     print(
-        f"hello world, {WORKERS} workers each; open loop (bench/openloop.lua), {args.connections} conns, "
+        f"hello world, {WORKERS} workers each; open loop ({args.client} client), {args.connections} conns, "
         f"{args.seconds:g} s; median of {args.rounds} rounds"
     )
     rows = []

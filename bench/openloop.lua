@@ -1,5 +1,6 @@
 -- Open-loop load at a fixed rate for Debian's wrk 4 (LuaJIT): wrk2's method, coordinated omission
--- corrected. bench/latency.py runs it; by hand:
+-- corrected. `bench/latency.py --client lua` runs it (its default client is bench/openloop.py, which
+-- costs less CPU per request); by hand:
 --
 --   wrk -t64 -c64 -d10s -s bench/openloop.lua http://127.0.0.1:8000/ -- RATE 64
 --

@@ -3,10 +3,10 @@
     .venv/bin/python bench/openloop.py http://127.0.0.1:8000/ --rate 20000 --seconds 5 [--connections 64]
 
 Why not only bench/openloop.lua: wrk's Lua callbacks are not told which connection they serve, so
-that script needs one connection per wrk thread, and two thread wake-ups per request cost about
-40-60 us of CPU each on this 2-CPU machine: at half a fast peer's maximum it could not hold the rate
-beside the server (bench/RESULTS.md, latency). Here each process runs one epoll loop over its
-connections, and wakes once for every request that falls due together.
+that script needs one connection per wrk thread, and its two thread wake-ups per request cost about
+40-60 us of CPU per request on this 2-CPU machine: at half a fast peer's maximum (about 29,000
+req/s) it could not hold the rate beside the server, where this client does. Here each process runs
+one epoll loop over its connections and wakes once for all the requests that fall due together.
 
 Requests fall due on a fixed schedule, --rate in total, spread over --procs processes (process i
 offset by i/procs of its interval). A due request goes out on any idle connection (a pool, as a real
