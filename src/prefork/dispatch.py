@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 MAX_QUEUED = 10_000
 RUN_BATCH = 256  # callbacks one turn takes at most
 POLL = 0.01  # how soon a callback that runs long gets the other thread reading in its place
+IDLE_POLLS = 10  # polls in a row that found nothing to do: then sleep until woken (an idle worker)
 
 
 class Dispatcher:
@@ -44,6 +45,7 @@ class Dispatcher:
         self._reading = False
         self._eof = False
         self._runner: threading.Thread | None = None  # the thread running a callback now
+        self._asleep = False  # the idle thread waits without POLL: wake it when nobody would read
 
     def start(self) -> None:
         for name in ("prefork-channel", "prefork-channel-2"):
@@ -53,7 +55,7 @@ class Dispatcher:
         """Run `fn(*args)` after every callback posted before it (from any thread)."""
         with self._cond:
             self._queue.append((fn, args))
-            self._cond.notify()
+            self._cond.notify_all()  # not one: a wait_idle() caller may be waiting beside a thread asleep
 
     def need_reader(self) -> None:
         """A call waits for the primary's answer: make sure a thread reads (the other one)."""
@@ -81,6 +83,7 @@ class Dispatcher:
         cond, lock, queue = self._cond, self._lock, self._queue
         me = threading.current_thread()
         job, calls = "", None
+        idle = 0  # this thread's polls in a row that found nothing to do
         while True:
             with lock:
                 if job == "run":
@@ -100,16 +103,27 @@ class Dispatcher:
                         else:
                             todo = [queue.popleft() for _ in range(RUN_BATCH)]
                         self._runner = me
-                        job = "run"
+                        job, idle = "run", 0
+                        if self._asleep and not self._reading:
+                            cond.notify_all()  # the other thread sleeps for good: it reads now
                         break
                     if not self._reading and not self._eof:
                         self._reading = True
-                        job = "read"
+                        job, idle = "read", 0
                         break
                     # Nothing for this thread. The other one may start a callback that runs long
                     # while nobody reads: look again every POLL (a wake-up per message would cost
-                    # more than the message).
-                    cond.wait(POLL if not self._eof else None)
+                    # more than the message). After IDLE_POLLS empty looks, sleep until woken: an
+                    # idle worker's thread would otherwise wake 100 times a second for nothing,
+                    # each time taking the GIL from the serving loop.
+                    if self._eof:
+                        cond.wait()
+                    elif idle >= IDLE_POLLS:
+                        self._asleep = True
+                        cond.wait()
+                        self._asleep = False
+                    elif not cond.wait(POLL):
+                        idle += 1
             if job == "run":
                 for fn, args in todo:
                     self._run(fn, *args)
