@@ -1,6 +1,6 @@
 """Every benchmark of bench/, prefork and its peers side by side, in interleaved rounds.
 
-    scripts/bench [--rounds 3] [--quick] [--only ipc,policies,serve,lifecycle,scale,admin,deploys]
+    scripts/bench [--rounds 3] [--quick] [--only ipc,policies,serve,realistic,lifecycle,scale,admin,deploys]
 
 Each round runs every bench once (each bench alternates prefork and its peers inside the round), so
 the noise of this shared machine falls on all of them alike; the table shows the median of the rounds
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import targets_serve
+from realistic import targets as realistic_targets
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -39,6 +40,7 @@ BENCHES: dict[str, tuple[list[str], list[str], float]] = {
     "policies": (["--runs", "1", "--seconds", "3"], ["--runs", "1", "--seconds", "1"], 400),
     # 9 servers x 3 shapes, 5 wrk runs each: 152 s a round, 62-72 s quick (2 cores, measured)
     "serve": (["--rounds", "1", "--seconds", "3"], ["--rounds", "1", "--seconds", "1"], 400),
+    "realistic": (["--rounds", "1", "--seconds", "4"], ["--rounds", "1", "--seconds", "1"], 400),  # ~150 s
     "lifecycle": (
         ["--kills", "5", "--reloads", "3", "--seconds", "6"],
         ["--kills", "2", "--reloads", "1", "--seconds", "3"],
@@ -362,7 +364,8 @@ def check_targets(summary: dict[Key, dict[str, Any]]) -> list[tuple[str, str, st
             ("PASS" if tests[test](value, bound) else "MISS", label, f"{figure} (target {test} {bound:g})")
         )
     # bench/serve.py's per-shape targets (#13) and the CPU breakdown that explains a miss
-    return out + targets_serve.check(lambda case, subject, m: _get(summary, "serve", case, subject, m))
+    out += targets_serve.check(lambda case, subject, m: _get(summary, "serve", case, subject, m))
+    return out + realistic_targets(summary)  # bench/realistic.py: FastAPI and Flask apps (#13)
 
 
 def targets_markdown(results: list[tuple[str, str, str]]) -> str:
