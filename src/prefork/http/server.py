@@ -7,6 +7,7 @@ import _socket
 import asyncio
 import logging
 import socket
+import sys
 import threading
 import time
 from email.utils import formatdate
@@ -123,6 +124,7 @@ class Server:
                 server._closed(listener)
 
         if hasattr(base, "on_message_begin"):  # httptools' parser says when a request begins
+            _cheap_addresses(base)
             from ..worker_metrics import time_requests
 
             time_requests(Counted, base, self.durations)
@@ -316,6 +318,31 @@ class Server:
             self.child.heartbeat_responder = None  # the loop ends: the channel's thread answers now
             self.child.metrics_responder = None
             self.child.server_closed(self)
+
+
+def _local_address(transport: Any) -> tuple[str, int | None] | None:
+    """The scope's "server" as uvicorn gives it, from the address the transport read when the
+    connection was made (uvloop and asyncio both keep it): uvicorn asks the transport for a socket
+    object and calls getsockname() on it, two socket objects and three system calls, about 5 us."""
+    info = transport.get_extra_info("sockname")
+    if isinstance(info, tuple):
+        return str(info[0]), int(info[1])
+    return (info, None) if isinstance(info, str) else None
+
+
+def _remote_address(transport: Any) -> tuple[str, int] | None:
+    """The scope's "client" (None for a unix socket), as _local_address."""
+    info = transport.get_extra_info("peername")
+    return (str(info[0]), int(info[1])) if isinstance(info, tuple) else None
+
+
+def _cheap_addresses(base: Any) -> None:
+    """Have uvicorn's httptools protocol (`base`) use the two functions above for each connection's
+    addresses (the module-level names its connection_made calls), in this worker process only."""
+    module = sys.modules.get(base.__module__)
+    if module is not None and hasattr(module, "get_local_addr") and hasattr(module, "get_remote_addr"):
+        module.get_local_addr = _local_address
+        module.get_remote_addr = _remote_address
 
 
 class _Accepted(socket.socket):
