@@ -1,6 +1,8 @@
 """Every benchmark of bench/, prefork and its peers side by side, in interleaved rounds.
 
-    scripts/bench [--rounds 3] [--quick] [--only ipc,policies,serve,realistic,lifecycle,scale,admin,deploys]
+    scripts/bench [--rounds 3] [--quick] [--only NAME,...]
+
+NAME: ipc, policies, serve, realistic, latency, lifecycle, scale, admin, deploys.
 
 Each round runs every bench once (each bench alternates prefork and its peers inside the round), so
 the noise of this shared machine falls on all of them alike; the table shows the median of the rounds
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import targets_serve
+from latency import targets as latency_targets
 from realistic import targets as realistic_targets
 
 HERE = Path(__file__).resolve().parent
@@ -41,6 +44,10 @@ BENCHES: dict[str, tuple[list[str], list[str], float]] = {
     # 9 servers x 3 shapes, 5 wrk runs each: 152 s a round, 62-72 s quick (2 cores, measured)
     "serve": (["--rounds", "1", "--seconds", "3"], ["--rounds", "1", "--seconds", "1"], 400),
     "realistic": (["--rounds", "1", "--seconds", "4"], ["--rounds", "1", "--seconds", "1"], 400),  # ~150 s
+    # a quarter of the best peer's maximum, not half: the open-loop client needs about a CPU at half,
+    # which saturates every server on 2 CPUs (bench/RESULTS.md); ~100 s a round
+    "latency": (["--rounds", "1", "--seconds", "5", "--fraction", "0.25"],
+                ["--rounds", "1", "--seconds", "2", "--max-seconds", "1", "--fraction", "0.25"], 400),
     "lifecycle": (
         ["--kills", "5", "--reloads", "3", "--seconds", "6"],
         ["--kills", "2", "--reloads", "1", "--seconds", "3"],
@@ -365,7 +372,8 @@ def check_targets(summary: dict[Key, dict[str, Any]]) -> list[tuple[str, str, st
         )
     # bench/serve.py's per-shape targets (#13) and the CPU breakdown that explains a miss
     out += targets_serve.check(lambda case, subject, m: _get(summary, "serve", case, subject, m))
-    return out + realistic_targets(summary)  # bench/realistic.py: FastAPI and Flask apps (#13)
+    out += realistic_targets(summary)  # bench/realistic.py: FastAPI and Flask apps (#13)
+    return out + latency_targets(summary)  # bench/latency.py: p99 at a fixed offered rate (#13)
 
 
 def targets_markdown(results: list[tuple[str, str, str]]) -> str:
