@@ -13,6 +13,7 @@ environment variable PREFORK_SERVE (see prefork/cli/serve.py).
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import signal
@@ -35,6 +36,10 @@ async def _serve(opts: dict[str, Any], child: Any, app: Any, interface: str, out
     loop.add_signal_handler(signal.SIGTERM, server.begin_shutdown)
     try:
         await server.start()
+        # Boot's objects (modules, the app, the template's) are long-lived: out of the collector's
+        # sight, a full collection scans only what serving made. With 2,000 keep-alive clients each
+        # worker ran 10 full collections in 5 s, 36-43 ms each; 13-17 ms after this.
+        gc.freeze()
     except BaseException:
         server.stopping = True
         server.stopped.set()
