@@ -98,7 +98,8 @@ def test_ctl_status_scale_reload_stop(prefork_cmd, tmp_path):  # noqa: F811
     time.sleep(1.5)  # counters travel with the heartbeat (every second)
     table = run_prefork(["ctl", "--control", control, "status"])
     assert table.returncode == 0, table.stderr
-    for column in ("id", "pid", "state", "uptime", "restarts", "conns", "reqs", "in flight", "rss", "cpu%"):
+    for column in ("id", "pid", "state", "uptime", "restarts", "conns", "reqs", "in flight", "rss", "uss",
+                   "cpu%"):
         assert column in table.stdout
     status = ctl_json(control)
     assert sum(w["requests"] for w in status["workers"]) >= 10

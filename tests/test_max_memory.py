@@ -15,9 +15,10 @@ pytestmark = pytest.mark.timeout(90)
 
 
 def test_shared_pages_do_not_recycle_a_worker_but_its_own_growth_does(prefork_cmd, tmp_path):  # noqa: F811
-    port, control = free_port(), str(tmp_path / "ctl.sock")
+    port, admin, control = free_port(), free_port(), str(tmp_path / "ctl.sock")
     cmd = prefork_cmd("serve", "tests.apps.bigimport:app", "--workers", "1", "--bind", f"127.0.0.1:{port}",
-                      "--control", control, "--max-memory", "60M", "--no-spare-template")
+                      "--control", control, "--max-memory", "60M", "--no-spare-template",
+                      "--admin", f"127.0.0.1:{admin}")
     cmd.wait_ready(30)
     time.sleep(3.5)  # three beats at least: each reads the worker's memory
     worker = ctl_json(control)["workers"][0]
@@ -25,6 +26,10 @@ def test_shared_pages_do_not_recycle_a_worker_but_its_own_growth_does(prefork_cm
     assert 0 < worker["uss"] < 60 << 20, worker
     assert worker["pss"] > worker["uss"], worker
     assert worker["restarts"] == 0 and "replacing" not in cmd.output, cmd.output
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=10) as resp:
+        metrics = resp.read().decode()
+    for family in ("rss", "uss", "pss"):
+        assert re.search(rf'^prefork_worker_{family}_bytes{{worker="1"}} [1-9]', metrics, re.M), metrics
 
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/grow", timeout=10) as resp:
         assert resp.status == 200

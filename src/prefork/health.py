@@ -57,9 +57,13 @@ class Health:
         requests = worker.stats.get("requests", 0)
         if member.max_requests and requests >= member.max_requests:
             sup.rolling.recycle(member, f"served {requests} requests (max {member.max_requests})")
-        elif sup.max_memory and member.uss > sup.max_memory:
-            sup.rolling.recycle(member, f"uses {member.uss >> 20} MiB of its own (USS; max "
-                                        f"{sup.max_memory >> 20} MiB)")
+        elif sup.max_memory and member.rss > sup.max_memory:  # USS <= RSS: only then can it be over
+            if member.uss is None:  # smaps_rollup unreadable (no ptrace access, an old kernel): RSS
+                sup.rolling.recycle(member, f"uses {member.rss >> 20} MiB (RSS: its USS cannot be read; "
+                                            f"max {sup.max_memory >> 20} MiB)")
+            elif member.uss > sup.max_memory:
+                sup.rolling.recycle(member, f"uses {member.uss >> 20} MiB of its own (USS; max "
+                                            f"{sup.max_memory >> 20} MiB)")
 
     def _kill_hung(self, wid: int) -> None:
         member = self.sup.members.get(wid)  # by id: a timer must not keep a dead worker alive
@@ -76,14 +80,29 @@ class Health:
                 member.rss = int(f.read().split()[1]) * _PAGE
         except (OSError, IndexError, ValueError):
             return
-        if self.sup.max_memory or now >= member.memory_at:
+        # a read walks the worker's page tables (about 1 ms per 100 MB): every beat only while RSS
+        # is over --max-memory (USS cannot be over before), else every MEMORY_EVERY for `status`
+        over = self.sup.max_memory and member.rss > self.sup.max_memory
+        if over or now >= member.memory_at:
             member.memory_at = now + MEMORY_EVERY
-            member.uss, member.pss = private_memory(pid) or (member.uss, member.pss)
+            member.uss, member.pss = self._private_memory(pid)
         ticks = (int(fields[11]) + int(fields[12])) / _CLK_TCK
         then, before = member.cpu
         if then:
             member.cpu_percent = max(0.0, (ticks - before) / max(1e-6, now - then) * 100)
         member.cpu = (now, ticks)
+
+    def _private_memory(self, pid: int) -> tuple[int | None, int | None]:
+        try:
+            return private_memory(pid)
+        except OSError as exc:
+            if not os.path.exists(f"/proc/{pid}"):
+                return None, None  # it has just exited
+            if not getattr(self, "_told_unreadable", False):
+                self._told_unreadable = True
+                self.sup.log(f"cannot read /proc/{pid}/smaps_rollup ({exc.strerror}): workers' USS is "
+                             "unknown, and --max-memory compares RSS")
+            return None, None
 
     def rows(self) -> list[dict[str, Any]]:
         now = time.monotonic()
@@ -131,19 +150,17 @@ class Health:
         return out
 
 
-def private_memory(pid: int) -> tuple[int, int] | None:
-    """(USS, PSS) in bytes from /proc/PID/smaps_rollup (Linux 4.14+); None if it cannot be read.
+def private_memory(pid: int) -> tuple[int, int]:
+    """(USS, PSS) in bytes from /proc/PID/smaps_rollup (Linux 4.14+; reading it needs ptrace access
+    to the process, which a container without CAP_SYS_PTRACE lacks for another user's): OSError.
 
     RSS counts every page a worker maps, also those it shares copy-on-write with the template it
     was forked from and with its siblings: with a preloaded app each worker shows the whole app,
     and RSS tells nothing about a leak. USS (Private_Clean + Private_Dirty) is what the worker alone
     holds, so what grows when it leaks, and what its exit gives back; --max-memory compares that.
-    A read walks the process's mappings (about 0.3 ms for a serve worker)."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
-            text = f.read()
-    except OSError:
-        return None
+    A read walks the process's page tables: about 0.3 ms for a small serve worker, 1 ms per 100 MB."""
+    with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+        text = f.read()
     uss = pss = 0
     for line in text.splitlines():
         key, _, rest = line.partition(b":")

@@ -157,9 +157,9 @@ def render_own(out: list[str], sup: Any, members: list[Any], last: dict[int, Dig
            [("", {"worker": str(m.worker.id)}, m.rss) for m in members])
     family(out, "prefork_worker_uss_bytes", "gauge",
            "Private memory of each worker (what its exit frees; what --max-memory compares).",
-           [("", {"worker": str(m.worker.id)}, m.uss) for m in members])
+           [("", {"worker": str(m.worker.id)}, m.uss) for m in members if m.uss is not None])
     family(out, "prefork_worker_pss_bytes", "gauge", "Proportional share of memory of each worker.",
-           [("", {"worker": str(m.worker.id)}, m.pss) for m in members])
+           [("", {"worker": str(m.worker.id)}, m.pss) for m in members if m.pss is not None])
     family(out, "prefork_metrics_truncated", "gauge",
            "1 when a worker's app metrics were cut to its share of a scrape's budget.",
            [("", {"worker": str(m.worker.id)}, int(bool(last.get(m.worker.id) and last[m.worker.id].cut)))

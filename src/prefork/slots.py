@@ -49,7 +49,7 @@ class Member:
     cpu: tuple[float, float] = (0.0, 0.0)
     cpu_percent: float = 0.0
     rss: int = 0
-    uss: int = 0  # private memory: what its exit would free (health.py); 0 until first read
-    pss: int = 0  # its fair share of what it shares with the template and the other workers
+    uss: int | None = None  # private memory: what its exit would free (health.py); None: not read
+    pss: int | None = None  # its fair share of what it shares with the template and the other workers
     memory_at: float = 0.0  # when uss and pss are read next
     listens: int = 0  # servers it has listening (ready="listening" waits for all of them)
