@@ -69,8 +69,11 @@ def _wakeups(pid: int) -> int:
     for tid in os.listdir(f"/proc/{pid}/task"):
         if int(tid) == pid:
             continue
-        with open(f"/proc/{pid}/task/{tid}/status") as f:
-            total += int(re.search(r"voluntary_ctxt_switches:\s+(\d+)", f.read())[1])
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                total += int(re.search(r"voluntary_ctxt_switches:\s+(\d+)", f.read())[1])
+        except FileNotFoundError:
+            continue  # a thread that ended meanwhile
     return total
 
 

@@ -516,6 +516,7 @@ else:
 """
 
 
+@pytest.mark.timeout(120)  # its clients may wait 40 s on a loaded machine
 @pytest.mark.parametrize("policy", ["rr", "least_conn", "reuseport", "none"])
 def test_no_request_lost_when_worker_disconnects(py, policy):
     import http.client

@@ -19,6 +19,7 @@ Messages on a SOCK_SEQPACKET pair, one JSON object each:
 from __future__ import annotations
 
 import array
+import gc
 import json
 import os
 import selectors
@@ -231,6 +232,11 @@ def _serve(sock: socket.socket, target: Callable[[], Any], keep_fds: set[int], p
 
     reset_in_child()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the primary's to handle
+    # What the template imported lives as long as its workers: frozen before the first fork, it is
+    # out of every worker's collections, which would otherwise write to (and so copy) its pages
+    # (the order CPython's gc.freeze documentation gives: collect, freeze, fork).
+    gc.collect()
+    gc.freeze()
     selector = selectors.DefaultSelector()
     selector.register(sock, selectors.EVENT_READ, None)
     retired = False

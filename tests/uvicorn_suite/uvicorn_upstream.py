@@ -53,6 +53,16 @@ def installed_version() -> str:
     return uvicorn.__version__
 
 
+def suite_version(version: str) -> str:
+    """The pinned release whose tests run for `version`: itself, else the newest pinned one of the
+    same minor (pyproject.toml's range lets patch releases in; they keep their minor's tests)."""
+    if version in SDISTS:
+        return version
+    minor = version.split(".")[:2]
+    same = [v for v in SDISTS if v.split(".")[:2] == minor]
+    return max(same, key=lambda v: [int(p) if p.isdigit() else -1 for p in v.split(".")]) if same else version
+
+
 def fetch(version: str) -> Path:
     """The directory holding uvicorn `version`'s tests/ (downloaded and checked once, then reused)."""
     if version not in SDISTS:
@@ -104,7 +114,7 @@ def load() -> ModuleType:
     name `tests` is given back afterwards: prefork's own tests import tests.apps.* by that name."""
     if _loaded:
         return _loaded[0]
-    root = str(fetch(installed_version()))
+    root = str(fetch(suite_version(installed_version())))
     if "tests" in sys.modules:
         raise UpstreamError(f"a module named 'tests' is already imported ({sys.modules['tests']!r}): "
                             "uvicorn's suite needs that name for its own package while it loads")
