@@ -71,6 +71,13 @@ def _warm(opts: dict[str, Any], app: Any, interface: str) -> None:
         import uvloop  # noqa: F401
     except Exception:  # the worker will meet it again, and say so in its own way
         pass
+    # prefork's own worker side (the channel, the worker's boot, the listeners and each policy's
+    # hand-off): ~7 ms of imports (PYTHONPROFILEIMPORTTIME) each forked worker made before it was ready
+    import faulthandler  # noqa: F401
+
+    from .. import child, servers  # noqa: F401
+    from ..cli import _boot  # noqa: F401
+    from ..policies import least_conn, reuseport, round_robin, shared  # noqa: F401
 
 
 def _worker(opts: dict[str, Any], app: Any) -> None:
