@@ -327,3 +327,54 @@ def _spare_pid(primary: int) -> int | None:
         if ppid == primary and title.startswith(b"prefork: template (spare)"):
             return int(name)
     return None
+
+
+SLOW_SPARE = """\
+import os, time
+if os.environ.get("PREFORK_TEMPLATE_SPARE") == "1":  # a spare template, as it starts
+    time.sleep(float(os.environ.get("SLOW_SPARE_S", "0")))
+"""
+
+
+def _starting_spare(primary: int) -> int | None:
+    """A spare template still at its start (no title yet): the primary's child that has
+    PREFORK_TEMPLATE_SPARE=1 in its environment."""
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{name}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+        except OSError:
+            continue
+        if ppid == primary and b"PREFORK_TEMPLATE_SPARE=1" in environ:
+            return int(name)
+    return None
+
+
+def test_a_reload_takes_a_spare_that_is_still_starting(prefork_cmd, tmp_path):  # noqa: F811
+    """A reload that comes while the spare still imports the machinery waits for that spare (its
+    "go" is queued) instead of killing it and starting a fresh interpreter."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SLOW_SPARE)
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    _write(app_dir, "v1")
+    port, control = free_port(), str(tmp_path / "ctl.sock")
+    cmd = prefork_cmd("serve", "verapp:app", "--app-dir", str(app_dir), "--workers", "1",
+                      "--bind", f"127.0.0.1:{port}", "--control", control,
+                      env={"IMPORTS_LOG": str(tmp_path / "imports.log"), "PYTHONDONTWRITEBYTECODE": "1",
+                           "PYTHONPATH": str(site), "SLOW_SPARE_S": "3"})
+    cmd.wait_ready()
+    cmd.track_workers(control)
+    assert _until(lambda: _starting_spare(cmd.proc.pid))  # a second after the first import
+    spare = _starting_spare(cmd.proc.pid)
+    assert _spare_pid(cmd.proc.pid) is None  # still asleep at its start: no title, nothing imported
+    _write(app_dir, "v2")
+    assert _reload(control) == "done", cmd.output
+    current = [t for t in ctl_json(control)["templates"] if t["state"] == "current"]
+    assert current[0]["pid"] == spare and current[0]["version"] == 2, (spare, ctl_json(control)["templates"])
+    assert _versions(port) == {"v2"}
+    cmd.proc.send_signal(signal.SIGTERM)
+    assert cmd.finish() == 0, cmd.output
