@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -316,15 +317,21 @@ def test_a_reload_takes_the_spare_template(served):
 
 
 def _spare_pid(primary: int) -> int | None:
+    """The primary's spare template, once it has a title (it imported the machinery)."""
+    return _child_of(primary, "cmdline", lambda data: data.startswith(b"prefork: template (spare)"))
+
+
+def _child_of(primary: int, proc_file: str, match: Callable[[bytes], bool]) -> int | None:
+    """A child of `primary` whose /proc/PID/<proc_file> matches."""
     for name in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{name}/stat") as f:
                 ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{name}/cmdline", "rb") as f:
-                title = f.read()
+            with open(f"/proc/{name}/{proc_file}", "rb") as f:
+                data = f.read()
         except OSError:
             continue
-        if ppid == primary and title.startswith(b"prefork: template (spare)"):
+        if ppid == primary and match(data):
             return int(name)
     return None
 
@@ -339,17 +346,7 @@ if os.environ.get("PREFORK_TEMPLATE_SPARE") == "1":  # a spare template, as it s
 def _starting_spare(primary: int) -> int | None:
     """A spare template still at its start (no title yet): the primary's child that has
     PREFORK_TEMPLATE_SPARE=1 in its environment."""
-    for name in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{name}/environ", "rb") as f:
-                environ = f.read().split(b"\0")
-        except OSError:
-            continue
-        if ppid == primary and b"PREFORK_TEMPLATE_SPARE=1" in environ:
-            return int(name)
-    return None
+    return _child_of(primary, "environ", lambda data: b"PREFORK_TEMPLATE_SPARE=1" in data.split(b"\0"))
 
 
 def test_a_reload_takes_a_spare_that_is_still_starting(prefork_cmd, tmp_path):  # noqa: F811

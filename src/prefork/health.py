@@ -18,6 +18,7 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 class Health:
     def __init__(self, supervisor: Any) -> None:
         self.sup = supervisor
+        self._told_unreadable = False  # that smaps_rollup cannot be read: said once
 
     def beat(self) -> None:
         """Ping every worker, sample its figures, and act on what they say; then again."""
@@ -98,7 +99,7 @@ class Health:
         except OSError as exc:
             if not os.path.exists(f"/proc/{pid}"):
                 return None, None  # it has just exited
-            if not getattr(self, "_told_unreadable", False):
+            if not self._told_unreadable:
                 self._told_unreadable = True
                 self.sup.log(f"cannot read /proc/{pid}/smaps_rollup ({exc.strerror}): workers' USS is "
                              "unknown, and --max-memory compares RSS")
