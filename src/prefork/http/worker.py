@@ -47,6 +47,9 @@ async def _serve(opts: dict[str, Any], child: Any, app: Any, interface: str, out
             listener.close()
         raise
     await server.stopped.wait()
+    # before finished(): that lets the drain thread close the channel, after which the worker is
+    # ended within 2 s (child.py), which a slow shutdown of the loop could reach before the hook
+    hooks.in_worker("worker_exit")
     server.finished()
 
 
@@ -111,7 +114,6 @@ def run(opts: dict[str, Any], app: Any = None) -> int:
             text = f"app {opts['app']!r} failed to import: {text}"
         _report_boot_error(child, text, trace)
         return BOOT_ERROR
-    hooks.in_worker("worker_exit")
     return 0
 
 
