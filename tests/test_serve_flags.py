@@ -3,6 +3,7 @@ and each bad value refused with one line naming the flag and its range (exit 2).
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from pathlib import Path
@@ -79,6 +80,21 @@ def test_timeout_keep_alive_closes_an_idle_connection(prefork_cmd, tmp_path):  #
         start = time.monotonic()
         assert sock.recv(100) == b""
         assert 0.8 <= time.monotonic() - start < 10
+
+
+def test_keep_alive_counts_from_the_last_response(prefork_cmd, tmp_path):  # noqa: F811
+    """The timer is armed once per idle period (http/keepalive.py): a connection used every 0.3 s
+    outlives several timeouts of 2 s, and closes only a whole timeout after its last response."""
+    _cmd, port = _serve(prefork_cmd, tmp_path, "--timeout-keep-alive", "2")
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        began = time.monotonic()
+        while time.monotonic() - began < 5.5:  # timers fire while the client sleeps between requests
+            assert _get(sock).startswith(b"HTTP/1.1 200 ")
+            time.sleep(0.3)
+        assert _get(sock).startswith(b"HTTP/1.1 200 ")
+        last = time.monotonic()
+        assert sock.recv(100) == b""
+        assert 1.9 <= time.monotonic() - last < 10
 
 
 BAD_BINDS = [
@@ -414,3 +430,23 @@ def test_reset_contextvars(prefork_cmd, tmp_path):  # noqa: F811
         while chunk := sock.recv(65536):
             reply += chunk
     assert reply.startswith(b"HTTP/1.1 200 ") and reply.endswith(b"\r\n\r\nunset"), reply
+
+
+GC_CASES = [((), [True, 50000]), (("--gc-threshold", "700"), [True, 700]),
+            (("--gc-threshold", "0"), [False, 700])]
+
+
+@pytest.mark.parametrize(("extra", "expected"), GC_CASES, ids=["default", "700", "off"])
+def test_gc_threshold_reaches_the_worker(prefork_cmd, tmp_path, extra, expected):  # noqa: F811
+    port = free_port()
+    cmd = prefork_cmd("serve", "tests.apps.gcinfo:app", "--workers", "1", "--bind", f"127.0.0.1:{port}",
+                      "--control", str(tmp_path / "ctl.sock"), *extra)
+    cmd.wait_ready(30)
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    got = json.loads(data.split(b"\r\n\r\n", 1)[1])
+    assert got[:2] == expected, got
+    assert got[2:] == [10, 10], got  # the older generations keep Python's ratios

@@ -128,6 +128,10 @@ OPTIONS: tuple[Option, ...] = (
            "workers are not all replaced at once", metavar="N", aliases=("--limit-max-requests-jitter",)),
     Option("max_memory", to_size, None, "replace a worker whose own memory (USS: its private pages, "
            "not those shared with the preloaded app) grows beyond this (e.g. 512M)", metavar="SIZE"),
+    Option("gc_threshold", in_range(0, 10**7, " (0: no automatic collection)"), 50000, "per worker: "
+           "container objects allocated (net) before a young garbage collection; Python's default 700 "
+           "took a tenth of a worker's CPU with thousands of keep-alive clients (0: off, as "
+           "gc.disable)", ("serve",), "N"),
     Option("log_level", choice(LOG_LEVELS), "info", "critical, error, warning, info, debug (shows "
            "tracebacks) or trace", metavar="LEVEL"),
     Option("access_log", to_bool, False, "write one Common Log Format line per request to stdout",
@@ -242,7 +246,7 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("binding", ("bind", "host", "port", "uds", "fd", "backlog", "policy")),
     ("the app", ("interface", "factory", "preload", "spare_template", "app_dir", "env_file", "lifespan",
                  "root_path", "threads", "header_map", "reset_contextvars")),
-    ("workers", ("workers", "max_requests", "max_requests_jitter", "max_memory", "ready")),
+    ("workers", ("workers", "max_requests", "max_requests_jitter", "max_memory", "gc_threshold", "ready")),
     ("lifecycle", ("timeout", "graceful_timeout", "ready_timeout", "shutdown_delay", "init")),
     ("deploys", ("reload", "reload_dir", "reload_include", "reload_exclude", "hooks", "chdir", "pid", "user",
                  "group", "umask", "name")),

@@ -104,7 +104,7 @@ def serve(opts: dict[str, Any]) -> int:
         "ssl_cert_reqs": opts["ssl_cert_reqs"], "ssl_ciphers": opts["ssl_ciphers"],
         "ssl_version": opts["ssl_version"],
         "threads": opts["threads"], "header_map": opts["header_map"], "keep_alive": opts["keep_alive"],
-        "backlog": opts["backlog"],
+        "backlog": opts["backlog"], "gc_threshold": opts["gc_threshold"],
         "graceful_timeout": opts["graceful_timeout"] or None, "app_dir": app_dir,
         "timeout_header": opts["timeout_header"], "limit_request_line": opts["limit_request_line"],
         "limit_request_fields": opts["limit_request_fields"],

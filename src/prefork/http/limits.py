@@ -59,9 +59,11 @@ def _peer(protocol: Any) -> str:
     return f"{client[0]}:{client[1]}" if client else "a unix socket"
 
 
-def install(cls: Any, base: Any, opts: dict[str, Any]) -> bool:
+def install(cls: Any, base: Any, opts: dict[str, Any], lazy_keep_alive: bool = False) -> bool:
     """Give `cls` (a subclass of uvicorn's httptools protocol `base`) the size limits in `opts`.
-    False (nothing done) over another protocol, or a uvicorn whose protocol changed shape."""
+    False (nothing done) over another protocol, or a uvicorn whose protocol changed shape.
+    `lazy_keep_alive`: keepalive.py's timer is installed, so arriving bytes only mark the connection
+    busy instead of cancelling uvicorn's per-request timer."""
     needed = ("on_url", "on_header", "data_received", "send_400_response", "_unset_keepalive_if_required",
               "_should_upgrade", "handle_websocket_upgrade", "_unsupported_upgrade_warning")
     if base.__name__ != "HttpToolsProtocol" or not all(hasattr(base, name) for name in needed):
@@ -91,7 +93,10 @@ def install(cls: Any, base: Any, opts: dict[str, Any]) -> bool:
         self.headers.append((name, value))
 
     def data_received(self: Any, data: bytes) -> None:
-        self._unset_keepalive_if_required()
+        if lazy_keep_alive:
+            self.idle_at = None
+        else:
+            self._unset_keepalive_if_required()
         scope = self.scope
         head = scope is None or "method" not in scope  # a head is being read
         if head:  # what httptools has handed over so far: if that grows in this read, it holds no field
