@@ -433,7 +433,7 @@ def test_reset_contextvars(prefork_cmd, tmp_path):  # noqa: F811
 
 
 GC_CASES = [((), [True, 50000]), (("--gc-threshold", "700"), [True, 700]),
-            (("--gc-threshold", "0"), [False, 700])]
+            (("--gc-threshold", "0"), [False])]
 
 
 @pytest.mark.parametrize(("extra", "expected"), GC_CASES, ids=["default", "700", "off"])
@@ -448,5 +448,5 @@ def test_gc_threshold_reaches_the_worker(prefork_cmd, tmp_path, extra, expected)
         while chunk := sock.recv(65536):
             data += chunk
     got = json.loads(data.split(b"\r\n\r\n", 1)[1])
-    assert got[:2] == expected, got
+    assert got[:len(expected)] == expected, got  # off: Python's own threshold stays (700; 2000 on 3.13)
     assert got[2:] == [10, 10], got  # the older generations keep Python's ratios

@@ -15,7 +15,7 @@ from email.utils import formatdate
 from typing import Any
 
 from ..binding import ACCEPT_RETRY_S, OUT_OF_RESOURCES
-from . import keepalive, limits
+from . import eager, keepalive, limits
 from .uvconfig import FAST, BootError
 
 IDLE_GRACE = 2.0  # seconds a draining worker waits for the next request of an idle keep-alive connection
@@ -135,6 +135,7 @@ class Server:
             time_requests(Counted, base, self.durations)
             if limits.install(Counted, base, self.opts, lazy) and self.opts.get("timeout_header", 10.0):
                 self.sweep = limits.Sweep(float(self.opts.get("timeout_header", 10.0)), Counted)
+            eager.install(Counted, base)  # last: it wraps the data_received limits.py gave
         if FAST[0]:
             return Counted  # onewrite's cycle adds `Connection: close` itself while we leave
 
