@@ -105,7 +105,9 @@ def test_each_hook_with_its_arguments(prefork_cmd, tmp_path, preload):  # noqa: 
         if pid == victim["pid"]:
             continue
         mine = [c for c in _named(calls, "worker_exit") if c["pid"] == pid]
-        assert len(mine) == 1 and mine[0]["worker_id"] == wid and mine[0]["server_pid"] == primary, calls
+        said = [line for line in cmd.output.splitlines() if f"pid {pid}" in line]
+        assert len(mine) == 1 and mine[0]["worker_id"] == wid and mine[0]["server_pid"] == primary, \
+            (pid, wid, [c["hook"] for c in calls if c["pid"] == pid], said)
     assert sorted(c["worker_pid"] for c in _named(calls, "child_exit")) == sorted(started), calls
 
 

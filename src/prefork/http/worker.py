@@ -130,6 +130,8 @@ def run(opts: dict[str, Any], app: Any = None) -> int:
             text = f"app {opts['app']!r} failed to import: {text}"
         _report_boot_error(child, text, trace)
         return BOOT_ERROR
+    finally:  # on every way out but a kill, as gunicorn's (once per process: _serve's call counts)
+        hooks.in_worker("worker_exit")
     return 0
 
 
