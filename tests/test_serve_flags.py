@@ -56,6 +56,16 @@ def _get(sock: socket.socket) -> bytes:
     return data
 
 
+def _get_closing(port: int) -> bytes:
+    """GET / with `Connection: close`: the whole reply, read until the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    return reply
+
+
 def test_limit_concurrency_answers_503_past_it(prefork_cmd, tmp_path):  # noqa: F811
     _cmd, port = _serve(prefork_cmd, tmp_path, "--limit-concurrency", "2")
     with socket.create_connection(("127.0.0.1", port), timeout=20) as first:
@@ -294,11 +304,7 @@ def test_env_file_reaches_the_workers(prefork_cmd, tmp_path):  # noqa: F811
                       str(tmp_path / "ctl.sock"), "--app-dir", str(tmp_path), "--env-file", str(env_file),
                       env={"KEPT": "from-the-environment"})
     cmd.wait_ready(30)
-    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
-        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        reply = b""
-        while chunk := sock.recv(65536):
-            reply += chunk
+    reply = _get_closing(port)
     assert reply.endswith(b'\r\n\r\nhello there|a "b"|from-the-environment|hello there!'), reply
 
 
@@ -442,11 +448,6 @@ def test_gc_threshold_reaches_the_worker(prefork_cmd, tmp_path, extra, expected)
     cmd = prefork_cmd("serve", "tests.apps.gcinfo:app", "--workers", "1", "--bind", f"127.0.0.1:{port}",
                       "--control", str(tmp_path / "ctl.sock"), *extra)
     cmd.wait_ready(30)
-    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
-        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    got = json.loads(data.split(b"\r\n\r\n", 1)[1])
+    got = json.loads(_get_closing(port).split(b"\r\n\r\n", 1)[1])
     assert got[:len(expected)] == expected, got  # off: Python's own threshold stays (700; 2000 on 3.13)
     assert got[2:] == [10, 10], got  # the older generations keep Python's ratios
