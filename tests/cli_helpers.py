@@ -22,10 +22,19 @@ ROOT = Path(__file__).resolve().parent.parent
 PREFORK = str(ROOT / ".venv" / "bin" / "prefork")
 
 
+_given: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port nothing listens on now, and none this test run was given before: the kernel may hand
+    the same port to two binds in a row, and a test's --bind and --admin then collided."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _given:
+            _given.add(port)
+            return port
 
 
 def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:

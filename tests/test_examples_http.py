@@ -9,21 +9,15 @@ from __future__ import annotations
 import http.client
 import os
 import signal
-import socket
 import threading
 import time
 
 import pytest
+from cli_helpers import free_port
 from conftest import ROOT, children, pid_alive, wait_until
 
 EXAMPLES = ROOT / "examples"
 CPUS = os.cpu_count() or 1
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(port: int, timeout: float = 10) -> tuple[int, str]:
@@ -48,7 +42,7 @@ def _get_when_up(port: int) -> tuple[int, str]:
 
 
 def _start(py, name: str):
-    port = _free_port()
+    port = free_port()
     script = py.spawn(EXAMPLES / f"{name}.py", env={"PORT": str(port)}, cwd=ROOT)
     return script, port
 

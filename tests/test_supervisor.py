@@ -10,11 +10,11 @@ import http.client
 import os
 import re
 import signal
-import socket
 import threading
 import time
 
 import pytest
+from cli_helpers import free_port
 from conftest import pid_alive, wait_until
 
 APP = '''
@@ -56,12 +56,6 @@ else:
 
     cluster.ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
 '''
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(port: int, conn: http.client.HTTPConnection | None = None) -> str:
