@@ -13,8 +13,8 @@ loop's other ready callbacks, as with `asyncio.eager_task_factory`, but only onc
 parsed: a request whose body turns out malformed (a smuggling attempt) is refused with its 400 before
 the app has answered it, as it was. A read that ends in a 400 starts its request the old way; so does
 a request started from inside another eager start (a pipelined request that the previous response
-releases), so starts never nest more than one deep. Python 3.10 and 3.11
-have no eager tasks: uvicorn's `create_task` stays.
+releases), so starts never nest more than one deep. Python 3.10 and 3.11 have no eager tasks:
+uvicorn's `create_task` stays.
 """
 
 from __future__ import annotations
