@@ -4,10 +4,12 @@ policies, servers.py and the servers' accept loops can all use it without import
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import socket
 import stat
+import struct
 from typing import Any
 
 # Listening sockets the primary inherited (systemd's socket activation, fd://N: activation.py), by
@@ -109,6 +111,36 @@ def bind_socket(family: int, addr: Any, backlog: int, reuseport: bool = False) -
         raise
     sock.setblocking(False)
     return sock
+
+
+SO_ATTACH_FILTER = 26  # include/uapi/asm-generic/socket.h; the socket module does not name it
+# Classic BPF, run with the TCP header at offset 0 (tcp_filter): drop a SYN without ACK (a new
+# connection), keep every other packet, so the handshakes already under way still complete.
+_DROP_SYN = b"".join(struct.pack("HBBI", *op) for op in (
+    (0x30, 0, 0, 13),  # ldb [13]: the flags byte
+    (0x54, 0, 0, 0x12),  # and #(SYN|ACK)
+    (0x15, 1, 0, 0x02),  # jeq #SYN: to "ret #0"
+    (0x06, 0, 0, 0xFFFFFFFF),  # ret: keep the packet
+    (0x06, 0, 0, 0),  # ret #0: drop it
+))
+
+
+def refuse_new(sock: socket.socket) -> bool:
+    """Make the kernel stop starting connections on a TCP listener, leaving its accept queue as
+    it is: a new client's SYN goes unanswered and is retried about a second later (refused then,
+    once the socket is closed, or served by whoever listens anew). The queue can then be emptied
+    and the socket closed with nothing left in it to reset (closing a listener resets the
+    connections queued on it). The filter belongs to the socket, not to this descriptor: only for
+    a socket no other process serves. True if attached."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.fileno() < 0:
+        return False  # a unix socket's connect() never passes a filter
+    program = ctypes.create_string_buffer(_DROP_SYN, len(_DROP_SYN))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER,  # struct sock_fprog
+                        struct.pack("HP", len(_DROP_SYN) // 8, ctypes.addressof(program)))
+    except OSError:
+        return False
+    return True
 
 
 def _bind_unix(sock: socket.socket, path: str) -> None:

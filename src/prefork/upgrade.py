@@ -182,6 +182,7 @@ class Upgrader:
         for handle in list(self.supervisor.primary.servers.by_id.values()):
             if handle.closed or handle.stopped or binding._key(handle.family, handle.addr) in inherited:
                 continue
+            handle.passed_on = True  # kept after a failed upgrade: its workers may hold them a while
             slots = list(getattr(handle, "slots", {}).values())
             addr = handle.addr if isinstance(handle.addr, str) else list(handle.addr)
             if slots and handle.sockname is not None and not isinstance(addr, str):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 from typing import Any
 
+from ..binding import is_adopted, refuse_new
 from ..channel import close_fds  # noqa: F401 - the policies' one way to drop descriptors
 
 
@@ -29,6 +30,7 @@ class Handle:
         self.workers: dict[int, Any] = {}
         self.closed = False
         self.stopped = False  # stop_accepting() was called: a new listen() gets a new handle
+        self.passed_on = False  # its sockets were passed to a new primary (upgrade.py): not ours alone
         self.sockname: Any = None
 
     def has(self, worker: Any) -> bool:
@@ -54,7 +56,25 @@ class Handle:
         """The worker closed `count` connections (for load-aware policies)."""
 
     def stop_accepting(self) -> None:
-        """The cluster is stopping: stop taking new connections, keep serving the taken ones."""
+        """The cluster is stopping: stop taking new connections, keep serving the taken ones.
+        Here the workers accept: no new handshake completes on our sockets from now on, and each
+        worker's drain takes what is queued on them (servers.py take_pending), so that nothing is
+        left to reset when the last copy closes."""
+        self.refuse_new()
+
+    def sockets(self) -> list[socket.socket]:
+        """The listening sockets of this address that the primary holds."""
+        sock = getattr(self, "sock", None)
+        return [sock] if sock is not None else []
+
+    def refuse_new(self) -> None:
+        """binding.refuse_new on every socket of this address, unless another process serves it
+        too (systemd's or a previous primary's socket, or one passed on to a new primary): the
+        filter would stop it there as well."""
+        if self.passed_on or is_adopted(self.family, self.addr):
+            return
+        for sock in self.sockets():
+            refuse_new(sock)
 
     def close(self) -> None:
         self.closed = True

@@ -77,6 +77,9 @@ class ReusePortHandle(Handle):
                 return sid
         return None
 
+    def sockets(self) -> list[Any]:
+        return list(self.slots.values())
+
     def pause(self, worker: Any) -> None:
         self.leaving.add(worker.id)
 

@@ -228,12 +228,14 @@ class RoundRobinHandle(Handle):
         return fds[:sent]
 
     def stop_accepting(self) -> None:
-        """The cluster stops: take what the backlog holds, then stop listening (new connects are
-        refused, not reset); what was taken is handed over and served by the draining workers."""
+        """The cluster stops: no new handshake completes (base.py refuse_new), take what the
+        backlog holds, then stop listening (new connects are refused, not reset); what was taken
+        is handed over and served by the draining workers."""
         if self.closed or self.sock.fileno() < 0:
             return
         self.stopped = True
         self._pause_accepting()
+        self.refuse_new()
         while True:
             try:
                 fd, _addr = self._accept()

@@ -1,0 +1,97 @@
+"""A stop under load resets no connection: the primary makes the kernel stop starting connections
+on its listening sockets (binding.refuse_new), the workers serve what is queued, and only then does
+the last copy of each socket close. A client that connects during the stop is refused, never reset
+after sending its request. (Before: `prefork serve` with its default policy, reuseport, reset a few
+connections at every SIGTERM under load, those queued on sockets nobody accepted from any more.)"""
+
+from __future__ import annotations
+
+import http.client
+import signal
+import socket
+import threading
+import time
+
+import pytest
+from cli_helpers import free_port, prefork_cmd  # noqa: F401
+
+from prefork.binding import refuse_new
+
+
+class FreshLoad:
+    """Client threads each sending requests one after the other, each on a new connection."""
+
+    def __init__(self, port: int, threads: int = 8) -> None:
+        self.port = port
+        self.ok = 0
+        self.errors: list[str] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+        for t in self._threads:
+            t.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+                conn.request("GET", "/", headers={"Connection": "close"})
+                assert conn.getresponse().read() == b"hello world\n"
+                conn.close()
+                with self._lock:
+                    self.ok += 1
+            except Exception as exc:  # counted: the test asserts which kinds there are
+                with self._lock:
+                    self.errors.append(repr(exc))
+                time.sleep(0.005)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(15)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("app,policy", [("tests.apps.hello:asgi", None), ("tests.apps.hello:wsgi", "none")])
+def test_sigterm_under_load_refuses_and_never_resets(prefork_cmd, app, policy) -> None:  # noqa: F811
+    port = free_port()
+    cmd = prefork_cmd("serve", app, "--bind", f"127.0.0.1:{port}", "--workers", "2",
+                      *(("--policy", policy) if policy else ()))
+    cmd.wait_ready()
+    load = FreshLoad(port)
+    try:
+        time.sleep(0.5)
+        served = load.ok
+        cmd.proc.send_signal(signal.SIGTERM)
+        assert cmd.finish(20) == 0, cmd.output
+    finally:
+        load.stop()
+    assert served > 20, (served, load.errors[:3])
+    assert load.errors, "no client connected after the stop: the test proves nothing"
+    assert all("ConnectionRefused" in e for e in load.errors), load.errors[:5]
+
+
+def test_refuse_new_keeps_the_queue_and_starts_nothing_new() -> None:
+    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        try:
+            listener = socket.socket(family)
+            listener.bind((host, 0))
+        except OSError:  # no IPv6 here
+            continue
+        with listener:
+            listener.listen(16)
+            address = listener.getsockname()[:2]
+            queued = socket.create_connection(address, 5)
+            assert refuse_new(listener)
+            with pytest.raises(TimeoutError):  # the SYN goes unanswered: no handshake completes
+                socket.create_connection(address, 0.3)
+            listener.settimeout(5)
+            served, _ = listener.accept()  # what was queued before stays
+            with queued, served:
+                queued.sendall(b"ping")
+                served.settimeout(5)
+                assert served.recv(4) == b"ping"
+        with pytest.raises(ConnectionRefusedError):  # closed: refused, not reset
+            socket.create_connection(address, 5)
+    with socket.socket(socket.AF_UNIX) as unix:
+        assert not refuse_new(unix)  # a unix socket's connect() passes no filter
