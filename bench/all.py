@@ -304,6 +304,20 @@ TARGETS: list[tuple[str, tuple[str, str, str, str], tuple[str, str, str, str] | 
         "<",
         1.0,
     ),
+    (  # issue 13: no worse than the best of these two (so: than each)
+        "least_conn p99 under uneven work at most Node's rr",
+        ("policies", "uneven work, close", "prefork least_conn", "p99 ms"),
+        ("policies", "uneven work, close", "node rr", "p99 ms"),
+        "<=",
+        1.0,
+    ),
+    (
+        "least_conn p99 under uneven work at most prefork's none (a shared socket)",
+        ("policies", "uneven work, close", "prefork least_conn", "p99 ms"),
+        ("policies", "uneven work, close", "prefork none", "p99 ms"),
+        "<=",
+        1.0,
+    ),
     (
         "primary at most 25 MB RSS (prefork serve, 2 workers)",
         ("scale", "memory, 2 workers", "prefork serve", "primary RSS MB"),

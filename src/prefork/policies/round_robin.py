@@ -36,6 +36,7 @@ class RoundRobinHandle(Handle):
     policy = "rr"
     counts = False  # whether `handed` is called (load-aware subclasses)
     measure_each_wake = False  # look at every link at each wake-up, not only when credits run out
+    recheck_s = RECHECK_S
 
     def __init__(self, servers: Any, hid: int, family: int, addr: Any, backlog: int) -> None:
         super().__init__(servers, hid, family, addr, backlog)
@@ -327,7 +328,7 @@ class RoundRobinHandle(Handle):
         self._pause_accepting()
         if not self.rechecking and not self.closed:
             self.rechecking = True
-            self.loop.call_later(RECHECK_S, self._recheck)
+            self.loop.call_later(self.recheck_s, self._recheck)
 
     def _recheck(self) -> None:
         self.rechecking = False
