@@ -95,3 +95,64 @@ def test_refuse_new_keeps_the_queue_and_starts_nothing_new() -> None:
             socket.create_connection(address, 5)
     with socket.socket(socket.AF_UNIX) as unix:
         assert not refuse_new(unix)  # a unix socket's connect() passes no filter
+
+
+RELISTEN = r"""
+import os, socket, sys
+import prefork as cluster
+
+cluster.scheduling_policy = os.environ["POLICY"]
+if cluster.is_primary:
+    state = {"n": 0}
+
+    def listening(worker, address):
+        state["n"] += 1
+        if state["n"] == 1:  # the stop begins, and a new worker listens while the old one drains
+            cluster.disconnect()
+            cluster.fork()
+        else:
+            print("listening", address.port, flush=True)
+
+    cluster.on("listening", listening)
+    cluster.fork()
+elif cluster.worker.id == 1:  # it keeps its listener through the stop: the address stays shared
+    listener = cluster.listen(("127.0.0.1", int(os.environ["PORT"])))
+    listener.drainer = lambda: None
+    import threading
+    threading.Event().wait()
+else:
+    server = cluster.ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), HelloHandler)
+    server.serve_forever()
+"""
+
+HANDLER = r"""
+from http.server import BaseHTTPRequestHandler
+
+
+class HelloHandler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *args):
+        pass
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("policy", ["none", "rr"])
+def test_a_worker_that_listens_after_a_stop_began_is_served(py, policy) -> None:
+    """disconnect(), then fork() while a worker still listens: the new worker shares the address
+    again (none: the same socket), so a socket that was refusing new connections accepts again."""
+    port = free_port()
+    script = py.spawn(RELISTEN.replace("import prefork as cluster", HANDLER + "import prefork as cluster"),
+                      env={"POLICY": policy, "PORT": str(port)})
+    script.expect(r"listening (\d+)", timeout=20)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    conn.request("GET", "/")
+    assert conn.getresponse().read() == b"ok"
+    conn.close()
+    script.signal("SIGTERM")
+    script.finish()

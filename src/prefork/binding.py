@@ -113,7 +113,7 @@ def bind_socket(family: int, addr: Any, backlog: int, reuseport: bool = False) -
     return sock
 
 
-SO_ATTACH_FILTER = 26  # include/uapi/asm-generic/socket.h; the socket module does not name it
+SO_ATTACH_FILTER, SO_DETACH_FILTER = 26, 27  # include/uapi/asm-generic/socket.h; not in `socket`
 # Classic BPF, run with the TCP header at offset 0 (tcp_filter): drop a SYN without ACK (a new
 # connection), keep every other packet, so the handshakes already under way still complete.
 _DROP_SYN = b"".join(struct.pack("HBBI", *op) for op in (
@@ -141,6 +141,15 @@ def refuse_new(sock: socket.socket) -> bool:
     except OSError:
         return False
     return True
+
+
+def accept_new(sock: socket.socket) -> None:
+    """Undo refuse_new: the socket completes handshakes again."""
+    if sock.fileno() >= 0:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
+        except OSError:  # none attached
+            pass
 
 
 def _bind_unix(sock: socket.socket, path: str) -> None:

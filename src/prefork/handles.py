@@ -57,6 +57,8 @@ class Servers:
             handle = make_handle(policy, self, hid, family, addr, msg.get("backlog") or 511)
             handle.key = key  # the key asked for (a unix path under reuseport is a shared handle)
             self.by_key[key], self.by_id[hid] = handle, handle
+        elif handle.refusing:  # a worker listens again after a stop began (disconnect(), then fork())
+            handle.accept_new()
         return handle
 
     def _on_close(self, worker: Any, msg: list[Any], fds: list[int]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 from typing import Any
 
-from ..binding import is_adopted, refuse_new
+from ..binding import accept_new, is_adopted, refuse_new
 from ..channel import close_fds  # noqa: F401 - the policies' one way to drop descriptors
 
 
@@ -31,6 +31,7 @@ class Handle:
         self.closed = False
         self.stopped = False  # stop_accepting() was called: a new listen() gets a new handle
         self.passed_on = False  # its sockets were passed to a new primary (upgrade.py): not ours alone
+        self.refusing = False  # refuse_new() attached its filter
         self.sockname: Any = None
 
     def has(self, worker: Any) -> bool:
@@ -74,7 +75,14 @@ class Handle:
         if self.passed_on or is_adopted(self.family, self.addr):
             return
         for sock in self.sockets():
-            refuse_new(sock)
+            self.refusing = refuse_new(sock) or self.refusing
+
+    def accept_new(self) -> None:
+        """A worker listens here again after the stop began (cluster.disconnect(), then fork()):
+        the sockets complete handshakes again."""
+        self.refusing = False
+        for sock in self.sockets():
+            accept_new(sock)
 
     def close(self) -> None:
         self.closed = True
