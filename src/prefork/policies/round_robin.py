@@ -33,8 +33,8 @@ ACCEPTS_PER_WAKE = 512
 # the loop then sleeps COALESCE_PER per connection taken (at most COALESCE_MAX) before it looks
 # again, so the next wake-up takes what gathered at once, with one record per eager worker. Each
 # wake-up costs the primary a context switch and a few system calls; at one connection each, that
-# was most of its 23-25 us per connection (12-13 now). `Connection: close`, 2 workers, wrk -t1 (3 alternated
-# runs): -c64 10.6-11.6k req/s -> 14.2-15.0k, -c8 8.8-9.5k -> 8.7-9.4k (unchanged; p50 +0.09 ms).
+# was most of its 23-25 us per connection (12-13 now). `Connection: close`, 2 workers, wrk -t1,
+# 3 alternated runs: -c64 10.6-11.6k req/s -> 14.2-15.0k; -c8 8.8-9.5k -> 8.7-9.4k (p50 +0.09 ms).
 # One connection per wake-up (low rates) never sleeps.
 COALESCE_PER = 0.00004
 COALESCE_MAX = 0.001
