@@ -37,7 +37,7 @@ class LeastConnHandle(RoundRobinHandle):
         super().__init__(servers, hid, family, addr, backlog)
         self.open: dict[int, int] = {}  # handed over and not yet reported closed
         self.unread: dict[int, int] = {}  # waiting in its link when this wake-up began
-        self.left: dict[int, int] = {}  # waiting in its link after our last hand-off to it
+        self.left: dict[int, int] = {}  # waiting in its link after our last look and hand-offs
         self.heard: dict[int, float] = {}  # when it last showed progress
 
     def add(self, worker: Any, link: list[int]) -> tuple[dict[str, Any], list[int]]:
@@ -47,7 +47,6 @@ class LeastConnHandle(RoundRobinHandle):
 
     def handed(self, worker: Any) -> None:
         self.open[worker.id] = self.open.get(worker.id, 0) + 1
-        self.left[worker.id] = WINDOW - self.room.get(worker.id, WINDOW)
 
     def finished(self, worker: Any, count: int) -> None:
         self.open[worker.id] = max(0, self.open.get(worker.id, 0) - count)
@@ -71,11 +70,20 @@ class LeastConnHandle(RoundRobinHandle):
             unread = self.unread[wid] = WINDOW - room
             if unread < self.left.get(wid, 0):  # it has read its link since: progress
                 self.heard[wid] = _clock()
-            self.left[wid] = unread
         return room
 
+    def remeasure(self) -> None:
+        """Credits are counted down per connection handed, so WINDOW less a worker's credits is
+        what waited in its link after our last look and hand-offs: kept, to see progress at the
+        next look. (A blocked link's credits are 0 whatever waits: not kept.)"""
+        left, blocked = self.left, self.blocked
+        for wid, room in self.room.items():
+            if wid not in blocked:
+                left[wid] = WINDOW - room
+        self.room.clear()
+
     def _deliver_pending(self) -> None:
-        self.room.clear()  # rank on what waits in each link now
+        self.remeasure()  # rank on what waits in each link now
         super()._deliver_pending()
 
     def pick(self) -> Any:

@@ -114,6 +114,10 @@ class RoundRobinHandle(Handle):
         if end is not None:
             self.pending.extendleft(reversed(handoff.reclaim(end)))
 
+    def remeasure(self) -> None:
+        """Forget every worker's credits: its link is looked at again when next picked."""
+        self.room.clear()
+
     def handed(self, worker: Any) -> None:
         """Hook for load-aware subclasses: one more connection went to `worker`."""
 
@@ -282,7 +286,7 @@ class RoundRobinHandle(Handle):
         if self.blocked:  # a new wake-up: their links may take records again
             self._unblock()
         if self.measure_each_wake:
-            room.clear()
+            self.remeasure()
         handed: list[int] = []
         batches: dict[Any, list[int]] = {}
         taken = 0
