@@ -124,6 +124,20 @@ class AdminServer:
                 pass
         self._close()
 
+    def hand_over(self) -> None:
+        """A hot upgrade's new primary serves the socket now (on the loop thread): stop accepting
+        and close this copy, but answer what was accepted here. A head that came already is
+        answered at once, before this primary says it drains; the others as their heads come."""
+        if self.loop is None:
+            self._close()
+            return
+        if self.sock.fileno() >= 0:
+            self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+        for conn in list(self.connections):
+            if not conn.asked and not conn.closed:
+                self._read(conn)
+
     def _close(self) -> None:
         if self.loop is not None and self.sock.fileno() >= 0:
             self.loop.remove_reader(self.sock.fileno())

@@ -358,7 +358,7 @@ class Upgrader:
         if info.get("control") and self.control is not None:
             self.control.hand_over()  # stop answering here, leave the file: the new one serves it
         if info.get("admin") and self.admin is not None:
-            self.admin.close()
+            self.admin.hand_over()  # before _stop below: what it accepted is answered as ready
         self._set("ok", f"new primary pid {proc.pid}", proc.pid)
         self._answer(True, f"upgraded: new primary pid {proc.pid}")
         if sys.stdin is not None and _isatty(sys.stdin):
