@@ -195,9 +195,8 @@ def test_reload_under_load_has_no_errors_and_serves_new_code(py, tmp_path):
     assert script.wait(15) == 0
 
 
-@pytest.mark.parametrize("policy", ["rr", "none", "reuseport"])
-def test_sigterm_under_load_drains_and_exits_0_leaving_no_process(py, policy):
-    script, port, pids = start(py, PREFORK_SCHED_POLICY=policy)
+def test_sigterm_under_load_drains_and_exits_0_leaving_no_process(py):
+    script, port, pids = start(py)
     with Load(port, threads=4) as load:
         time.sleep(0.5)
         script.signal("SIGTERM")
