@@ -333,6 +333,16 @@ def test_rolling_deploy_through_haproxy_loses_no_request(prefork_cmd, tmp_path):
         load.finish()
         watching.set()
         lb.close()
+        # the roll is over: the last instances drain at once (SIGINT), not after their shutdown delay
+        # as SIGTERM in the teardown would (4 s each, one after the other)
+        last = [h.cmd.proc for h in hosts if h.cmd is not None and h.cmd.proc.poll() is None]
+        for proc in last:
+            proc.send_signal(signal.SIGINT)
+        for proc in last:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                pass  # the teardown ends it
     total = load.counts()
     retried = {k: int(backend[k] or 0) for k in ("wretr", "wredis")}
     print(f"\n{sum(total.values())} requests in {time.monotonic() - t0:.1f} s, by instance {dict(total)}, "
