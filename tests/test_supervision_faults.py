@@ -79,11 +79,14 @@ def test_closed_log_pipe_neither_hangs_nor_stops_the_primary(tmp_path):
         end_processes(proc, pids)
 
 
+BOOT = 1.5  # seconds a worker of SLOW_BOOT sleeps before it listens: the test kills within it
+
+
 def test_worker_killed_while_its_replacement_boots_leaves_one_worker(prefork_cmd, tmp_path):  # noqa: F811
     script = tmp_path / "slow.py"
     script.write_text(SLOW_BOOT)
     port, control = free_port(), str(tmp_path / "c.sock")
-    cmd = prefork_cmd("run", "--workers", "1", "--control", control, str(script), str(port), "3.0")
+    cmd = prefork_cmd("run", "--workers", "1", "--control", control, str(script), str(port), str(BOOT))
     cmd.wait_ready(30)
     old = cmd.track_workers(control)[0]
     assert run_prefork(["ctl", "--control", control, "reload"]).returncode == 0
@@ -91,7 +94,7 @@ def test_worker_killed_while_its_replacement_boots_leaves_one_worker(prefork_cmd
     cmd.track_workers(control)
     os.kill(old, signal.SIGKILL)
     assert wait_until(lambda: status_settled(control, 1), 20), ctl_json(control)
-    time.sleep(3.5)  # a respawn would have booted by now
+    time.sleep(BOOT + 0.5)  # a respawn would have booted by now
     assert len(children(cmd.proc.pid)) == 1, (children(cmd.proc.pid), ctl_json(control))
     first = cmd.track_workers(control)[0]
     assert run_prefork(["ctl", "--control", control, "reload"]).returncode == 0  # the slot reloads again
