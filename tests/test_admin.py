@@ -250,8 +250,8 @@ def test_out_of_descriptors_the_admin_server_backs_off(prefork_cmd, tmp_path: Pa
             clients.append(socket.create_connection(("127.0.0.1", admin), timeout=5))
         time.sleep(0.5)  # the primary is at its limit, some connections wait in the backlog
         before = _cpu_seconds(pid)
-        time.sleep(2.0)
-        assert _cpu_seconds(pid) - before < 0.5, "the primary spins at its descriptor limit"
+        time.sleep(1.0)  # two retries at least (ACCEPT_RETRY_S 0.5 s); a spinning primary burns most of it
+        assert _cpu_seconds(pid) - before < 0.25, "the primary spins at its descriptor limit"
     finally:
         for sock in clients:
             sock.close()
