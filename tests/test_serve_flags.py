@@ -93,18 +93,18 @@ def test_timeout_keep_alive_closes_an_idle_connection(prefork_cmd, tmp_path):  #
 
 
 def test_keep_alive_counts_from_the_last_response(prefork_cmd, tmp_path):  # noqa: F811
-    """The timer is armed once per idle period (http/keepalive.py): a connection used every 0.3 s
-    outlives several timeouts of 2 s, and closes only a whole timeout after its last response."""
-    _cmd, port = _serve(prefork_cmd, tmp_path, "--timeout-keep-alive", "2")
+    """The timer is armed once per idle period (http/keepalive.py): a connection used every 0.2 s
+    outlives several timeouts of 1 s, and closes only a whole timeout after its last response."""
+    _cmd, port = _serve(prefork_cmd, tmp_path, "--timeout-keep-alive", "1")
     with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
         began = time.monotonic()
-        while time.monotonic() - began < 5.5:  # timers fire while the client sleeps between requests
+        while time.monotonic() - began < 3.5:  # timers fire while the client sleeps between requests
             assert _get(sock).startswith(b"HTTP/1.1 200 ")
-            time.sleep(0.3)
+            time.sleep(0.2)
         assert _get(sock).startswith(b"HTTP/1.1 200 ")
         last = time.monotonic()
         assert sock.recv(100) == b""
-        assert 1.9 <= time.monotonic() - last < 10
+        assert 0.9 <= time.monotonic() - last < 10
 
 
 BAD_BINDS = [
