@@ -12,8 +12,9 @@ import pytest
 
 @pytest.mark.parametrize("idle_first", [0.0, 0.5])
 def test_a_long_message_listener_does_not_make_the_worker_look_hung(py, idle_first):
-    """Heartbeats are read and answered while a `message` listener sleeps for 3 timeouts; also
-    when the worker was idle long enough before for its spare channel thread to sleep untimed."""
+    """Heartbeats are read and answered while a `message` listener sleeps for 2 timeouts (a worker
+    whose beats stop is taken for hung after 1 timeout and a beat of 0.25 s); also when the worker
+    was idle long enough before for its spare channel thread to sleep untimed."""
     result = py.run("""
         import sys, threading, time
         import prefork as cluster
@@ -29,7 +30,7 @@ def test_a_long_message_listener_does_not_make_the_worker_look_hung(py, idle_fir
         else:
             @cluster.worker.on("message")
             def slow(message, handle):
-                time.sleep(3.0)
+                time.sleep(2.0)
                 cluster.worker.send("done")
             listener = cluster.listen(("127.0.0.1", 0))
             import threading
