@@ -265,7 +265,7 @@ def test_heartbeat_is_answered_when_the_serving_loop_has_ended(py):
     script = py.spawn(CLOSED_LOOP)
     pid = int(script.expect(r"listening (\d+)")[1])
     script.track(pid)
-    time.sleep(3.5)  # more than three heartbeat timeouts
+    time.sleep(2.5)  # two heartbeat timeouts: a worker whose beats stop is killed after 1 s + a beat (0.25 s)
     assert pid_alive(pid), script.stderr
     assert "did not answer" not in script.stderr and "Traceback" not in script.stderr, script.stderr
     script.signal("SIGTERM")
