@@ -10,6 +10,7 @@ import urllib.request
 
 import pytest
 from cli_helpers import ctl_json, free_port, prefork_cmd  # noqa: F401
+from conftest import wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -20,7 +21,9 @@ def test_shared_pages_do_not_recycle_a_worker_but_its_own_growth_does(prefork_cm
                       "--control", control, "--max-memory", "60M", "--no-spare-template",
                       "--admin", f"127.0.0.1:{admin}")
     cmd.wait_ready(30)
-    time.sleep(3.5)  # three beats at least: each reads the worker's memory
+    # its memory read (each beat compares it with --max-memory), then one more beat at least
+    assert wait_until(lambda: ctl_json(control)["workers"][0]["uss"], 15), ctl_json(control)
+    time.sleep(1.2)
     worker = ctl_json(control)["workers"][0]
     assert worker["rss"] > 80 << 20, worker  # the app's 80 MiB, resident through the template
     assert 0 < worker["uss"] < 60 << 20, worker
