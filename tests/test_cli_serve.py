@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 from cli_helpers import ctl_json, free_port, pid_alive, prefork_cmd, run_prefork  # noqa: F401
+from conftest import wait_until
 
 APPS = {
     "starlette": ("tests.apps.star:app", "hello from starlette"),
@@ -95,7 +96,13 @@ def test_ctl_status_scale_reload_stop(prefork_cmd, tmp_path):  # noqa: F811
     url = f"http://127.0.0.1:{port}/"
     for _ in range(10):
         assert httpx.get(url, timeout=5).status_code == 200
-    time.sleep(1.5)  # counters travel with the heartbeat (every second)
+
+    def counted() -> bool:  # counters travel with the heartbeat (every second)
+        workers = ctl_json(control)["workers"]
+        return (sum(w["requests"] for w in workers) >= 10 and sum(w["connections"] for w in workers) >= 10
+                and all((w["rss"] or 0) > 0 for w in workers))
+
+    assert wait_until(counted, 10), ctl_json(control)
     table = run_prefork(["ctl", "--control", control, "status"])
     assert table.returncode == 0, table.stderr
     for column in ("id", "pid", "state", "uptime", "restarts", "conns", "reqs", "in flight", "rss", "uss",
