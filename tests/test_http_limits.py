@@ -293,12 +293,13 @@ def test_a_websocket_outlives_the_header_timeout(tmp_path):
 
 
 def test_a_pipelined_head_waits_for_the_response_in_progress(tmp_path):
-    """The head clock runs only while the server waits on the client: a slow response (3 s here) with
-    the start of the next request behind it is answered whole, not cut by --timeout-header 1."""
+    """The head clock runs only while the server waits on the client: a slow response (2 s here, twice
+    the limit) with the start of the next request behind it is answered whole, not cut by
+    --timeout-header 1."""
     cmd, port = _start(tmp_path, "--timeout-header", "1", app="tests.apps.star:app")
     try:
         with _connect(port) as sock:
-            sock.sendall(b"GET /slow?s=3 HTTP/1.1\r\nHost: x\r\n\r\nGET / HT")
+            sock.sendall(b"GET /slow?s=2 HTTP/1.1\r\nHost: x\r\n\r\nGET / HT")
             reply = _read_all(sock)
         assert reply.startswith(b"HTTP/1.1 200 ") and b"slow done" in reply, reply
     finally:
