@@ -1,4 +1,4 @@
-"""Seeded chaos against a real `prefork serve` under HTTP load (marked slow: 9 to 35 s a seed).
+"""Seeded chaos against a real `prefork serve` under HTTP load (marked slow: 8 to 35 s a seed).
 
 Each seed starts `prefork serve app:app --workers 3 --timeout 2 --graceful-timeout 5` on a small
 ASGI app copied into its own folder (every answer's body is the pid of the worker that served it;
@@ -29,7 +29,7 @@ step the app is fixed and reloaded once more, and then:
 - a burst of 200 requests on fresh connections is answered in full, by the current workers;
 - SIGTERM ends it with exit 0 within the graceful timeout (+10 s), and no worker ever seen is left.
 
-Seeds: 1..4 by default, with steps until 7 s after the primary's start (some 3 to 5 steps a seed,
+Seeds: 1..4 by default, with steps until 6 s after the primary's start (some 3 or 4 steps a seed,
 for the suite's 10 minutes; it was 12 s), 25 s when CHAOS_SEEDS is given; CHAOS_BUDGET=S sets it.
 CHAOS_SEEDS="1-50" (a range; "9-9" for seed 9 alone), "7,9" (a list) or "50" (a count: 1..50) for a
 longer local run. Every process is killed on the way out, whatever failed (the primary's process
@@ -67,7 +67,7 @@ POLICIES = ("reuseport", "rr", "least_conn", "none")
 WORKERS, MIN_WORKERS, MAX_WORKERS = 3, 1, 5
 TIMEOUT, GRACEFUL = 2, 5
 # seconds of steps at most, whatever the seed drew: CI's default seeds get less (the suite's 10 minutes)
-CHAOS_BUDGET = float(os.environ.get("CHAOS_BUDGET") or (25.0 if os.environ.get("CHAOS_SEEDS") else 7.0))
+CHAOS_BUDGET = float(os.environ.get("CHAOS_BUDGET") or (25.0 if os.environ.get("CHAOS_SEEDS") else 6.0))
 STATUS_WITHIN = 1.0
 SETTLE_WITHIN = 10.0
 STOPPED_GONE_WITHIN = 15.0  # timeout 2 s + SIGABRT..SIGKILL 1 s, or a drain's graceful timeout 5 s, + slack
