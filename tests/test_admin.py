@@ -106,7 +106,7 @@ def test_states_across_a_start_a_kill_and_a_stop(prefork_cmd, tmp_path: Path, pr
     cmd.track_workers(str(tmp_path / "ctl.sock"))
 
     # a stop with a request in flight: while the workers drain, readyz is 503 and livez answers
-    slow = threading.Thread(target=lambda: httpx.get(f"http://127.0.0.1:{port}/sleep?4", timeout=30))
+    slow = threading.Thread(target=lambda: httpx.get(f"http://127.0.0.1:{port}/sleep?2.5", timeout=30))
     slow.start()
     in_flight = lambda: sum(w["in_flight"] for w in json.loads(admin_get(admin, "/status")[1])["workers"])  # noqa: E731
     assert wait_until(in_flight, 10)
