@@ -362,7 +362,7 @@ def test_a_reload_takes_a_spare_that_is_still_starting(prefork_cmd, tmp_path):  
     cmd = prefork_cmd("serve", "verapp:app", "--app-dir", str(app_dir), "--workers", "1",
                       "--bind", f"127.0.0.1:{port}", "--control", control,
                       env={"IMPORTS_LOG": str(tmp_path / "imports.log"), "PYTHONDONTWRITEBYTECODE": "1",
-                           "PYTHONPATH": str(site), "SLOW_SPARE_S": "3"})
+                           "PYTHONPATH": str(site), "SLOW_SPARE_S": "2"})
     cmd.wait_ready()
     cmd.track_workers(control)
     assert _until(lambda: _starting_spare(cmd.proc.pid))  # a second after the first import
