@@ -77,7 +77,7 @@ class WSGIBridge:
             return
         env["wsgi.input"] = body
         done = loop.create_future()
-        self.pool.submit(_Call(self.app, env, loop, send, done, self.timeout))
+        self.pool.submit(_Call(self.app, env, loop, send, done, self.pool.answer, self.timeout))
         try:
             result = await done
         finally:
@@ -153,6 +153,8 @@ class _Pool:
         self.checking = False
         self.closed = False
         self.flushing = False
+        self.answers: collections.deque[Any] = collections.deque()  # (loop, future, result, error)
+        self.answering = False  # a _deliver is posted to the loop and has not started yet
 
     def submit(self, call: Any) -> None:
         with self.lock:
@@ -236,6 +238,24 @@ class _Pool:
                 continue
             call()
 
+    def answer(self, loop: Any, done: Any, result: Any, error: BaseException | None) -> None:
+        """From a pool thread: a request's outcome to its task. One post wakes the loop for all the
+        answers that come before it runs (a call_soon_threadsafe each cost a loop wake-up and a
+        handle; a thread taking a stretch of requests answers many)."""
+        self.answers.append((done, result, error))
+        if not self.answering:
+            self.answering = True
+            try:
+                loop.call_soon_threadsafe(self._deliver)
+            except RuntimeError:  # the loop has closed: nobody waits for these answers any more
+                pass
+
+    def _deliver(self) -> None:
+        self.answering = False  # first: an answer appended from now on posts again
+        answers = self.answers
+        while answers:
+            _resolve(*answers.popleft())
+
     def shutdown(self) -> None:
         with self.lock:
             self.closed = True
@@ -243,6 +263,17 @@ class _Pool:
             self.active += len(wake)
         for waiter in wake:
             waiter.release()
+
+
+_NAMES: dict[str, bytes] = {}  # an app's response header names, as they go out; bounded
+_NAMES_MAX = 256
+
+
+def _name(name: str) -> bytes:
+    out = name.strip().lower().encode("latin-1")
+    if len(_NAMES) < _NAMES_MAX:
+        _NAMES[name] = out  # a pool thread's write: one dict store, safe under the GIL
+    return out
 
 
 def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
@@ -258,8 +289,9 @@ class _Call:
     """One request, run in a pool thread."""
 
     def __init__(self, app: Any, environ: dict[str, Any], loop: asyncio.AbstractEventLoop, send: Any,
-                 done: Any, timeout: float | None = None) -> None:
+                 done: Any, answer: Any, timeout: float | None = None) -> None:
         self.app = app
+        self.answer = answer
         self.timeout = timeout
         self.environ = environ
         self.loop = loop
@@ -274,8 +306,8 @@ class _Call:
         if exc_info is not None and self.started:
             raise exc_info[1].with_traceback(exc_info[2])
         self.status = int(status.split(" ", 1)[0])
-        self.headers = [(k.strip().lower().encode("latin-1"), v.strip().encode("latin-1"))
-                        for k, v in headers]
+        names = _NAMES
+        self.headers = [(names.get(k) or _name(k), v.strip().encode("latin-1")) for k, v in headers]
         return self.write
 
     def _hand_over(self, message: dict[str, Any]) -> None:
@@ -300,10 +332,7 @@ class _Call:
             result = self.run()
         except BaseException as exc:  # noqa: B036 -- it goes to the request's task, as run_in_executor did
             result, error = None, exc
-        try:
-            self.loop.call_soon_threadsafe(_resolve, self.done, result, error)
-        except RuntimeError:  # the loop has closed: nobody waits for this answer any more
-            pass
+        self.answer(self.loop, self.done, result, error)  # _Pool.answer
 
     def run(self) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
         iterable = self.app(self.environ, self.start_response)

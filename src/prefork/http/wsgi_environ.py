@@ -17,6 +17,16 @@ from urllib.parse import unquote_to_bytes
 
 from .filewrapper import FileWrapper
 
+_STATIC: dict[str, Any] = {  # the same in every request's environ: copied, not built, each time
+    "wsgi.version": (1, 0),
+    "wsgi.multithread": True,
+    "wsgi.multiprocess": True,
+    "wsgi.run_once": False,
+    "wsgi.file_wrapper": FileWrapper,
+}
+_KEYS: dict[bytes, str] = {}  # header name -> environ key; a client could send endless new names: bounded
+_KEYS_MAX = 512
+
 
 def environ(scope: Any, body: Any, header_map: str = "drop") -> dict[str, Any]:
     """PEP 3333's environ from an ASGI HTTP scope (strings are bytes-as-latin-1, as WSGI wants).
@@ -26,39 +36,46 @@ def environ(scope: Any, body: Any, header_map: str = "drop") -> dict[str, Any]:
     script_name, path_info = _paths(scope)
     server = scope.get("server") or ("localhost", 80)
     client = scope.get("client") or ("", 0)
-    env: dict[str, Any] = {
-        "REQUEST_METHOD": scope["method"],
-        "SCRIPT_NAME": script_name,
-        "PATH_INFO": path_info,
-        "QUERY_STRING": scope.get("query_string", b"").decode("latin-1"),
-        "SERVER_PROTOCOL": f"HTTP/{scope.get('http_version', '1.1')}",
-        "SERVER_NAME": str(server[0]),
-        "SERVER_PORT": str(server[1] if server[1] is not None else 80),
-        "REMOTE_ADDR": client[0],
-        "REMOTE_PORT": str(client[1]),
-        "wsgi.version": (1, 0),
-        "wsgi.url_scheme": scope.get("scheme", "http"),
-        "wsgi.input": body,
-        "wsgi.errors": sys.stderr,
-        "wsgi.multithread": True,
-        "wsgi.multiprocess": True,
-        "wsgi.run_once": False,
-        "wsgi.file_wrapper": FileWrapper,
-    }
+    env = _STATIC.copy()
+    env["REQUEST_METHOD"] = scope["method"]
+    env["SCRIPT_NAME"] = script_name
+    env["PATH_INFO"] = path_info
+    env["QUERY_STRING"] = scope.get("query_string", b"").decode("latin-1")
+    env["SERVER_PROTOCOL"] = f"HTTP/{scope.get('http_version', '1.1')}"
+    env["SERVER_NAME"] = str(server[0])
+    env["SERVER_PORT"] = str(server[1] if server[1] is not None else 80)
+    env["REMOTE_ADDR"] = client[0]
+    env["REMOTE_PORT"] = str(client[1])
+    env["wsgi.url_scheme"] = scope.get("scheme", "http")
+    env["wsgi.input"] = body
+    env["wsgi.errors"] = sys.stderr
     keep_underscores = header_map == "dangerous"
+    keys = _KEYS
     for name, value in scope.get("headers", ()):
-        if b"_" in name and not keep_underscores:
-            continue
-        key = name.decode("latin-1").upper().replace("-", "_")
+        key = keys.get(name)  # never a name with an underscore: the map setting decides each time
+        if key is None:
+            if b"_" in name and not keep_underscores:
+                continue
+            key = _key(name)
         text = value.decode("latin-1")
         if key == "CONTENT_TYPE" or key == "CONTENT_LENGTH":
             env[key] = text
             continue
-        key = "HTTP_" + key
         env[key] = env[key] + "," + text if key in env else text
     if "CONTENT_LENGTH" not in env:  # a chunked body (or none): the stream ends where it ends, so an
         env["wsgi.input_terminated"] = True  # app may read to its end (werkzeug reads chunked uploads)
     return env
+
+
+def _key(name: bytes) -> str:
+    """The environ key of a header name (HTTP_X_FORWARDED_FOR; CONTENT_TYPE and CONTENT_LENGTH bare),
+    remembered while the cache has room, unless the name has an underscore."""
+    key = name.decode("latin-1").upper().replace("-", "_")
+    if key != "CONTENT_TYPE" and key != "CONTENT_LENGTH":
+        key = "HTTP_" + key
+    if len(_KEYS) < _KEYS_MAX and b"_" not in name:
+        _KEYS[name] = key
+    return key
 
 
 def _paths(scope: Any) -> tuple[str, str]:
