@@ -15,7 +15,10 @@ import time
 import pytest
 from cli_helpers import free_port, prefork_cmd  # noqa: F401
 
-from prefork.binding import refuse_new
+from prefork import servers
+from prefork.address import Address
+from prefork.binding import accept_new, bind_socket, is_refusing, refuse_new
+from prefork.servers import Listener
 
 
 class FreshLoad:
@@ -95,6 +98,41 @@ def test_refuse_new_keeps_the_queue_and_starts_nothing_new() -> None:
             socket.create_connection(address, 5)
     with socket.socket(socket.AF_UNIX) as unix:
         assert not refuse_new(unix)  # a unix socket's connect() passes no filter
+
+
+def test_a_drain_takes_a_handshake_that_completes_after_the_filter_went_on(monkeypatch) -> None:
+    """A handshake under way when the primary attached its filter completes later on a busy
+    machine. take_pending() lingers on a refusing socket and takes it. Here the late handshake is
+    made by lifting the filter during the drain, so a new connect completes then; the linger is
+    made 1 s long, so that a test process slowed down by other load still connects within it."""
+    monkeypatch.setattr(servers, "LINGER_S", 1.0)
+    sock = bind_socket(socket.AF_INET, ("127.0.0.1", 0), 16)
+    listener = Listener(socket.AF_INET, Address.from_sockname(socket.AF_INET, sock.getsockname()), None, None)
+    listener._add_source(0, sock)
+    address = sock.getsockname()
+    with listener:
+        early = socket.create_connection(address, 5)
+        assert refuse_new(sock) and is_refusing(sock)
+        clients = []
+
+        def late() -> None:
+            time.sleep(0.05)  # the drain is lingering by now
+            accept_new(sock)  # what a late handshake looks like to the listener: it lands now
+            clients.append(socket.create_connection(address, 5))
+
+        thread = threading.Thread(target=late)
+        thread.start()
+        taken = listener.take_pending()
+        thread.join(10)
+        try:
+            assert len(taken) == 2, taken  # the one queued before, and the late one
+            assert not is_refusing(sock)
+            assert listener.take_pending() == []  # no filter: nothing to wait for
+        finally:
+            for conn, _ in taken:
+                conn.close()
+            for conn in (early, *clients):
+                conn.close()
 
 
 RELISTEN = r"""

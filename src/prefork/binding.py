@@ -143,6 +143,15 @@ def refuse_new(sock: socket.socket) -> bool:
     return True
 
 
+def is_refusing(sock: socket.socket) -> bool:
+    """Whether refuse_new's filter is on the socket (any process may have put it there)."""
+    try:  # SO_GET_FILTER (= SO_ATTACH_FILTER) gives the program; its length, in blocks, is what is read
+        head = sock.getsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, 256)
+    except OSError:
+        return False
+    return bool(head) and _DROP_SYN.startswith(head)
+
+
 def accept_new(sock: socket.socket) -> None:
     """Undo refuse_new: the socket completes handshakes again."""
     if sock.fileno() >= 0:

@@ -17,14 +17,17 @@ import select
 import socket
 import sys
 import threading
+import time
 
-from . import handoff
+from . import binding, handoff
 from .address import Address, normalize
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
+LINGER_S = 0.02  # a stopping pool's refusing socket: the handshakes under way land within this
+LINGER_MAX_S = 0.5
 
 
 class Listener:
@@ -253,20 +256,26 @@ class Listener:
         self._drained.set()
 
     def take_pending(self, cls: type[socket.socket] = socket.socket) -> list[tuple[socket.socket, Any]]:
-        """Every connection already waiting for this worker, taken at once (non-blocking).
+        """Every connection already waiting for this worker, taken at once.
 
         A draining server serves these before it closes the listener: when the whole cluster
-        stops, no other worker could take them, and closing would reset them.
+        stops, no other worker could take them, and closing would reset them. Then the primary
+        has made the sockets refuse new connections (binding.refuse_new), but a handshake under
+        way still completes, late when the machine is busy: so on a refusing socket this waits
+        until none has come for LINGER_S (at most LINGER_MAX_S in all).
         """
         taken = []
+        refusing = [s for s in self._sources.values() if binding.is_refusing(s)]
+        until = time.monotonic() + LINGER_MAX_S
         while not self._closed:
             try:
                 conn = self._try_accept(cls)
             except OSError:
                 break
-            if conn is None:
+            if conn is not None:
+                taken.append(conn)
+            elif not refusing or time.monotonic() >= until or not _readable(refusing, LINGER_S):
                 break
-            taken.append(conn)
         return taken
 
     def drain(self) -> None:
@@ -328,6 +337,13 @@ def _peer(sock: socket.socket) -> Any:
 
 
 MAX_BACKLOG = 65535
+
+
+def _readable(socks: list[socket.socket], timeout: float) -> bool:
+    try:
+        return bool(select.select(socks, [], [], timeout)[0])
+    except (OSError, ValueError):  # closed meanwhile
+        return False
 
 
 def listen(address: Any, *, backlog: int | None = None, exclusive: bool = False) -> Listener:
