@@ -10,7 +10,8 @@ new connections. This bridge does one hop per request in the common case:
   came and its reads take the rest from the loop as it goes (wsgi_input.py), so memory stays flat;
 - the app runs in a thread pool (`--threads`, per worker; see _Pool for how threads are woken);
   the response is gathered in that thread, and if it ends within 256 KiB the whole response goes
-  back to the loop at once, with one call_soon_threadsafe that resolves the request's future;
+  back to the loop at once, resolving the request's future (_Pool.answer: one wake-up of the loop
+  for every answer that comes before it runs);
 - bigger or streamed responses (and `write()`) switch to streaming, one blocking hand-over per
   chunk, which is what keeps memory flat and gives back-pressure; `wsgi.file_wrapper` over a regular
   file goes out with sendfile(2) (filewrapper.py).
@@ -248,7 +249,7 @@ class _Pool:
             try:
                 loop.call_soon_threadsafe(self._deliver)
             except RuntimeError:  # the loop has closed: nobody waits for these answers any more
-                pass
+                self.answering = False
 
     def _deliver(self) -> None:
         self.answering = False  # first: an answer appended from now on posts again
