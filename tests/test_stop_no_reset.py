@@ -6,18 +6,19 @@ connections at every SIGTERM under load, those queued on sockets nobody accepted
 
 from __future__ import annotations
 
+import ctypes
 import http.client
 import signal
 import socket
+import struct
 import threading
 import time
 
 import pytest
 from cli_helpers import free_port, prefork_cmd  # noqa: F401
 
-from prefork import servers
 from prefork.address import Address
-from prefork.binding import accept_new, bind_socket, is_refusing, refuse_new
+from prefork.binding import _DROP_SYN, SO_ATTACH_FILTER, accept_new, bind_socket, is_refusing, refuse_new
 from prefork.servers import Listener
 
 
@@ -100,39 +101,145 @@ def test_refuse_new_keeps_the_queue_and_starts_nothing_new() -> None:
         assert not refuse_new(unix)  # a unix socket's connect() passes no filter
 
 
-def test_a_drain_takes_a_handshake_that_completes_after_the_filter_went_on(monkeypatch) -> None:
-    """A handshake under way when the primary attached its filter completes later on a busy
-    machine. take_pending() lingers on a refusing socket and takes it. Here the late handshake is
-    made by lifting the filter during the drain, so a new connect completes then; the linger is
-    made 1 s long, so that a test process slowed down by other load still connects within it."""
-    monkeypatch.setattr(servers, "LINGER_S", 1.0)
+def test_a_listener_says_when_it_refuses_and_waits_for_a_late_handshake() -> None:
+    """A drain keeps taking from a listener whose sockets refuse new connections (the pool stops),
+    because a handshake under way when the filter went on completes later on a busy machine
+    (servers.py: Listener.refusing, wait_pending; the servers' drains use them). Here the late
+    handshake is made by lifting the filter while wait_pending waits, so a new connect completes."""
     sock = bind_socket(socket.AF_INET, ("127.0.0.1", 0), 16)
     listener = Listener(socket.AF_INET, Address.from_sockname(socket.AF_INET, sock.getsockname()), None, None)
     listener._add_source(0, sock)
     address = sock.getsockname()
+    clients: list[socket.socket] = []
     with listener:
-        early = socket.create_connection(address, 5)
-        assert refuse_new(sock) and is_refusing(sock)
-        clients = []
+        assert not listener.refusing()
+        assert refuse_new(sock) and is_refusing(sock) and listener.refusing()
+        assert not listener.wait_pending(0.05)  # nothing under way: nothing lands
+        waiting = threading.Event()
 
         def late() -> None:
-            time.sleep(0.05)  # the drain is lingering by now
+            waiting.wait(10)
             accept_new(sock)  # what a late handshake looks like to the listener: it lands now
             clients.append(socket.create_connection(address, 5))
 
         thread = threading.Thread(target=late)
         thread.start()
-        taken = listener.take_pending()
-        thread.join(10)
         try:
-            assert len(taken) == 2, taken  # the one queued before, and the late one
-            assert not is_refusing(sock)
-            assert listener.take_pending() == []  # no filter: nothing to wait for
+            waiting.set()
+            assert listener.wait_pending(10)  # woken by the late connection, long before 10 s
+            taken = listener.take_pending()
+            assert len(taken) == 1, taken
+            taken[0][0].close()
+            assert not listener.refusing()
         finally:
-            for conn, _ in taken:
+            thread.join(10)
+            for conn in clients:
                 conn.close()
-            for conn in (early, *clients):
-                conn.close()
+
+
+def _late_client(listener: Listener, reply: list[bytes]) -> threading.Thread:
+    """A thread that makes a handshake land late on `listener`'s refusing socket (by lifting the
+    filter) and sends one GET; what it reads goes to `reply` (b"refused" if nobody listens)."""
+    source = next(iter(listener._sources.values()))
+    address = listener.getsockname()
+
+    def run() -> None:
+        time.sleep(0.1)  # the drain has begun and lingers (its quiet window is 1 s here)
+        accept_new(source)
+        try:
+            with socket.create_connection(address, 5) as conn:
+                conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                conn.settimeout(5)
+                reply.append(conn.recv(100))
+        except ConnectionRefusedError:
+            reply.append(b"refused")
+
+    return threading.Thread(target=run)
+
+
+@pytest.mark.timeout(30)
+def test_an_asyncio_servers_drain_serves_a_late_handshake(monkeypatch) -> None:
+    """prefork.start_server's drain (aio.py) keeps a refusing listener while late handshakes land."""
+    import asyncio
+
+    import prefork as cluster
+    from prefork import aio
+
+    monkeypatch.setattr(aio, "LINGER_S", 1.0)  # a test process slowed by other load still lands in it
+    reply: list[bytes] = []
+
+    async def main() -> None:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readline()
+            writer.write(b"HTTP/1.1 200 OK\r\n\r\n")
+            await writer.drain()
+            writer.close()
+
+        server = await cluster.start_server(handle, "127.0.0.1", 0)
+        listener = server.sockets[0]
+        assert refuse_new(next(iter(listener._sources.values())))
+        client = _late_client(listener, reply)
+        listener.drain()
+        client.start()
+        try:
+            await asyncio.wait_for(server.wait_closed(), 15)
+        finally:
+            client.join(10)
+
+    asyncio.run(main())
+    assert reply and reply[0].startswith(b"HTTP/1.1 200"), reply
+
+
+@pytest.mark.timeout(30)
+def test_a_threading_servers_drain_serves_a_late_handshake(monkeypatch) -> None:
+    """prefork.ThreadingHTTPServer's drain (httpserver.py) does the same."""
+    from http.server import BaseHTTPRequestHandler
+
+    import prefork as cluster
+    from prefork import httpserver
+
+    monkeypatch.setattr(httpserver, "LINGER_S", 1.0)
+
+    class Hello(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = cluster.ThreadingHTTPServer(("127.0.0.1", 0), Hello)
+    serving = threading.Thread(target=server.serve_forever)
+    serving.start()
+    reply: list[bytes] = []
+    try:
+        assert refuse_new(next(iter(server.socket._sources.values())))
+        client = _late_client(server.socket, reply)
+        client.start()
+        server.drain()  # returns when the linger ends: after the late one was taken
+        client.join(10)
+        assert server.wait_drained(10)
+    finally:
+        server.shutdown()
+        serving.join(10)
+        server.server_close()
+    assert reply and reply[0].startswith(b"HTTP/1.0 200"), reply
+
+
+def test_another_programs_longer_filter_is_not_taken_for_ours() -> None:
+    """is_refusing reads the filter with room for ours only: a longer one is not ours, and reading
+    it must not overflow a buffer (SO_GET_FILTER counts its room in 8-byte blocks)."""
+    longer = _DROP_SYN + struct.pack("HBBI", 0x06, 0, 0, 0xFFFFFFFF) * 60  # 65 blocks
+    with socket.socket(socket.AF_INET) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(4)
+        program = ctypes.create_string_buffer(longer, len(longer))
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER,
+                        struct.pack("HP", len(longer) // 8, ctypes.addressof(program)))
+        assert not is_refusing(sock)
+        accept_new(sock)
+        assert refuse_new(sock) and is_refusing(sock)
 
 
 RELISTEN = r"""

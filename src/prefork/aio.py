@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .binding import ACCEPT_RETRY_S, OUT_OF_RESOURCES
+from .servers import LINGER_MAX_S, LINGER_S
 
 __all__ = ["Server", "create_server", "start_server"]
 
@@ -242,11 +243,36 @@ class Server:
             self._idle.set()
 
     def _drain(self) -> None:
-        """Serve the connections already waiting for this worker, then close (stop accepting)."""
+        """Serve the connections already waiting for this worker, then close (stop accepting). A
+        listener that refuses new connections (the pool stops) is kept while late handshakes land
+        on it (servers.py: Listener.refusing)."""
+        if self._closed:
+            return
+        lingering = []
+        for listener in self._listeners:
+            fd = self._fds.pop(listener, None)
+            if fd is not None:
+                self._loop.remove_reader(fd)
+            self._take_pending(listener)
+            if listener.refusing():
+                lingering.append(listener)
+        if lingering:
+            self._loop.call_later(LINGER_S, self._linger, lingering, self._loop.time() + LINGER_MAX_S)
+        else:
+            self.close()
+
+    def _take_pending(self, listener: Any) -> bool:
+        taken = listener.take_pending(_ConnSocket)
+        for conn, _addr in taken:
+            self._adopt(listener, conn)
+        return bool(taken)
+
+    def _linger(self, lingering: list[Any], until: float) -> None:
         if not self._closed:
-            for listener in self._listeners:
-                for conn, _addr in listener.take_pending(_ConnSocket):
-                    self._adopt(listener, conn)  # type: ignore[arg-type]
+            came = [self._take_pending(listener) for listener in lingering]
+            if any(came) and self._loop.time() < until:
+                self._loop.call_later(LINGER_S, self._linger, lingering, until)
+                return
         self.close()
 
     def _wait_drained(self, timeout: float | None = None) -> bool:

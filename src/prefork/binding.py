@@ -145,11 +145,26 @@ def refuse_new(sock: socket.socket) -> bool:
 
 def is_refusing(sock: socket.socket) -> bool:
     """Whether refuse_new's filter is on the socket (any process may have put it there)."""
-    try:  # SO_GET_FILTER (= SO_ATTACH_FILTER) gives the program; its length, in blocks, is what is read
-        head = sock.getsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, 256)
-    except OSError:
+    # SO_GET_FILTER (= SO_ATTACH_FILTER) takes the room it may fill as a count of 8-byte blocks but
+    # copies 8 bytes a block: socket.getsockopt gives one length for both, so another program's
+    # longer filter would overflow its buffer. libc's call, with the room for ours: a longer one
+    # fails with EINVAL and is not ours anyway.
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.fileno() < 0:
         return False
-    return bool(head) and _DROP_SYN.startswith(head)
+    room = ctypes.create_string_buffer(len(_DROP_SYN))
+    blocks = ctypes.c_uint32(len(_DROP_SYN) // 8)
+    if _libc().getsockopt(sock.fileno(), socket.SOL_SOCKET, SO_ATTACH_FILTER, room, ctypes.byref(blocks)):
+        return False
+    return blocks.value == len(_DROP_SYN) // 8 and room.raw == _DROP_SYN
+
+
+_LIBC: list[Any] = []
+
+
+def _libc() -> Any:
+    if not _LIBC:
+        _LIBC.append(ctypes.CDLL(None, use_errno=True))
+    return _LIBC[0]
 
 
 def accept_new(sock: socket.socket) -> None:

@@ -17,7 +17,6 @@ import select
 import socket
 import sys
 import threading
-import time
 
 from . import binding, handoff
 from .address import Address, normalize
@@ -26,8 +25,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-LINGER_S = 0.02  # a stopping pool's refusing socket: the handshakes under way land within this
-LINGER_MAX_S = 0.5
+LINGER_S = 0.02  # a stopping pool's refusing socket (Listener.refusing): a drain ends after this
+LINGER_MAX_S = 0.5  # long without a connection, and at most this long in all
 
 
 class Listener:
@@ -256,27 +255,43 @@ class Listener:
         self._drained.set()
 
     def take_pending(self, cls: type[socket.socket] = socket.socket) -> list[tuple[socket.socket, Any]]:
-        """Every connection already waiting for this worker, taken at once.
+        """Every connection already waiting for this worker, taken at once (non-blocking).
 
         A draining server serves these before it closes the listener: when the whole cluster
-        stops, no other worker could take them, and closing would reset them. Then the primary
-        has made the sockets refuse new connections (binding.refuse_new), but a handshake under
-        way still completes, late when the machine is busy: so on a refusing socket this waits
-        until none has come for LINGER_S (at most LINGER_MAX_S in all).
+        stops, no other worker could take them, and closing would reset them.
         """
         taken = []
-        refusing = [s for s in self._sources.values() if binding.is_refusing(s)]
-        until = time.monotonic() + LINGER_MAX_S
         while not self._closed:
             try:
                 conn = self._try_accept(cls)
             except OSError:
                 break
-            if conn is not None:
-                taken.append(conn)
-            elif not refusing or time.monotonic() >= until or not _readable(refusing, LINGER_S):
+            if conn is None:
                 break
+            taken.append(conn)
         return taken
+
+    def refusing(self) -> bool:
+        """Whether the primary has made this listener's sockets refuse new connections (the pool
+        stops: binding.refuse_new). A handshake under way then still completes, late when the
+        machine is busy, so a draining server keeps taking connections until none has come for
+        LINGER_S (at most LINGER_MAX_S), as well as the ones waiting at once: closing the
+        socket would reset a late one."""
+        with self._lock:
+            sources = list(self._sources.values())
+        return any(binding.is_refusing(sock) for sock in sources)
+
+    def wait_pending(self, timeout: float) -> bool:
+        """Block until a connection waits on this listener's own sockets, or `timeout` passes."""
+        with self._lock:
+            sources = list(self._sources.values())
+        poller = select.poll()
+        try:
+            for sock in sources:
+                poller.register(sock, select.POLLIN)
+            return bool(poller.poll(timeout * 1000))
+        except (OSError, ValueError):  # closed meanwhile
+            return False
 
     def drain(self) -> None:
         """Stop taking new connections and let what is being served finish (the owner's way)."""
@@ -337,13 +352,6 @@ def _peer(sock: socket.socket) -> Any:
 
 
 MAX_BACKLOG = 65535
-
-
-def _readable(socks: list[socket.socket], timeout: float) -> bool:
-    try:
-        return bool(select.select(socks, [], [], timeout)[0])
-    except (OSError, ValueError):  # closed meanwhile
-        return False
 
 
 def listen(address: Any, *, backlog: int | None = None, exclusive: bool = False) -> Listener:

@@ -15,6 +15,7 @@ from email.utils import formatdate
 from typing import Any
 
 from ..binding import ACCEPT_RETRY_S, OUT_OF_RESOURCES
+from ..servers import LINGER_MAX_S, LINGER_S
 from . import eager, keepalive, limits
 from .uvconfig import FAST, BootError
 
@@ -287,6 +288,7 @@ class Server:
     async def _shutdown(self) -> None:
         """Stop accepting, close idle keep-alive connections, let requests in flight finish, then
         run lifespan shutdown (uvicorn's Server.shutdown, with our listeners)."""
+        lingering = []
         for listener in self.listeners:
             try:
                 self.loop.remove_reader(listener.fileno())
@@ -295,10 +297,15 @@ class Server:
             factory = self._factory(self._protocols[id(listener)])
             for sock, _addr in listener.take_pending():  # already ours: serve them, don't reset them
                 self._serve_socket(factory, sock, listener)
-            listener.close()
+            if listener.refusing():  # the pool stops: a late handshake may still land (servers.py)
+                lingering.append((listener, factory))
+            else:
+                listener.close()
         for connection in list(self.state.connections):
             if not _idle(connection):
                 connection.shutdown()  # the response in progress goes out with `Connection: close`
+        if lingering:
+            await self._linger(lingering)
         if self.state.connections or self.state.tasks:
             await asyncio.sleep(0.05)  # the responses cut short above go out first
         timeout = self.opts.get("graceful_timeout")
@@ -310,6 +317,21 @@ class Server:
         await self.lifespan.shutdown()
         self._tick()
         self.stopped.set()
+
+    async def _linger(self, lingering: list[tuple[Any, Any]]) -> None:
+        """Take what lands on the refusing listeners until LINGER_S passes with nothing (at most
+        LINGER_MAX_S), then close them; the loop serves on meanwhile."""
+        until = self.loop.time() + LINGER_MAX_S
+        came = True
+        while came and self.loop.time() < until:
+            await asyncio.sleep(LINGER_S)
+            came = False
+            for listener, factory in lingering:
+                for sock, _addr in listener.take_pending():
+                    came = True
+                    self._serve_socket(factory, sock, listener)
+        for listener, _factory in lingering:
+            listener.close()
 
     async def _wait_idle(self) -> None:
         """Until every connection has closed. An idle keep-alive connection gets IDLE_GRACE to send

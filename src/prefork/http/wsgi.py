@@ -154,7 +154,7 @@ class _Pool:
         self.checking = False
         self.closed = False
         self.flushing = False
-        self.answers: collections.deque[Any] = collections.deque()  # (loop, future, result, error)
+        self.answers: collections.deque[Any] = collections.deque()  # (future, result, error)
         self.answering = False  # a _deliver is posted to the loop and has not started yet
 
     def submit(self, call: Any) -> None:
@@ -249,6 +249,7 @@ class _Pool:
             try:
                 loop.call_soon_threadsafe(self._deliver)
             except RuntimeError:  # the loop has closed: nobody waits for these answers any more
+                self.answers.clear()
                 self.answering = False
 
     def _deliver(self) -> None:
