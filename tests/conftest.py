@@ -55,6 +55,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# A shell without job control starts a background job (`pytest ... &`) with SIGINT ignored, and an
+# ignored signal stays ignored across exec: every script the tests start would then ignore the
+# SIGINT they are sent, and hang. A caught signal is reset to its default at exec instead.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 _VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
 PYTHON = str(_VENV_PYTHON) if _VENV_PYTHON.exists() else sys.executable
 
