@@ -131,19 +131,20 @@ class AdminServer:
         if self.loop is None:
             self._close()
             return
-        if self.sock.fileno() >= 0:
-            self.loop.remove_reader(self.sock.fileno())
-        self.sock.close()
+        self._stop_accepting()
         for conn in list(self.connections):
             if not conn.asked and not conn.closed:
                 self._read(conn)
 
     def _close(self) -> None:
+        self._stop_accepting()
+        for conn in list(self.connections):
+            self._end(conn)
+
+    def _stop_accepting(self) -> None:
         if self.loop is not None and self.sock.fileno() >= 0:
             self.loop.remove_reader(self.sock.fileno())
         self.sock.close()
-        for conn in list(self.connections):
-            self._end(conn)
 
     # -- on the loop thread ----------------------------------------------------------------------
 
