@@ -159,13 +159,14 @@ def _late_client(listener: Listener, reply: list[bytes]) -> threading.Thread:
 
 @pytest.mark.timeout(30)
 def test_an_asyncio_servers_drain_serves_a_late_handshake(monkeypatch) -> None:
-    """prefork.start_server's drain (aio.py) keeps a refusing listener while late handshakes land."""
+    """prefork.start_server's drain (aio.py, linger.py) keeps a refusing listener while late
+    handshakes land."""
     import asyncio
 
     import prefork as cluster
-    from prefork import aio
+    from prefork import linger
 
-    monkeypatch.setattr(aio, "LINGER_S", 1.0)  # a test process slowed by other load still lands in it
+    monkeypatch.setattr(linger, "LINGER_S", 1.0)  # a test process slowed by other load still lands in it
     reply: list[bytes] = []
 
     async def main() -> None:
@@ -192,13 +193,13 @@ def test_an_asyncio_servers_drain_serves_a_late_handshake(monkeypatch) -> None:
 
 @pytest.mark.timeout(30)
 def test_a_threading_servers_drain_serves_a_late_handshake(monkeypatch) -> None:
-    """prefork.ThreadingHTTPServer's drain (httpserver.py) does the same."""
+    """prefork.ThreadingHTTPServer's drain (httpserver.py, linger.py) does the same."""
     from http.server import BaseHTTPRequestHandler
 
     import prefork as cluster
-    from prefork import httpserver
+    from prefork import linger
 
-    monkeypatch.setattr(httpserver, "LINGER_S", 1.0)
+    monkeypatch.setattr(linger, "LINGER_S", 1.0)
 
     class Hello(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -228,8 +229,9 @@ def test_a_threading_servers_drain_serves_a_late_handshake(monkeypatch) -> None:
 
 
 def test_another_programs_longer_filter_is_not_taken_for_ours() -> None:
-    """is_refusing reads the filter with room for ours only: a longer one is not ours, and reading
-    it must not overflow a buffer (SO_GET_FILTER counts its room in 8-byte blocks)."""
+    """A longer filter that begins as ours is not taken for ours: is_refusing reads the filter
+    with room for ours only (SO_GET_FILTER counts its room in 8-byte blocks), and the kernel
+    refuses to copy a longer one. (That it writes nothing past the room, this test cannot see.)"""
     longer = _DROP_SYN + struct.pack("HBBI", 0x06, 0, 0, 0xFFFFFFFF) * 60  # 65 blocks
     with socket.socket(socket.AF_INET) as sock:
         sock.bind(("127.0.0.1", 0))

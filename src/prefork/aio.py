@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .binding import ACCEPT_RETRY_S, OUT_OF_RESOURCES
-from .servers import LINGER_MAX_S, LINGER_S
+from .linger import linger
 
 __all__ = ["Server", "create_server", "start_server"]
 
@@ -65,6 +65,7 @@ class Server:
         self._forever: asyncio.Future[None] | None = None
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._socks: set[_ConnSocket] = set()
+        self._lingering: asyncio.Task[None] | None = None  # the drain's wait for late handshakes
         self._report = prefork.scheduling_policy == prefork.SCHED_LEAST_CONN
         for listener in listeners:
             listener.setblocking(False)
@@ -257,7 +258,7 @@ class Server:
             if listener.refusing():
                 lingering.append(listener)
         if lingering:
-            self._loop.call_later(LINGER_S, self._linger, lingering, self._loop.time() + LINGER_MAX_S)
+            self._lingering = self._loop.create_task(self._close_after(linger(lingering, self._take_pending)))
         else:
             self.close()
 
@@ -267,13 +268,11 @@ class Server:
             self._adopt(listener, conn)
         return bool(taken)
 
-    def _linger(self, lingering: list[Any], until: float) -> None:
-        if not self._closed:
-            came = [self._take_pending(listener) for listener in lingering]
-            if any(came) and self._loop.time() < until:
-                self._loop.call_later(LINGER_S, self._linger, lingering, until)
-                return
-        self.close()
+    async def _close_after(self, lingering: Any) -> None:
+        try:
+            await lingering
+        finally:
+            self.close()
 
     def _wait_drained(self, timeout: float | None = None) -> bool:
         """Block (in the drain thread) until every connection has ended, or the loop is gone."""

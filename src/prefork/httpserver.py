@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 from .binding import ACCEPT_RETRY_S, OUT_OF_RESOURCES
-from .servers import LINGER_MAX_S, LINGER_S
+from .linger import linger_blocking
 
 __all__ = ["HTTPServer", "ThreadingHTTPServer"]
 
@@ -251,22 +251,22 @@ class _PreforkServerMixin:
             self._draining = True
             self._BaseServer__shutdown_request = True  # serve_forever() leaves when it next wakes
         if self.socket is not None:
-            self._serve_pending()  # waiting for us: serve them
-            if self.socket.refusing():  # the pool stops: a late handshake may still land (servers.py)
-                until = time.monotonic() + LINGER_MAX_S
-                while time.monotonic() < until and self.socket.wait_pending(LINGER_S):
-                    self._serve_pending()
+            self._serve_pending(self.socket)  # waiting for us: serve them
+            if self.socket.refusing():  # the pool stops: a late handshake may still land
+                linger_blocking([self.socket], self._serve_pending)
             self.socket.close()  # wakes serve_forever() at once; the primary sends new ones elsewhere
         timer = threading.Timer(IDLE_GRACE, self._close_idle)
         timer.daemon = True
         timer.start()
 
-    def _serve_pending(self) -> None:
-        for request, client_address in self.socket.take_pending():
+    def _serve_pending(self, listener: Any) -> bool:
+        taken = listener.take_pending()
+        for request, client_address in taken:
             try:
                 self.process_request(self._prepare(request), client_address)
             except Exception:
                 self.handle_error(request, client_address)
+        return bool(taken)
 
     def _close_idle(self) -> None:
         """Shut the read side of idle connections: their handler sees EOF and ends; no response lost."""

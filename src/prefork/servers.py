@@ -25,8 +25,6 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-LINGER_S = 0.02  # a stopping pool's refusing socket (Listener.refusing): a drain ends after this
-LINGER_MAX_S = 0.5  # long without a connection, and at most this long in all
 
 
 class Listener:
@@ -273,10 +271,7 @@ class Listener:
 
     def refusing(self) -> bool:
         """Whether the primary has made this listener's sockets refuse new connections (the pool
-        stops: binding.refuse_new). A handshake under way then still completes, late when the
-        machine is busy, so a draining server keeps taking connections until none has come for
-        LINGER_S (at most LINGER_MAX_S), as well as the ones waiting at once: closing the
-        socket would reset a late one."""
+        stops: binding.refuse_new): its drain then waits for late handshakes (linger.py)."""
         with self._lock:
             sources = list(self._sources.values())
         return any(binding.is_refusing(sock) for sock in sources)

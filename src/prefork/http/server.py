@@ -15,7 +15,7 @@ from email.utils import formatdate
 from typing import Any
 
 from ..binding import ACCEPT_RETRY_S, OUT_OF_RESOURCES
-from ..servers import LINGER_MAX_S, LINGER_S
+from ..linger import linger
 from . import eager, keepalive, limits
 from .uvconfig import FAST, BootError
 
@@ -294,18 +294,18 @@ class Server:
                 self.loop.remove_reader(listener.fileno())
             except (ValueError, OSError):
                 pass
-            factory = self._factory(self._protocols[id(listener)])
-            for sock, _addr in listener.take_pending():  # already ours: serve them, don't reset them
-                self._serve_socket(factory, sock, listener)
-            if listener.refusing():  # the pool stops: a late handshake may still land (servers.py)
-                lingering.append((listener, factory))
+            self._take_pending(listener)  # already ours: serve them, don't reset them
+            if listener.refusing():  # the pool stops: a late handshake may still land (linger.py)
+                lingering.append(listener)
             else:
                 listener.close()
         for connection in list(self.state.connections):
             if not _idle(connection):
                 connection.shutdown()  # the response in progress goes out with `Connection: close`
         if lingering:
-            await self._linger(lingering)
+            await linger(lingering, self._take_pending)
+            for listener in lingering:
+                listener.close()
         if self.state.connections or self.state.tasks:
             await asyncio.sleep(0.05)  # the responses cut short above go out first
         timeout = self.opts.get("graceful_timeout")
@@ -318,20 +318,14 @@ class Server:
         self._tick()
         self.stopped.set()
 
-    async def _linger(self, lingering: list[tuple[Any, Any]]) -> None:
-        """Take what lands on the refusing listeners until LINGER_S passes with nothing (at most
-        LINGER_MAX_S), then close them; the loop serves on meanwhile."""
-        until = self.loop.time() + LINGER_MAX_S
-        came = True
-        while came and self.loop.time() < until:
-            await asyncio.sleep(LINGER_S)
-            came = False
-            for listener, factory in lingering:
-                for sock, _addr in listener.take_pending():
-                    came = True
-                    self._serve_socket(factory, sock, listener)
-        for listener, _factory in lingering:
-            listener.close()
+    def _take_pending(self, listener: Any) -> bool:
+        """Serve the connections waiting on `listener` now; whether there were any."""
+        taken = listener.take_pending()
+        if taken:
+            factory = self._factory(self._protocols[id(listener)])
+            for sock, _addr in taken:
+                self._serve_socket(factory, sock, listener)
+        return bool(taken)
 
     async def _wait_idle(self) -> None:
         """Until every connection has closed. An idle keep-alive connection gets IDLE_GRACE to send
